@@ -1,0 +1,39 @@
+"""The model's compute ops, each a Triton kernel beside its plain-torch reference.
+
+`load_ops(backend)` returns the set the model calls: "torch" gives the
+references, "triton" the kernels (on CPU they run under TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .attention import attention_torch
+from .qmatmul import qmatmul_torch
+from .rms_norm import rms_norm_torch
+from .rope_qkv import rope_qkv_torch
+from .swiglu import gate_up_swiglu_torch
+
+BACKENDS = ("torch", "triton")
+
+
+@dataclass(frozen=True)
+class Ops:
+    qmatmul: Callable
+    gate_up_swiglu: Callable
+    rope_qkv: Callable
+    attention: Callable
+    rms_norm: Callable
+
+
+TORCH_OPS = Ops(qmatmul=qmatmul_torch, gate_up_swiglu=gate_up_swiglu_torch, rope_qkv=rope_qkv_torch,
+                attention=attention_torch, rms_norm=rms_norm_torch)
+
+
+def load_ops(backend: str) -> Ops:
+    if backend == "torch":
+        return TORCH_OPS
+    if backend == "triton":
+        from .triton_ops import TRITON_OPS
+        return TRITON_OPS
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

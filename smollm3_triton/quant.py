@@ -1,0 +1,186 @@
+"""Weights as GGUF stores them: `QuantTensor` keeps the raw blocks of one 2-D
+tensor and knows how to dequantize them; `SegmentedTensor` stacks several along
+the output rows (a fused QKV or gate+up whose parts have different types, as in
+Q4_K_M files) without copying per forward.
+
+Shapes are in torch order: (rows, cols) = (out_features, in_features); GGUF's
+ne[0] is cols. Quantized data is a uint8 tensor [rows, row_bytes]; F32/F16/BF16
+data is a tensor of that dtype [rows, cols].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+
+
+class GGMLType(IntEnum):
+    F32 = 0
+    F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
+    Q8_0 = 8
+    Q8_1 = 9
+    Q2_K = 10
+    Q3_K = 11
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
+    Q8_K = 15
+    IQ2_XXS = 16
+    IQ2_XS = 17
+    IQ3_XXS = 18
+    IQ1_S = 19
+    IQ4_NL = 20
+    IQ3_S = 21
+    IQ2_S = 22
+    IQ4_XS = 23
+    I8 = 24
+    I16 = 25
+    I32 = 26
+    I64 = 27
+    F64 = 28
+    IQ1_M = 29
+    BF16 = 30
+    TQ1_0 = 34
+    TQ2_0 = 35
+    MXFP4 = 39
+
+
+# (elements per block, bytes per block), from ggml-common.h.
+BLOCK_SIZES: dict[GGMLType, tuple[int, int]] = {
+    GGMLType.F32: (1, 4),
+    GGMLType.F16: (1, 2),
+    GGMLType.BF16: (1, 2),
+    GGMLType.Q4_0: (32, 18),
+    GGMLType.Q4_1: (32, 20),
+    GGMLType.Q5_0: (32, 22),
+    GGMLType.Q5_1: (32, 24),
+    GGMLType.Q8_0: (32, 34),
+    GGMLType.Q8_1: (32, 36),
+    GGMLType.Q2_K: (256, 84),
+    GGMLType.Q3_K: (256, 110),
+    GGMLType.Q4_K: (256, 144),
+    GGMLType.Q5_K: (256, 176),
+    GGMLType.Q6_K: (256, 210),
+    GGMLType.Q8_K: (256, 292),
+    GGMLType.IQ2_XXS: (256, 66),
+    GGMLType.IQ2_XS: (256, 74),
+    GGMLType.IQ3_XXS: (256, 98),
+    GGMLType.IQ1_S: (256, 50),
+    GGMLType.IQ4_NL: (32, 18),
+    GGMLType.IQ3_S: (256, 110),
+    GGMLType.IQ2_S: (256, 82),
+    GGMLType.IQ4_XS: (256, 136),
+    GGMLType.I8: (1, 1),
+    GGMLType.I16: (1, 2),
+    GGMLType.I32: (1, 4),
+    GGMLType.I64: (1, 8),
+    GGMLType.F64: (1, 8),
+    GGMLType.IQ1_M: (256, 56),
+    GGMLType.TQ1_0: (256, 54),
+    GGMLType.TQ2_0: (256, 66),
+    GGMLType.MXFP4: (32, 17),
+}
+
+# The types this runtime computes with (every type SmolLM GGUF files contain).
+SUPPORTED_TYPES = frozenset({
+    GGMLType.F32, GGMLType.F16, GGMLType.BF16,
+    GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
+    GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
+})
+
+FLOAT_DTYPES = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
+
+
+def type_name(qtype: int) -> str:
+    try:
+        return GGMLType(qtype).name
+    except ValueError:
+        return f"unknown type {qtype}"
+
+
+def row_bytes(qtype: GGMLType, cols: int) -> int:
+    elems, nbytes = BLOCK_SIZES[qtype]
+    return cols // elems * nbytes
+
+
+@dataclass(frozen=True)
+class QuantTensor:
+    data: torch.Tensor
+    qtype: GGMLType
+    shape: tuple[int, int]
+
+    @property
+    def is_float(self) -> bool:
+        return self.qtype in FLOAT_DTYPES
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole matrix, [rows, cols]."""
+        return self.dequantize_rows(None, dtype)
+
+    def dequantize_rows(self, rows: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Selected rows only (an embedding lookup reads just these blocks)."""
+        data = self.data if rows is None else self.data[rows]
+        if self.is_float:
+            return data.to(dtype)
+        from .dequant import dequantize
+        return dequantize(data, self.qtype).to(dtype)
+
+    def rows(self, start: int, stop: int) -> QuantTensor:
+        return QuantTensor(self.data[start:stop], self.qtype, (stop - start, self.shape[1]))
+
+    def take_rows(self, index: torch.Tensor) -> QuantTensor:
+        """Rows gathered in a new order: whole rows of blocks move, nothing is requantized."""
+        return QuantTensor(self.data[index].contiguous(), self.qtype, (len(index), self.shape[1]))
+
+    def to(self, device: torch.device | str) -> QuantTensor:
+        return QuantTensor(self.data.to(device), self.qtype, self.shape)
+
+
+@dataclass(frozen=True)
+class SegmentedTensor:
+    """Row-wise concatenation of QuantTensors of one column count and mixed types."""
+    parts: tuple[QuantTensor, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (sum(p.shape[0] for p in self.parts), self.parts[0].shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.cat([p.dequantize(dtype) for p in self.parts])
+
+    def to(self, device: torch.device | str) -> SegmentedTensor:
+        return SegmentedTensor(tuple(p.to(device) for p in self.parts))
+
+
+Weight = QuantTensor | SegmentedTensor
+
+
+def concat_rows(parts: list[QuantTensor]) -> Weight:
+    """Fuse weights along the output rows, once at load.
+
+    Neighbours of one type are merged into one QuantTensor (their raw rows
+    concatenate); a SegmentedTensor remains only where types really differ.
+    """
+    if any(p.shape[1] != parts[0].shape[1] for p in parts):
+        raise ValueError(f"cannot fuse weights with different column counts: {[p.shape for p in parts]}")
+    merged: list[QuantTensor] = []
+    for p in parts:
+        if merged and merged[-1].qtype == p.qtype and merged[-1].data.dtype == p.data.dtype:
+            last = merged[-1]
+            merged[-1] = QuantTensor(torch.cat([last.data, p.data]), p.qtype, (last.shape[0] + p.shape[0], p.shape[1]))
+        else:
+            merged.append(p)
+    return merged[0] if len(merged) == 1 else SegmentedTensor(tuple(merged))

@@ -211,6 +211,13 @@ def load_safetensors_folder(folder: Path) -> tuple[ModelConfig, ModelWeights]:
     return config, _assemble(config, get, get_vector, names, str(folder), permute_qk=False)
 
 
+def dequantize_weights(weights: ModelWeights, dtype: torch.dtype) -> ModelWeights:
+    """Every matrix dequantized once into `dtype`: the CPU torch path's trade of memory
+    for speed (dequantizing per token costs several times the matmul on a CPU)."""
+    ggml_type = TORCH_TO_GGML[dtype]
+    return weights.map(lambda w: QuantTensor(w.dequantize(dtype).contiguous(), ggml_type, w.shape), lambda v: v)
+
+
 def to_device(weights: ModelWeights, device: torch.device) -> ModelWeights:
     return weights.map(lambda w: w.to(device), lambda v: v.to(device))
 

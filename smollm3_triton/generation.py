@@ -59,35 +59,43 @@ class SamplingParams:
         object.__setattr__(self, "stop", stop)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-           history: torch.Tensor | None = None) -> int:
-    """Pick the next token from logits [vocab] (float32).
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """Seen tokens get their logit divided by the penalty when positive, multiplied when negative."""
+    if penalty == 1.0 or history is None or not history.numel():
+        return logits
+    seen = history.unique()
+    picked = logits[seen]
+    logits = logits.clone()
+    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
 
-    Order as in llama.cpp / transformers: repetition penalty, then greedy or
-    temperature, top-k, top-p, min-p, and a draw.
-    """
-    logits = logits.float()
-    if params.repetition_penalty != 1.0 and history is not None and history.numel():
-        seen = history.unique()
-        picked = logits[seen]
-        logits = logits.clone()
-        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
-    if params.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / params.temperature
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a non-greedy draw uses: temperature, then top-k, top-p, min-p
+    (the order of llama.cpp's default chain and of transformers' warpers)."""
+    logits = logits.float() / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        before = sorted_p.cumsum(-1) - sorted_p        # mass of the tokens ranked above each
+        before = sorted_p.cumsum(-1) - sorted_p        # mass ranked above each token
         drop = torch.zeros_like(probs, dtype=torch.bool)
         drop[order] = before >= params.top_p           # keep the smallest prefix reaching top_p
         probs = probs.masked_fill(drop, 0.0)
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return probs / probs.sum()
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+           history: torch.Tensor | None = None) -> int:
+    """The next token from logits [vocab]: greedy at temperature 0, else a seeded draw."""
+    logits = apply_repetition_penalty(logits.float(), history, params.repetition_penalty)
+    if params.temperature == 0:
+        return int(logits.argmax())
+    return int(torch.multinomial(sampling_probs(logits, params), 1, generator=generator))
 
 
 def generate_tokens(model, prompt_ids: list[int], params: SamplingParams, eos_ids: set[int]) -> Iterator[int]:

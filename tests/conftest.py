@@ -1,12 +1,7 @@
-import os
 from pathlib import Path
 
 import pytest
 import torch
-
-# Keep the two CI cores for the process under test; several torch processes
-# with default thread pools thrash.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,23 @@
 """`ModelConfig`: one dataclass for SmolLM3 and SmolLM2, read from GGUF metadata or HF config.json.
 
 SmolLM2 is SmolLM3 with RoPE on every layer; `use_rope[i]` says per layer.
+
+Both readers treat their input as untrusted: every field is type- and
+range-checked, and every refusal is a ModelFormatError (missing, mistyped or
+contradictory) or UnsupportedModelError (valid, but not something this runtime
+computes) naming the source, the field and the value. Nothing is allocated in
+proportion to a declared size here, except one bool per layer, and the layer
+count is capped first.
+
+Decisions:
+- Integers must be JSON/GGUF integers: 2048.0 is refused where a size is
+  expected (transformers' strict configs refuse it too).
+- hidden_size not divisible by the head count is refused unless head_dim is
+  given (transformers would silently floor it).
+- no_rope_layers needs at least one 0/1 entry per layer; extra trailing
+  entries are ignored, as transformers documents ("at least the same length").
+- A safetensors model must say what it is: when both `architectures` and
+  `model_type` are present they must agree.
 """
 from __future__ import annotations
 
@@ -14,9 +31,20 @@ from .errors import ModelFormatError, UnsupportedModelError
 # GGUF architectures and HF model classes we run, mapped to our arch name.
 GGUF_ARCHES = {"llama": "llama", "smollm3": "smollm3"}
 HF_ARCHES = {"LlamaForCausalLM": "llama", "SmolLM3ForCausalLM": "smollm3"}
+HF_MODEL_TYPES = {"llama": "llama", "smollm3": "smollm3"}
 
 # llama.cpp's smollm3 graph skips RoPE on every 4th layer; GGUF files carry no key for it.
 GGUF_SMOLLM3_NOPE_INTERVAL = 4
+
+# llama.cpp's LLAMA_MAX_LAYERS. Bounds the per-layer work a damaged count can ask for
+# before any tensor is looked at (the largest open models have ~130 layers).
+MAX_LAYERS = 512
+
+# transformers' `default_theta` per config class, used when config.json names no rope_theta.
+HF_DEFAULT_ROPE_THETA = {"llama": 10_000.0, "smollm3": 2_000_000.0}
+
+# Token-id fields of config.json that must index the embedding table when present.
+HF_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 @dataclass(frozen=True)
@@ -28,6 +56,90 @@ class RopeScaling:
     beta_slow: float = 1.0
     attention_factor: float | None = None
     truncate: bool = True
+
+
+_REQUIRED = object()
+
+
+def _show(value, limit: int = 80) -> str:
+    """repr of a value from the file, cut short: a hostile value may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({type(value).__name__})"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class _Fields:
+    """Typed reads from one mapping of a config; every failure names source and field.
+
+    A value of None counts as absent: config.json writes unset fields as null.
+    """
+
+    def __init__(self, data: dict, source: str, *, prefix: str = "", label: str = "", kind: str = "field"):
+        """prefix: of every key looked up (GGUF's "{arch}."); label: of every key shown in messages."""
+        self.data, self.source, self.prefix, self.kind = data, source, prefix, kind
+        self.label = label or prefix
+
+    def name(self, key: str) -> str:
+        return f"{self.kind} {self.label}{key}"
+
+    def fail(self, key: str, problem: str, error=ModelFormatError) -> Exception:
+        return error(f"{self.source}: {self.name(key)} {problem}")
+
+    def has(self, key: str) -> bool:
+        return self.data.get(self.prefix + key) is not None
+
+    def raw(self, key: str, default=_REQUIRED):
+        value = self.data.get(self.prefix + key)
+        if value is None:
+            if default is _REQUIRED:
+                raise self.fail(key, "is missing")
+            return default
+        return value
+
+    # The typed reads return `default` as it is when the field is absent.
+    def integer(self, key: str, default=_REQUIRED, *, lo: int = 1, hi: int | None = None) -> int:
+        if not self.has(key):
+            return self.raw(key, default)
+        value = self.data[self.prefix + key]
+        if not _is_int(value):
+            raise self.fail(key, f"must be an integer, got {_show(value)}")
+        if value < lo or (hi is not None and value > hi):
+            bounds = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+            raise self.fail(key, f"must be {bounds}, got {value}")
+        return value
+
+    def number(self, key: str, default=_REQUIRED, *, positive: bool = True) -> float:
+        if not self.has(key):
+            return self.raw(key, default)
+        value = self.data[self.prefix + key]
+        if not _is_number(value) or not math.isfinite(value):
+            raise self.fail(key, f"must be a finite number, got {_show(value)}")
+        if positive and value <= 0:
+            raise self.fail(key, f"must be > 0, got {value}")
+        return float(value)
+
+    def boolean(self, key: str, default=_REQUIRED) -> bool:
+        if not self.has(key):
+            return self.raw(key, default)
+        value = self.data[self.prefix + key]
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, got {_show(value)}")
+        return value
+
+    def string(self, key: str, default=_REQUIRED) -> str:
+        if not self.has(key):
+            return self.raw(key, default)
+        value = self.data[self.prefix + key]
+        if not isinstance(value, str):
+            raise self.fail(key, f"must be a string, got {_show(value)}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -49,19 +161,23 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        if len(self.use_rope) != self.n_layers:
-            raise ModelFormatError(f"no_rope_layers has {len(self.use_rope)} entries, expected one per layer ({self.n_layers})")
+        # The readers below check everything with the file's own field names; this
+        # catches a ModelConfig built by hand.
         for name in ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads",
                      "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ModelFormatError(f"config field {name} must be a positive integer, got {value!r}")
+        if len(self.use_rope) != self.n_layers:
+            raise ModelFormatError(f"no_rope_layers has {len(self.use_rope)} entries, expected one per layer ({self.n_layers})")
         if self.n_heads % self.n_kv_heads:
             raise ModelFormatError(f"n_heads ({self.n_heads}) is not a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ModelFormatError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if not (self.rope_theta > 0 and self.rms_norm_eps > 0):
-            raise ModelFormatError(f"rope_theta ({self.rope_theta}) and rms_norm_eps ({self.rms_norm_eps}) must be positive")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value <= 0:
+                raise ModelFormatError(f"config field {name} must be a finite positive number, got {value!r}")
 
     @property
     def qkv_rows(self) -> int:
@@ -71,110 +187,202 @@ class ModelConfig:
     @classmethod
     def from_gguf_metadata(cls, md: dict, source: str = "GGUF") -> ModelConfig:
         arch = md.get("general.architecture")
-        if arch not in GGUF_ARCHES:
+        if not isinstance(arch, str) or arch not in GGUF_ARCHES:
             raise UnsupportedModelError(
-                f"{source}: architecture {arch!r} is not supported (supported: {sorted(GGUF_ARCHES)})")
+                f"{source}: architecture {_show(arch)} is not supported (supported: {sorted(GGUF_ARCHES)})")
+        f = _Fields(md, source, prefix=f"{arch}.", kind="metadata key")
 
-        def get(key, kind=int, default=None):
-            full = f"{arch}.{key}"
-            value = md.get(full, default)
-            if value is None:
-                raise ModelFormatError(f"{source}: metadata key {full} is missing")
-            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ModelFormatError(f"{source}: metadata key {full} must be an integer, got {value!r}")
-            if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ModelFormatError(f"{source}: metadata key {full} must be a number, got {value!r}")
-            return value
-
-        hidden = get("embedding_length")
-        n_heads = get("attention.head_count")
-        n_layers = get("block_count")
-        n_kv = get("attention.head_count_kv", default=n_heads)
-        if n_heads <= 0 or hidden % max(n_heads, 1):
-            raise ModelFormatError(f"{source}: embedding_length {hidden} is not divisible by head_count {n_heads}")
-        head_dim = get("attention.key_length", default=hidden // n_heads)
+        n_layers = f.integer("block_count", hi=MAX_LAYERS)
+        hidden = f.integer("embedding_length")
+        n_heads = f.integer("attention.head_count")
+        n_kv = f.integer("attention.head_count_kv", n_heads)
+        if n_heads % n_kv:
+            raise f.fail("attention.head_count", f"({n_heads}) is not a multiple of {arch}.attention.head_count_kv "
+                                                 f"({n_kv})")
+        if f.has("attention.key_length"):
+            head_dim = f.integer("attention.key_length")
+        elif hidden % n_heads:
+            raise f.fail("embedding_length", f"({hidden}) is not divisible by {arch}.attention.head_count "
+                                             f"({n_heads}) and the file has no {arch}.attention.key_length")
+        else:
+            head_dim = hidden // n_heads
+        if head_dim % 2:
+            key = "attention.key_length" if f.has("attention.key_length") else "embedding_length"
+            raise f.fail(key, f"gives a head dim of {head_dim}, which must be even for RoPE")
+        if f.integer("attention.value_length", head_dim) != head_dim:
+            raise f.fail("attention.value_length", f"{md[f'{arch}.attention.value_length']} differs from the key "
+                                                   f"length {head_dim}", UnsupportedModelError)
+        if f.integer("rope.dimension_count", head_dim) != head_dim:
+            raise f.fail("rope.dimension_count", f"{md[f'{arch}.rope.dimension_count']} is not the head dim "
+                                                 f"{head_dim}: partial RoPE is not supported", UnsupportedModelError)
+        if f.integer("expert_count", 0, lo=0):
+            raise f.fail("expert_count", f"is {md[f'{arch}.expert_count']}: mixture-of-experts models are not "
+                                         f"supported", UnsupportedModelError)
         tokens = md.get("tokenizer.ggml.tokens")
-        vocab = get("vocab_size", default=len(tokens) if isinstance(tokens, list) else None)
+        if f.has("vocab_size"):
+            vocab = f.integer("vocab_size")
+        elif isinstance(tokens, list) and tokens:
+            vocab = len(tokens)  # what llama.cpp does when the key is absent
+        else:
+            raise f.fail("vocab_size", "is missing and there is no tokenizer.ggml.tokens list to count")
         if arch == "smollm3":
             use_rope = tuple((i + 1) % GGUF_SMOLLM3_NOPE_INTERVAL != 0 for i in range(n_layers))
         else:
             use_rope = (True,) * n_layers
+
         scaling = None
-        kind = md.get(f"{arch}.rope.scaling.type", "none")
+        kind = f.string("rope.scaling.type", "none")
         if kind == "yarn":
-            scaling = RopeScaling(factor=float(get("rope.scaling.factor", float)),
-                                  original_max_position_embeddings=get("rope.scaling.original_context_length"),
-                                  beta_fast=float(md.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
-                                  beta_slow=float(md.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)))
-        elif kind != "none" and not (kind == "linear" and md.get(f"{arch}.rope.scaling.factor", 1.0) == 1.0):
-            raise UnsupportedModelError(f"{source}: rope scaling {kind!r} is not supported (only yarn)")
-        return cls(arch=arch, vocab_size=vocab, hidden_size=hidden, intermediate_size=get("feed_forward_length"),
+            scaling = RopeScaling(factor=f.number("rope.scaling.factor"),
+                                  original_max_position_embeddings=f.integer("rope.scaling.original_context_length"),
+                                  beta_fast=f.number("rope.scaling.yarn_beta_fast", 32.0, positive=False),
+                                  beta_slow=f.number("rope.scaling.yarn_beta_slow", 1.0, positive=False))
+        elif kind != "none" and not (kind == "linear" and f.number("rope.scaling.factor", 1.0) == 1.0):
+            raise f.fail("rope.scaling.type", f"{kind!r} is not supported (only yarn)", UnsupportedModelError)
+        return cls(arch=arch, vocab_size=vocab, hidden_size=hidden, intermediate_size=f.integer("feed_forward_length"),
                    n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
-                   rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", float)),
-                   rope_theta=float(get("rope.freq_base", float, default=10000.0)),
-                   max_position_embeddings=get("context_length"), use_rope=use_rope,
+                   rms_norm_eps=f.number("attention.layer_norm_rms_epsilon"),
+                   rope_theta=f.number("rope.freq_base", 10000.0),
+                   max_position_embeddings=f.integer("context_length"), use_rope=use_rope,
                    tie_word_embeddings=False, rope_scaling=scaling)
 
     # --- from HF config.json -------------------------------------------------------
     @classmethod
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> ModelConfig:
-        archs = cfg.get("architectures") or []
-        arch = next((HF_ARCHES[a] for a in archs if a in HF_ARCHES), None)
-        if arch is None:
-            arch = {"llama": "llama", "smollm3": "smollm3"}.get(cfg.get("model_type"))
-        if arch is None:
-            raise UnsupportedModelError(
-                f"{source}: model {archs or cfg.get('model_type')!r} is not supported (supported: {sorted(HF_ARCHES)})")
+        if not isinstance(cfg, dict):
+            raise ModelFormatError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+        f = _Fields(cfg, source)
+        arch = _hf_arch(f)
+        if f.has("quantization_config"):
+            quant = cfg["quantization_config"]
+            method = quant.get("quant_method") if isinstance(quant, dict) else None
+            raise f.fail("quantization_config", f"(quant_method {_show(method)}) is present: pre-quantized "
+                                                f"safetensors are not supported; use a GGUF file",
+                         UnsupportedModelError)
+        act = f.string("hidden_act", "silu")
+        if act not in ("silu", "swish"):  # one function under two names in transformers' ACT2FN
+            raise f.fail("hidden_act", f"{act!r} is not supported (only silu)", UnsupportedModelError)
+        for key in ("attention_bias", "mlp_bias"):
+            if f.boolean(key, False):
+                raise f.fail(key, "is true: bias terms are not supported", UnsupportedModelError)
 
-        def get(key, default=None):
-            value = cfg.get(key, default)
-            if value is None:
-                raise ModelFormatError(f"{source}: field {key!r} is missing")
-            return value
-
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise UnsupportedModelError(f"{source}: attention_bias / mlp_bias are not supported")
-        n_layers = get("num_hidden_layers")
-        n_heads = get("num_attention_heads")
-        hidden = get("hidden_size")
-        head_dim = cfg.get("head_dim") or hidden // n_heads
-        rope = cfg.get("rope_parameters") or {}
-        rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        scaling_dict = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        scaling = None
-        if scaling_dict:
-            kind = scaling_dict.get("rope_type", scaling_dict.get("type"))
-            if kind == "yarn":
-                scaling = RopeScaling(
-                    factor=float(scaling_dict["factor"]),
-                    original_max_position_embeddings=int(scaling_dict.get(
-                        "original_max_position_embeddings", cfg.get("max_position_embeddings"))),
-                    beta_fast=float(scaling_dict.get("beta_fast") or 32.0),
-                    beta_slow=float(scaling_dict.get("beta_slow") or 1.0),
-                    attention_factor=scaling_dict.get("attention_factor"),
-                    truncate=bool(scaling_dict.get("truncate", True)))
-            elif kind not in (None, "default"):
-                raise UnsupportedModelError(f"{source}: rope scaling {kind!r} is not supported (only yarn)")
-        if arch == "smollm3":
-            nope = cfg.get("no_rope_layers")
-            if nope is None:
-                interval = cfg.get("no_rope_layer_interval", 4)
-                use_rope = tuple((i + 1) % interval != 0 for i in range(n_layers))
-            else:
-                use_rope = tuple(bool(v) for v in nope)
+        n_layers = f.integer("num_hidden_layers", hi=MAX_LAYERS)
+        n_heads = f.integer("num_attention_heads")
+        n_kv = f.integer("num_key_value_heads", n_heads)
+        if n_heads % n_kv:
+            raise f.fail("num_attention_heads", f"({n_heads}) is not a multiple of num_key_value_heads ({n_kv})")
+        hidden = f.integer("hidden_size")
+        if f.has("head_dim"):
+            head_dim = f.integer("head_dim")
+        elif hidden % n_heads:
+            raise f.fail("hidden_size", f"({hidden}) is not divisible by num_attention_heads ({n_heads}) and "
+                                        f"there is no head_dim")
         else:
-            use_rope = (True,) * n_layers
-        if cfg.get("use_sliding_window") and cfg.get("sliding_window"):
-            raise UnsupportedModelError(f"{source}: sliding-window attention is not supported")
-        return cls(arch=arch, vocab_size=get("vocab_size"), hidden_size=hidden,
-                   intermediate_size=get("intermediate_size"), n_layers=n_layers, n_heads=n_heads,
-                   n_kv_heads=cfg.get("num_key_value_heads") or n_heads, head_dim=head_dim,
-                   rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(rope_theta),
-                   max_position_embeddings=get("max_position_embeddings"), use_rope=use_rope,
-                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", arch == "smollm3")),
+            head_dim = hidden // n_heads
+        if head_dim % 2:
+            raise f.fail("head_dim", f"must be even for RoPE, got {head_dim}")
+        vocab = f.integer("vocab_size")
+        max_pos = f.integer("max_position_embeddings")
+        for key in HF_TOKEN_ID_FIELDS:
+            ids = f.raw(key, [])
+            for token_id in ids if isinstance(ids, list) else [ids]:
+                if not _is_int(token_id) or not 0 <= token_id < vocab:
+                    raise f.fail(key, f"{_show(token_id)} is not a token id in 0..{vocab - 1} (vocab_size {vocab})")
+        _hf_check_attention_layout(f, n_layers)
+        rope_theta, scaling = _hf_rope(f, arch, max_pos)
+        return cls(arch=arch, vocab_size=vocab, hidden_size=hidden, intermediate_size=f.integer("intermediate_size"),
+                   n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
+                   rms_norm_eps=f.number("rms_norm_eps", 1e-6), rope_theta=rope_theta,
+                   max_position_embeddings=max_pos, use_rope=_hf_use_rope(f, arch, n_layers),
+                   tie_word_embeddings=f.boolean("tie_word_embeddings", arch == "smollm3"),
                    rope_scaling=scaling)
+
+
+def _hf_arch(f: _Fields) -> str:
+    """Our arch name from `model_type` (what transformers' Auto classes dispatch on) and
+    `architectures` (the class saved with the weights); both, when present, must agree."""
+    archs = f.raw("architectures", [])
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise f.fail("architectures", f"must be a list of class names, got {_show(archs)}")
+    model_type = f.string("model_type", "")
+    if model_type and model_type not in HF_MODEL_TYPES:
+        raise f.fail("model_type", f"{model_type!r} is not supported (supported: {sorted(HF_MODEL_TYPES)})",
+                     UnsupportedModelError)
+    if archs and not any(a in HF_ARCHES for a in archs):
+        raise f.fail("architectures", f"{archs} names no supported model class (supported: {sorted(HF_ARCHES)})",
+                     UnsupportedModelError)
+    from_archs = {HF_ARCHES[a] for a in archs if a in HF_ARCHES}
+    if not model_type and not from_archs:
+        raise ModelFormatError(f"{f.source}: neither model_type nor architectures says what model this is")
+    if model_type and from_archs and from_archs != {HF_MODEL_TYPES[model_type]}:
+        raise f.fail("model_type", f"{model_type!r} contradicts architectures {archs}")
+    return HF_MODEL_TYPES[model_type] if model_type else from_archs.pop()
+
+
+def _hf_check_attention_layout(f: _Fields, n_layers: int) -> None:
+    if f.boolean("use_sliding_window", False) and f.has("sliding_window"):
+        raise f.fail("use_sliding_window", f"is true with sliding_window {_show(f.raw('sliding_window'))}: "
+                                           f"sliding-window attention is not supported", UnsupportedModelError)
+    layer_types = f.raw("layer_types", None)
+    if layer_types is None:
+        return
+    if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+        raise f.fail("layer_types", f"must be a list of strings, got {_show(layer_types)}")
+    if len(layer_types) < n_layers:
+        raise f.fail("layer_types", f"has {len(layer_types)} entries but num_hidden_layers is {n_layers}")
+    for i, kind in enumerate(layer_types[:n_layers]):
+        if kind != "full_attention":
+            raise f.fail("layer_types", f"[{i}] is {kind!r}: only full_attention is supported", UnsupportedModelError)
+
+
+def _hf_use_rope(f: _Fields, arch: str, n_layers: int) -> tuple[bool, ...]:
+    if arch != "smollm3":
+        return (True,) * n_layers
+    nope = f.raw("no_rope_layers", None)
+    if nope is None:
+        interval = f.integer("no_rope_layer_interval", 4)
+        return tuple((i + 1) % interval != 0 for i in range(n_layers))
+    if not isinstance(nope, list):
+        raise f.fail("no_rope_layers", f"must be a list with a 0 or 1 per layer, got {_show(nope)}")
+    if len(nope) < n_layers:
+        raise f.fail("no_rope_layers", f"has {len(nope)} entries but num_hidden_layers is {n_layers}")
+    for i, v in enumerate(nope):
+        if not isinstance(v, int) or v not in (0, 1):  # bools are ints: JSON true/false read as 1/0
+            raise f.fail("no_rope_layers", f"[{i}] is {_show(v)}; entries must be 1 (RoPE) or 0 (no RoPE)")
+    return tuple(v == 1 for v in nope[:n_layers])
+
+
+def _hf_rope(f: _Fields, arch: str, max_pos: int) -> tuple[float, RopeScaling | None]:
+    """rope_theta and YaRN from transformers >= 5's `rope_parameters` or the older
+    top-level `rope_theta` + `rope_scaling`."""
+    params = f.raw("rope_parameters", {})
+    legacy = f.raw("rope_scaling", {})
+    for key, value in (("rope_parameters", params), ("rope_scaling", legacy)):
+        if not isinstance(value, dict):
+            raise f.fail(key, f"must be an object, got {_show(value)}")
+    if any(isinstance(v, dict) for v in params.values()):
+        raise f.fail("rope_parameters", "is nested per layer type, which is not supported", UnsupportedModelError)
+    p = _Fields(params, f.source, label="rope_parameters.")
+    theta = p.number("rope_theta") if p.has("rope_theta") else f.number("rope_theta", HF_DEFAULT_ROPE_THETA[arch])
+    for where in (f, p):
+        if where.number("partial_rotary_factor", 1.0) != 1.0:
+            raise where.fail("partial_rotary_factor", f"is {where.raw('partial_rotary_factor')}: partial RoPE is "
+                                                      f"not supported", UnsupportedModelError)
+    s = _Fields(legacy, f.source, label="rope_scaling.") if legacy else p
+    kind = s.string("rope_type", None) or s.string("type", "default")
+    if kind == "default" or (kind == "linear" and s.number("factor", 1.0) == 1.0):
+        return theta, None
+    if kind != "yarn":
+        raise s.fail("rope_type", f"{kind!r} is not supported (only yarn)", UnsupportedModelError)
+    original = s.integer("original_max_position_embeddings", f.integer("original_max_position_embeddings", max_pos))
+    factor = s.number("factor", max_pos / original)  # transformers' fallback when factor is null
+    attention_factor = s.number("attention_factor", None)
+    if attention_factor is None and s.has("mscale") and s.has("mscale_all_dim"):
+        raise s.fail("mscale", "with mscale_all_dim (DeepSeek's YaRN variant) is not supported", UnsupportedModelError)
+    return theta, RopeScaling(factor=factor, original_max_position_embeddings=original,
+                              beta_fast=s.number("beta_fast", 32.0, positive=False),
+                              beta_slow=s.number("beta_slow", 1.0, positive=False),
+                              attention_factor=attention_factor, truncate=s.boolean("truncate", True))
 
 
 def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import math
+import numbers
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from .errors import RequestError
@@ -12,7 +16,11 @@ from .errors import RequestError
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What a request may set; every field is range-checked on construction."""
+    """What a request may set; every field is range-checked on construction.
+
+    Numbers may be any real / integral type (numpy scalars included) and are
+    stored as Python floats / ints; bools are refused where a number is meant.
+    """
     max_new_tokens: int = 256
     temperature: float = 0.6
     top_k: int = 0            # 0: off
@@ -23,40 +31,117 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
-        def number(name, value):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        def number(name: str, check, rule: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise RequestError(f"{name} must be a finite number, got {value!r}")
+            if not check(float(value)):
+                raise RequestError(f"{name} must be {rule}, got {value!r}")
+            object.__setattr__(self, name, float(value))
 
-        def integer(name, value):
-            if isinstance(value, bool) or not isinstance(value, int):
+        def integer(name: str, check, rule: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise RequestError(f"{name} must be an integer, got {value!r}")
+            if not check(int(value)):
+                raise RequestError(f"{name} must be {rule}, got {value!r}")
+            object.__setattr__(self, name, int(value))
 
-        integer("max_new_tokens", self.max_new_tokens)
-        if self.max_new_tokens < 1:
-            raise RequestError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        number("temperature", self.temperature)
-        if self.temperature < 0:
-            raise RequestError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        integer("top_k", self.top_k)
-        if self.top_k < 0:
-            raise RequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        number("top_p", self.top_p)
-        if not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        number("min_p", self.min_p)
-        if not 0 <= self.min_p <= 1:
-            raise RequestError(f"min_p must be in [0, 1], got {self.min_p}")
-        number("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            raise RequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        integer("max_new_tokens", lambda v: v >= 1, ">= 1")
+        number("temperature", lambda v: v >= 0, ">= 0 (0 is greedy)")
+        integer("top_k", lambda v: v >= 0, ">= 0 (0 disables it)")
+        number("top_p", lambda v: 0 < v <= 1, "in (0, 1] (1 disables it)")
+        number("min_p", lambda v: 0 <= v <= 1, "in [0, 1] (0 disables it)")
+        number("repetition_penalty", lambda v: v > 0, "> 0 (1 disables it)")
         if self.seed is not None:
-            integer("seed", self.seed)
-            if not 0 <= self.seed < 2**63:
-                raise RequestError(f"seed must be in [0, 2**63), got {self.seed}")
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise RequestError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        object.__setattr__(self, "stop", stop)
+            integer("seed", lambda v: 0 <= v < 2**63, "in [0, 2**63)")
+        stop = self.stop
+        if stop is None or isinstance(stop, str):
+            stop = () if stop is None else (stop,)
+        if not isinstance(stop, (list, tuple)):
+            raise RequestError(f"stop must be a string or a list of strings, got {stop!r}")
+        for i, s in enumerate(stop):
+            if not isinstance(s, str) or not s:
+                raise RequestError(f"stop[{i}] must be a non-empty string, got {s!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+
+
+# ---------------------------------------------------------------- limits, checked before any work
+
+def check_max_seq_len(max_seq_len, config, dtype: torch.dtype, device: torch.device) -> int:
+    """The context length a model is loaded with, checked before its KV cache is allocated.
+
+    Beyond the model's max_position_embeddings is allowed with a warning, as
+    llama.cpp allows n_ctx > n_ctx_train: nothing is indexed out of bounds (the
+    cache and RoPE tables are sized to max_seq_len), only quality past the
+    trained length is not guaranteed. What can never fit is refused: a KV cache
+    larger than the device's whole memory.
+    """
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, numbers.Integral):
+        raise RequestError(f"max_seq_len must be an integer, got {max_seq_len!r}")
+    max_seq_len = int(max_seq_len)
+    if max_seq_len < 1:
+        raise RequestError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    # K and V of every layer, plus the RoPE tables (float64 angles, cos, sin while built).
+    per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim * dtype.itemsize + 12 * config.head_dim
+    total = _device_memory(device)
+    if max_seq_len * per_token > total:
+        raise RequestError(f"max_seq_len {max_seq_len} needs {max_seq_len * per_token / 2**30:.1f} GiB for the KV "
+                           f"cache alone, more than the {total / 2**30:.1f} GiB of memory of {device}")
+    if max_seq_len > config.max_position_embeddings:
+        warnings.warn(f"max_seq_len {max_seq_len} exceeds the {config.max_position_embeddings} positions the model "
+                      f"was trained on (max_position_embeddings); output past that length may degrade",
+                      stacklevel=3)
+    return max_seq_len
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_token_ids(token_ids, vocab_size: int, max_seq_len: int) -> torch.Tensor:
+    """token_ids (a sequence of ints, or a 1-D integer tensor / array) as a long tensor,
+    every id inside the vocabulary and the whole within the context."""
+    if isinstance(token_ids, (str, bytes)):
+        raise RequestError(f"token_ids must be a sequence of integers, got {type(token_ids).__name__}")
+    if isinstance(token_ids, (torch.Tensor, np.ndarray)):
+        dtype = token_ids.dtype
+        integral = (dtype.kind in "iu" if isinstance(token_ids, np.ndarray)
+                    else not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool))
+        if token_ids.ndim != 1 or not integral:
+            raise RequestError(f"token_ids must be a 1-D integer tensor, got shape {tuple(token_ids.shape)} "
+                               f"{token_ids.dtype}")
+        ids = token_ids.tolist()
+    else:
+        try:
+            ids = list(token_ids)
+        except TypeError:
+            raise RequestError(f"token_ids must be a sequence of integers, got {type(token_ids).__name__}") from None
+        for i, v in enumerate(ids):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise RequestError(f"token_ids[{i}] must be an integer, got {v!r}")
+    if not ids:
+        raise RequestError("token_ids is empty: at least one token is needed")
+    if len(ids) > max_seq_len:
+        raise RequestError(f"token_ids has {len(ids)} tokens, more than the context of {max_seq_len} tokens")
+    for i, v in enumerate(ids):
+        if not 0 <= v < vocab_size:
+            raise RequestError(f"token_ids[{i}] = {int(v)} is outside the vocabulary 0..{vocab_size - 1}")
+    return torch.tensor([int(v) for v in ids], dtype=torch.long)
+
+
+def check_request(n_prompt: int, params: SamplingParams, max_seq_len: int) -> None:
+    """The context boundary: prompt + max_new_tokens <= max_seq_len, so every token of the result fits."""
+    if n_prompt == 0:
+        raise RequestError("the prompt is empty: it encodes to no tokens, and generation needs at least one")
+    total = n_prompt + params.max_new_tokens
+    if total > max_seq_len:
+        room = max_seq_len - n_prompt
+        advice = f"lower max_new_tokens to at most {room} or " if room >= 1 else "the prompt alone fills it; "
+        raise RequestError(f"prompt ({n_prompt} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds "
+                           f"the context of {max_seq_len} tokens: {advice}load with a larger max_seq_len")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor | None, penalty: float) -> torch.Tensor:
@@ -73,7 +158,9 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor | None,
 def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution a non-greedy draw uses: temperature, then top-k, top-p, min-p
     (the order of llama.cpp's default chain and of transformers' warpers)."""
-    logits = logits.float() / params.temperature
+    # Shifted so the best logit is 0, and divided in float64 (where a temperature of 1e-300
+    # is not 0): a tiny temperature then gives 0 and -inf, never 0/0 or inf - inf = NaN.
+    logits = ((logits.double() - logits.max()) / params.temperature).float()
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -99,15 +186,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 
 def generate_tokens(model, prompt_ids: list[int], params: SamplingParams, eos_ids: set[int]) -> Iterator[int]:
-    """Yield new token ids until EOS (yielded, so callers can see why it stopped) or max_new_tokens."""
+    """Yield new token ids until EOS (yielded, so callers can see why it stopped) or max_new_tokens.
+
+    The request is checked when this is called, not at the first next().
+    """
+    check_request(len(prompt_ids), params, model.max_seq_len)
+    return _token_loop(model, prompt_ids, params, eos_ids)
+
+
+def _token_loop(model, prompt_ids: list[int], params: SamplingParams, eos_ids: set[int]) -> Iterator[int]:
     n_prompt = len(prompt_ids)
-    if n_prompt == 0:
-        raise RequestError("the prompt is empty: at least one token is needed")
-    if n_prompt + params.max_new_tokens > model.max_seq_len:
-        raise RequestError(
-            f"prompt ({n_prompt} tokens) + max_new_tokens ({params.max_new_tokens}) = "
-            f"{n_prompt + params.max_new_tokens} exceeds the context of {model.max_seq_len} tokens "
-            f"(raise max_seq_len at load, up to the model's {model.config.max_position_embeddings})")
     device = model.device
     generator = None
     if params.temperature > 0:

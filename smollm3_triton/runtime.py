@@ -13,7 +13,7 @@ from . import hub
 from .chat import render_chat, split_reasoning
 from .config import ModelConfig
 from .errors import RequestError
-from .generation import SamplingParams, generate_tokens
+from .generation import SamplingParams, check_max_seq_len, check_token_ids, generate_tokens
 from .model import Transformer
 from .tokenizer import StreamDecoder, Tokenizer
 from .weights import dequantize_weights, load_gguf, load_safetensors_folder, to_device
@@ -71,8 +71,7 @@ class Runtime:
                                f"{config.vocab_size} embeddings")
         if max_seq_len is None:
             max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
-            raise RequestError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+        max_seq_len = check_max_seq_len(max_seq_len, config, dtype, device)
         weights = to_device(weights, device)
         if backend == "torch" and device.type == "cpu":
             weights = dequantize_weights(weights, dtype)
@@ -86,13 +85,7 @@ class Runtime:
     # ------------------------------------------------------------------ inference
     def logits(self, token_ids) -> torch.Tensor:
         """Logits [T, vocab] float32 of one forward pass over token_ids from position 0."""
-        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
-        if ids.numel() == 0:
-            raise RequestError("logits needs at least one token")
-        if ids.numel() > self.model.max_seq_len:
-            raise RequestError(f"{ids.numel()} tokens exceed the context of {self.model.max_seq_len} tokens")
-        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
-            raise RequestError(f"token ids must be in [0, {self.config.vocab_size}), got {int(ids.min())}..{int(ids.max())}")
+        ids = check_token_ids(token_ids, self.config.vocab_size, self.model.max_seq_len)
         dev = self.model.device
         with torch.inference_mode():
             return self.model.forward(ids.to(dev), torch.arange(ids.numel(), device=dev))

@@ -5,8 +5,17 @@ references, "triton" the kernels (on CPU they run under TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
+
+import torch
+
+# @triton.jit builds a compiled or an interpreted kernel when it decorates, so the choice
+# is made here, before any kernel module is imported: without a GPU only the interpreter
+# can run them. An explicit TRITON_INTERPRET (e.g. 0 to cross-compile for a GPU) wins.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from .attention import attention_torch
 from .qmatmul import qmatmul_torch

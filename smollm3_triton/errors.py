@@ -27,3 +27,7 @@ class RequestError(SmolLMError, ValueError):
 
 class SourceNotFoundError(SmolLMError, FileNotFoundError):
     """A model source (path, hub repo, quant file inside a repo) cannot be found."""
+
+
+class KernelInputError(SmolLMError, ValueError):
+    """A compute kernel got tensors whose shapes, dtypes or devices do not fit together."""

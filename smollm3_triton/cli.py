@@ -241,7 +241,7 @@ class _TimedTokens:
 
 def _run_turn(rt, text: str, max_new_tokens: int | None, sampling: dict) -> str:
     """Stream the model's continuation of `text` to stdout, then timings to stderr; returns the text."""
-    from .generation import SamplingParams, generate_tokens
+    from .generation import SamplingParams
 
     ids = rt.tokenizer.encode(text)
     if max_new_tokens is None:
@@ -250,11 +250,9 @@ def _run_turn(rt, text: str, max_new_tokens: int | None, sampling: dict) -> str:
         # with both numbers in the message.
         max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, room) if room > 0 else DEFAULT_MAX_NEW_TOKENS
     params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
-    timed = _TimedTokens(generate_tokens(rt.model, ids, params, rt.eos_ids))
-    # _text_pieces is the runtime's own detokenizer (end tokens, stop strings, partial
-    # UTF-8); the CLI drives the token loop itself only to time it.
+    timed = _TimedTokens(rt.generate_ids(ids, params))
     pieces = []
-    for piece in rt._text_pieces(iter(timed), params.stop):
+    for piece in rt.detokenize(iter(timed), params.stop):
         pieces.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()

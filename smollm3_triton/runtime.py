@@ -122,11 +122,13 @@ class Runtime:
         return self.tokenizer.encode(text)
 
     def _stream_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
-        # Validate (context, ranges) now, not at the first next() of the generator.
-        tokens = generate_tokens(self.model, prompt_ids, params, self.eos_ids)
-        return self._text_pieces(tokens, params.stop)
+        return self.detokenize(self.generate_ids(prompt_ids, params), params.stop)
 
-    def _text_pieces(self, tokens: Iterator[int], stop: tuple[str, ...]) -> Iterator[str]:
+    def generate_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
+        """New token ids, the end token included; the request is checked at the call."""
+        return generate_tokens(self.model, prompt_ids, params, self.eos_ids)
+
+    def detokenize(self, tokens: Iterator[int], stop: tuple[str, ...] = ()) -> Iterator[str]:
         """Decoded text without the end token; cut at the first stop string, holding back
         any tail that could still become one."""
         decoder = StreamDecoder(self.tokenizer)

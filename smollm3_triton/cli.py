@@ -68,7 +68,7 @@ def _add_chat_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smollm3", description="SmolLM3 / SmolLM2 inference on Triton kernels.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,inspect}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,inspect,bench}")
 
     gen = sub.add_parser("generate", help="one answer (or raw continuation) streamed to stdout",
                          description="Answer one prompt through the chat template (or continue it raw with "
@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Print what a GGUF file or safetensors folder holds, without loading weights.")
     ins.add_argument("file", metavar="FILE", help=".gguf file, model folder or hub repo id")
     ins.add_argument("--quant", help="which GGUF of a folder or hub repo")
+
+    from .bench import add_bench_arguments
+    bench = sub.add_parser("bench", help="prefill and decode tokens/s of a model, beside its roofline",
+                           description="Time prefill and decode end to end and print each figure beside "
+                                       "its roofline (bytes per token / device bandwidth).")
+    _add_model_options(bench)
+    add_bench_arguments(bench, model_options=False)
     return parser
 
 
@@ -108,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             return _inspect(args)
         if args.quant is not None and args.model is None:
             parser.error("--quant needs --model: the packaged default model is a single file")
+        if args.command == "bench":
+            from .bench import run_bench
+            return run_bench(args)
         sampling = _sampling_kwargs(args)
         if args.command == "generate":
             return _generate(args, sampling)

@@ -91,11 +91,13 @@ def _resolve_hub(repo_id: str, quant: str | None) -> Path:
 def _repo_files(repo_id: str) -> list[str]:
     """The repo's file list: from the hub, or from the local cache when offline."""
     import huggingface_hub as hf
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    if not hf.constants.HF_HUB_OFFLINE:
+    if not constants.HF_HUB_OFFLINE:
         try:
             return hf.list_repo_files(repo_id)
-        except (hf.errors.RepositoryNotFoundError, hf.errors.GatedRepoError) as e:
+        except (RepositoryNotFoundError, GatedRepoError) as e:
             raise SourceNotFoundError(f"hub repo {repo_id}: {type(e).__name__}") from None
         except Exception:  # no network: fall back to the cache
             pass
@@ -103,14 +105,14 @@ def _repo_files(repo_id: str) -> list[str]:
         snapshot = Path(hf.snapshot_download(repo_id, local_files_only=True))
     except Exception:
         raise SourceNotFoundError(
-            f"hub repo {repo_id}: not reachable and not in the local cache ({hf.constants.HF_HUB_CACHE})") from None
+            f"hub repo {repo_id}: not reachable and not in the local cache ({constants.HF_HUB_CACHE})") from None
     return [str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file()]
 
 
 def _download(fetch, what: str) -> str:
-    import huggingface_hub as hf
+    from huggingface_hub import constants
 
-    if not hf.constants.HF_HUB_OFFLINE:
+    if not constants.HF_HUB_OFFLINE:
         try:
             return fetch()
         except Exception:

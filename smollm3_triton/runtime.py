@@ -13,7 +13,8 @@ from . import hub
 from .chat import render_chat, split_reasoning
 from .config import ModelConfig
 from .errors import RequestError
-from .generation import SamplingParams, check_max_seq_len, check_token_ids, generate_tokens
+from .cuda_graph import token_loop_for
+from .generation import SamplingParams, check_max_seq_len, check_token_ids
 from .model import Transformer
 from .tokenizer import StreamDecoder, Tokenizer
 from .weights import dequantize_weights, load_gguf, load_safetensors_folder, to_device
@@ -37,9 +38,11 @@ class ChatResponse:
 
 class Runtime:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: ModelConfig, source: Path,
-                 eos_ids: set[int]):
+                 eos_ids: set[int], backend: str = "torch"):
         self.model, self.tokenizer, self.config, self.source = model, tokenizer, config, source
         self.eos_ids = eos_ids
+        # CUDA + Triton: CUDA-graph decode with sampling on the GPU; else the eager loop.
+        self._token_loop = token_loop_for(model, backend)
 
     @classmethod
     def load(cls, source: str | os.PathLike | None = None, *, quant: str | None = None, device=None,
@@ -80,7 +83,7 @@ class Runtime:
             weights = prepare_weights(weights)
         model = Transformer(config, weights, ops, max_seq_len=max_seq_len, dtype=dtype, device=device)
         eos_ids |= {i for i in [tokenizer.eos_id, *map(tokenizer.token_to_id, END_TOKENS)] if i is not None}
-        return cls(model, tokenizer, config, path, eos_ids)
+        return cls(model, tokenizer, config, path, eos_ids, backend)
 
     # ------------------------------------------------------------------ inference
     def logits(self, token_ids) -> torch.Tensor:
@@ -126,7 +129,7 @@ class Runtime:
 
     def generate_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
         """New token ids, the end token included; the request is checked at the call."""
-        return generate_tokens(self.model, prompt_ids, params, self.eos_ids)
+        return self._token_loop(prompt_ids, params, self.eos_ids)
 
     def detokenize(self, tokens: Iterator[int], stop: tuple[str, ...] = ()) -> Iterator[str]:
         """Decoded text without the end token; cut at the first stop string, holding back

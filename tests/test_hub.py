@@ -2,10 +2,10 @@
 out (models--org--name/{refs/main, snapshots/<rev>/...}), with HF_HUB_OFFLINE set."""
 import shutil
 
-import huggingface_hub
 import pytest
+from huggingface_hub import constants
 
-from gguf_export import export_gguf, random_hf_model, save_hf_folder
+from gguf_export import export_gguf, hf_logits, random_hf_model, save_hf_folder
 from smollm3_triton import Runtime, SourceNotFoundError
 from smollm3_triton.hub import quant_of, resolve
 
@@ -36,8 +36,8 @@ def tiny_gguf(tmp_path_factory):
 def offline_cache(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     return cache
 
 
@@ -75,10 +75,15 @@ def test_repo_missing_from_cache(offline_cache):
 
 
 def test_safetensors_repo(offline_cache, tmp_path):
-    folder = save_hf_folder(random_hf_model("llama", seed=5, num_hidden_layers=2), tmp_path / "hf")
+    hf = random_hf_model("llama", seed=5, num_hidden_layers=2)
+    folder = save_hf_folder(hf, tmp_path / "hf")
     add_to_cache(offline_cache, "org/tiny-llama", {p.name: p for p in folder.iterdir()})
     path = resolve("org/tiny-llama")
     assert path.name == REV and (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    ids = [5, 17, 300, 4000]
+    ours = Runtime.load("org/tiny-llama", device="cpu", max_seq_len=32).logits(ids)
+    ref = hf_logits(hf, ids)
+    assert float(abs(ours.numpy() - ref).max() / abs(ref).max()) <= 1e-4
 
 
 def test_missing_local_path():

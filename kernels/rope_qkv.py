@@ -16,10 +16,18 @@ positions[t]. Returns q [T, n_heads, head_dim].
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
+from smollm3_triton.errors import KernelInputError, UnsupportedModelError
 from smollm3_triton.quant import Weight
 
-from .qmatmul import qmatmul_torch
+from .qmatmul import qmatmul_torch, qmatmul_triton
+
+# The one place the Triton path does its QKV GEMV/GEMM (then a second launch rotates
+# and writes the cache). The next step moves the RoPE + KV write into that kernel's
+# epilogue, saving the launch and the qkv round trip through memory.
+_qkv_projection = qmatmul_triton
 
 
 def apply_rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -45,4 +53,117 @@ def rope_qkv_torch(x: torch.Tensor, w_qkv: Weight, positions: torch.Tensor,
         q, k = apply_rope_torch(q, c, s), apply_rope_torch(k, c, s)
     k_cache[:, positions] = k.transpose(0, 1).to(k_cache.dtype)
     v_cache[:, positions] = v.transpose(0, 1).to(v_cache.dtype)
+    return q
+
+
+@triton.jit
+def _rope_kv_write_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+                          max_seq, stride_qkv, stride_q, stride_c_h, stride_c_s, stride_cs,
+                          N_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                          BLOCK_H: tl.constexpr, USE_ROPE: tl.constexpr):
+    """One token's slice of heads: q, k and v heads are rows of one [BLOCK_H, HALF] tile
+    (the two halves of the head loaded separately), so one launch serves all three."""
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    i = tl.arange(0, HALF)
+    in_range = heads < N_HEADS + 2 * N_KV_HEADS
+    src = qkv_ptr + t * stride_qkv + heads[:, None] * (2 * HALF) + i[None, :]
+    x1 = tl.load(src, mask=in_range[:, None], other=0.0)
+    x2 = tl.load(src + HALF, mask=in_range[:, None], other=0.0)
+    pos = tl.load(pos_ptr + t)
+    # A position past the cache would write out of bounds: its K/V write is dropped
+    # instead (the runtime refuses such requests before they reach a kernel). Kept as
+    # integer limits: the interpreter mishandles a scalar bool in a mask.
+    pos_ok = pos < max_seq
+    kv_heads_written = tl.where(pos_ok, N_KV_HEADS, 0)
+    if USE_ROPE:
+        row_ok = i < tl.where(pos_ok, HALF, 0)
+        c = tl.load(cos_ptr + pos * stride_cs + i, mask=row_ok, other=0.0)[None, :]
+        s = tl.load(sin_ptr + pos * stride_cs + i, mask=row_ok, other=0.0)[None, :]
+        x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+        rotate = (heads < N_HEADS + N_KV_HEADS)[:, None]
+        # Rounded back to the activation dtype before any cache-dtype cast, as the
+        # unfused graph does.
+        x1 = tl.where(rotate, x1f * c - x2f * s, x1f).to(x1.dtype)
+        x2 = tl.where(rotate, x2f * c + x1f * s, x2f).to(x2.dtype)
+
+    is_q = heads < N_HEADS
+    qh = tl.where(is_q, heads, 0)
+    dst = q_ptr + t * stride_q + qh[:, None] * (2 * HALF) + i[None, :]
+    tl.store(dst, x1, mask=is_q[:, None])
+    tl.store(dst + HALF, x2, mask=is_q[:, None])
+
+    is_k = (heads >= N_HEADS) & (heads < N_HEADS + kv_heads_written)
+    kh = tl.where(is_k, heads - N_HEADS, 0).to(tl.int64)
+    dst = k_cache_ptr + kh[:, None] * stride_c_h + pos * stride_c_s + i[None, :]
+    tl.store(dst, x1, mask=is_k[:, None])
+    tl.store(dst + HALF, x2, mask=is_k[:, None])
+
+    is_v = (heads >= N_HEADS + N_KV_HEADS) & (heads < N_HEADS + N_KV_HEADS + kv_heads_written)
+    vh = tl.where(is_v, heads - N_HEADS - N_KV_HEADS, 0).to(tl.int64)
+    dst = v_cache_ptr + vh[:, None] * stride_c_h + pos * stride_c_s + i[None, :]
+    tl.store(dst, x1, mask=is_v[:, None])
+    tl.store(dst + HALF, x2, mask=is_v[:, None])
+
+
+def _check_rope_args(x: torch.Tensor, w_qkv: Weight, positions: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     n_heads: int, n_kv_heads: int, head_dim: int) -> None:
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise UnsupportedModelError(f"rope_qkv: head_dim {head_dim} is not a power of two in [16, 256]")
+    T, N = x.shape[0], w_qkv.shape[0]
+    if N != (n_heads + 2 * n_kv_heads) * head_dim:
+        raise KernelInputError(f"rope_qkv: the QKV weight has {N} output rows, expected "
+                               f"(n_heads {n_heads} + 2 * n_kv_heads {n_kv_heads}) * head_dim {head_dim}")
+    for name, t in (("positions", positions), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.device != x.device:
+            raise KernelInputError(f"rope_qkv: {name} is on {t.device}, x on {x.device}")
+    if positions.shape != (T,) or positions.dtype not in (torch.int32, torch.int64):
+        raise KernelInputError(f"rope_qkv: positions must be an int tensor of shape ({T},), "
+                               f"got {positions.dtype} {tuple(positions.shape)}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.dim() != 3 or c.shape[0] != n_kv_heads or c.shape[2] != head_dim or c.stride(2) != 1:
+            raise KernelInputError(f"rope_qkv: {name} must be [n_kv_heads {n_kv_heads}, max_seq, head_dim {head_dim}] "
+                                   f"with unit last stride, got {tuple(c.shape)} strides {c.stride()}")
+    for name, tab in (("cos", cos), ("sin", sin)):
+        if tab.dim() != 2 or tab.shape[1] != head_dim // 2 or tab.stride(1) != 1 or tab.dtype != torch.float32:
+            raise KernelInputError(f"rope_qkv: {name} must be a float32 [max_seq, {head_dim // 2}] table "
+                                   f"with unit last stride, got {tab.dtype} {tuple(tab.shape)}")
+    if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
+        raise KernelInputError(f"rope_qkv: v_cache {tuple(v_cache.shape)} and k_cache {tuple(k_cache.shape)} differ")
+    if cos.shape[0] != sin.shape[0] or cos.stride(0) != sin.stride(0):
+        raise KernelInputError("rope_qkv: cos and sin tables must have the same rows and row stride")
+    if cos.shape[0] < k_cache.shape[1]:
+        raise KernelInputError(f"rope_qkv: the RoPE tables cover {cos.shape[0]} positions, fewer than the "
+                               f"cache's {k_cache.shape[1]}")
+
+
+def _rope_config(n_rows: int, head_dim: int) -> tuple[int, int]:
+    """(heads per program, warps): a token's q, k and v heads in one program when they
+    fit 32 rows (SmolLM3-3B: 24), about 512 elements per warp."""
+    block_h = min(triton.next_power_of_2(n_rows), 32)
+    return block_h, max(1, min(8, block_h * head_dim // 512))
+
+
+def rope_qkv_triton(x: torch.Tensor, w_qkv: Weight, positions: torch.Tensor,
+                    cos: torch.Tensor, sin: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    n_heads: int, n_kv_heads: int, head_dim: int, use_rope: bool) -> torch.Tensor:
+    _check_rope_args(x, w_qkv, positions, cos, sin, k_cache, v_cache, n_heads, n_kv_heads, head_dim)
+    qkv = _qkv_projection(x, w_qkv)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    positions = positions.contiguous()
+    T = qkv.shape[0]
+    q = torch.empty((T, n_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if T == 0:
+        return q
+    n_rows = n_heads + 2 * n_kv_heads
+    block_h, num_warps = _rope_config(n_rows, head_dim)
+    grid = (T, triton.cdiv(n_rows, block_h))
+    _rope_kv_write_kernel[grid](
+        qkv, positions, cos, sin, q, k_cache, v_cache,
+        k_cache.shape[1], qkv.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1), cos.stride(0),
+        N_HEADS=n_heads, N_KV_HEADS=n_kv_heads, HALF=head_dim // 2,
+        BLOCK_H=block_h, USE_ROPE=bool(use_rope), num_warps=num_warps)
     return q

@@ -1,3 +1,10 @@
+import os
+
+# Set before torch (and so numpy) loads: the Triton interpreter's tl.dot is a numpy
+# matmul, and OpenBLAS spinning one thread per core on a small shared machine makes
+# it ~1000x slower.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 from pathlib import Path
 
 import pytest

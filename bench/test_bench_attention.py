@@ -1,0 +1,218 @@
+"""attention, rope_qkv and rms_norm Triton kernels against their eager references (and
+attention against torch SDPA) at SmolLM3-3B shapes: 16 query heads, 4 KV heads,
+head_dim 128, hidden 2048, bf16.
+
+Cases: prefill of 512 / 2k / 8k tokens from position 0; decode of one token at 1k / 8k /
+32k context. Attention reports TFLOP/s for prefill (causal: 4 * H * D * T(T+1)/2 flops)
+and GB/s for decode (the K and V rows read); rope_qkv's RoPE + KV-write kernel and
+rms_norm report GB/s (bytes read + written once). rope_qkv as a whole (qmatmul_triton
+projection, then the RoPE + KV-write kernel) is timed too.
+
+Timing: REPS calls captured in one CUDA graph and replayed, as a decode step runs, so
+launch overhead is excluded; the reference attention, which reads the length on the
+host and so cannot be captured, runs REPS eager calls instead, and its line says so.
+Without CUDA every case skips.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a GPU kernel benchmark")]
+
+N_HEADS, N_KV, HEAD_DIM, HIDDEN = 16, 4, 128, 2048
+THETA = 5e6
+PREFILL = [512, 2048, 8192]
+DECODE_CTX = [1024, 8192, 32768]
+REPS = 20
+DTYPE = torch.bfloat16
+# Vendor peaks: DRAM GB/s and dense bf16 TFLOP/s, by device name (BENCH_PEAK_GBPS /
+# BENCH_PEAK_TFLOPS override).
+PEAKS = {"H200": (4800, 989), "H100 SXM": (3350, 989), "H100 PCIe": (2000, 756), "H100": (3350, 989),
+         "A100-SXM4-80GB": (2039, 312), "A100 80GB PCIe": (1935, 312), "A100": (1555, 312)}
+
+
+def peaks() -> tuple[float | None, float | None]:
+    name = torch.cuda.get_device_name()
+    gbps, tflops = next((v for k, v in PEAKS.items() if k in name), (None, None))
+    gbps = float(os.environ.get("BENCH_PEAK_GBPS", gbps or 0)) or None
+    tflops = float(os.environ.get("BENCH_PEAK_TFLOPS", tflops or 0)) or None
+    return gbps, tflops
+
+
+def runner(fn, capture: bool):
+    """A callable running fn REPS times then synchronising: replaying one CUDA graph of
+    REPS calls, or (capture False, for code that syncs with the host) calling eagerly."""
+    fn()                                   # compile outside the capture
+    torch.cuda.synchronize()
+    if not capture:
+        def eager():
+            for _ in range(REPS):
+                fn()
+            torch.cuda.synchronize()
+        return eager
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fn()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(REPS):
+                fn()
+    torch.cuda.synchronize()
+
+    def replay():
+        graph.replay()
+        torch.cuda.synchronize()
+    return replay
+
+
+def measure(benchmark, report_figure, label, fn, *, nbytes=None, flops=None, capture=True):
+    run = runner(fn, capture)
+    benchmark.pedantic(run, rounds=10, warmup_rounds=2, iterations=1)
+    seconds = benchmark.stats.stats.median / REPS
+    gbps, tflops = peaks()
+    line = f"{label:<44} {seconds * 1e6:10.1f} us"
+    info = dict(us=seconds * 1e6, graph=capture, device=torch.cuda.get_device_name())
+    if nbytes is not None:
+        rate = nbytes / seconds / 1e9
+        line += f"  {rate:8.1f} GB/s" + (f" ({rate / gbps:5.1%} of {gbps:.0f})" if gbps else "")
+        info["gbps"] = rate
+    if flops is not None:
+        rate = flops / seconds / 1e12
+        line += f"  {rate:7.1f} TFLOP/s" + (f" ({rate / tflops:5.1%} of {tflops:.0f})" if tflops else "")
+        info["tflops"] = rate
+    if not capture:
+        line += "  [eager calls, not graph-captured]"
+    benchmark.extra_info.update(info)
+    report_figure(line)
+
+
+def rope_tables(max_seq):
+    inv_freq = THETA ** (-torch.arange(0, HEAD_DIM, 2, dtype=torch.float64, device="cuda") / HEAD_DIM)
+    ang = torch.arange(max_seq, dtype=torch.float64, device="cuda")[:, None] * inv_freq
+    return ang.cos().float(), ang.sin().float()
+
+
+def kv_cache(max_seq):
+    g = torch.Generator(device="cuda").manual_seed(max_seq)
+    return (torch.randn(N_KV, max_seq, HEAD_DIM, device="cuda", generator=g).to(DTYPE),
+            torch.randn(N_KV, max_seq, HEAD_DIM, device="cuda", generator=g).to(DTYPE))
+
+
+def sdpa(q, k_cache, v_cache, kv_len, causal):
+    """torch's fused attention on the same data ([1, H, T, D] views; GQA by enable_gqa)."""
+    qh = q.transpose(0, 1).unsqueeze(0)
+    kh, vh = k_cache[:, :kv_len].unsqueeze(0), v_cache[:, :kv_len].unsqueeze(0)
+    return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, enable_gqa=True)
+
+
+@pytest.mark.parametrize("impl", ["triton", "sdpa", "eager"])
+@pytest.mark.parametrize("T", PREFILL)
+def test_attention_prefill(benchmark, report_figure, T, impl):
+    from smollm3_triton.kernels.attention import attention_torch, attention_triton
+
+    k_cache, v_cache = kv_cache(T)
+    q = torch.randn(T, N_HEADS, HEAD_DIM, device="cuda").to(DTYPE)
+    pos = torch.arange(T, device="cuda")
+    scale = HEAD_DIM ** -0.5
+    fn = {"triton": lambda: attention_triton(q, k_cache, v_cache, pos, scale),
+          "sdpa": lambda: sdpa(q, k_cache, v_cache, T, True),
+          "eager": lambda: attention_torch(q, k_cache, v_cache, pos, scale)}[impl]
+    flops = 4 * N_HEADS * HEAD_DIM * T * (T + 1) // 2
+    measure(benchmark, report_figure, f"attention prefill {impl:<6} T={T}", fn, flops=flops,
+            capture=impl != "eager")
+
+
+@pytest.mark.parametrize("impl", ["triton", "sdpa", "eager"])
+@pytest.mark.parametrize("ctx", DECODE_CTX)
+def test_attention_decode(benchmark, report_figure, ctx, impl):
+    from smollm3_triton.kernels.attention import attention_torch, attention_triton
+
+    k_cache, v_cache = kv_cache(ctx)
+    q = torch.randn(1, N_HEADS, HEAD_DIM, device="cuda").to(DTYPE)
+    pos = torch.tensor([ctx - 1], device="cuda")
+    scale = HEAD_DIM ** -0.5
+    fn = {"triton": lambda: attention_triton(q, k_cache, v_cache, pos, scale),
+          "sdpa": lambda: sdpa(q, k_cache, v_cache, ctx, False),
+          "eager": lambda: attention_torch(q, k_cache, v_cache, pos, scale)}[impl]
+    nbytes = 2 * N_KV * ctx * HEAD_DIM * DTYPE.itemsize + 2 * q.numel() * DTYPE.itemsize
+    measure(benchmark, report_figure, f"attention decode {impl:<6} ctx={ctx}", fn, nbytes=nbytes,
+            capture=impl != "eager")
+
+
+ROPE_CASES = [("prefill", T, 0) for T in PREFILL] + [("decode", 1, ctx - 1) for ctx in DECODE_CTX]
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+@pytest.mark.parametrize("phase,T,start", ROPE_CASES, ids=[f"{p}-T{t}-at{s}" for p, t, s in ROPE_CASES])
+def test_rope_kv_write(benchmark, report_figure, phase, T, start, impl):
+    """The RoPE + KV-cache write that follows the QKV projection, on its own."""
+    from smollm3_triton.kernels.rope_qkv import _rope_config, _rope_kv_write_kernel, apply_rope_torch
+
+    max_seq = max(start + T, 64)
+    k_cache, v_cache = kv_cache(max_seq)
+    cos, sin = rope_tables(max_seq)
+    qkv = torch.randn(T, (N_HEADS + 2 * N_KV) * HEAD_DIM, device="cuda").to(DTYPE)
+    pos = torch.arange(start, start + T, device="cuda")
+    q = torch.empty(T, N_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    n_rows = N_HEADS + 2 * N_KV
+    block_h, warps = _rope_config(n_rows, HEAD_DIM)
+
+    def triton_fn():
+        _rope_kv_write_kernel[(T, -(-n_rows // block_h))](
+            qkv, pos, cos, sin, q, k_cache, v_cache, max_seq, qkv.stride(0), q.stride(0),
+            k_cache.stride(0), k_cache.stride(1), cos.stride(0),
+            N_HEADS=N_HEADS, N_KV_HEADS=N_KV, HALF=HEAD_DIM // 2, BLOCK_H=block_h, USE_ROPE=True, num_warps=warps)
+
+    def eager_fn():
+        qe = qkv[:, :N_HEADS * HEAD_DIM].view(T, N_HEADS, HEAD_DIM)
+        ke = qkv[:, N_HEADS * HEAD_DIM:(N_HEADS + N_KV) * HEAD_DIM].view(T, N_KV, HEAD_DIM)
+        ve = qkv[:, (N_HEADS + N_KV) * HEAD_DIM:].view(T, N_KV, HEAD_DIM)
+        c, s = cos[pos], sin[pos]
+        qr = apply_rope_torch(qe, c, s)
+        k_cache[:, pos] = apply_rope_torch(ke, c, s).transpose(0, 1)
+        v_cache[:, pos] = ve.transpose(0, 1)
+        return qr
+
+    nbytes = 2 * qkv.numel() * DTYPE.itemsize + 2 * T * HEAD_DIM * 4      # qkv in, q/k/v out, cos+sin rows
+    fn = triton_fn if impl == "triton" else eager_fn
+    measure(benchmark, report_figure, f"rope_kv_write {impl:<6} {phase} T={T} at {start}", fn, nbytes=nbytes)
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+@pytest.mark.parametrize("phase,T,start", ROPE_CASES, ids=[f"{p}-T{t}-at{s}" for p, t, s in ROPE_CASES])
+def test_rope_qkv(benchmark, report_figure, phase, T, start, impl):
+    """The whole op (projection by a bf16 weight + RoPE + KV write), as the model calls it."""
+    from smollm3_triton.kernels.rope_qkv import rope_qkv_torch, rope_qkv_triton
+    from smollm3_triton.quant import GGMLType, QuantTensor
+
+    max_seq = max(start + T, 64)
+    k_cache, v_cache = kv_cache(max_seq)
+    cos, sin = rope_tables(max_seq)
+    n_out = (N_HEADS + 2 * N_KV) * HEAD_DIM
+    w = QuantTensor((torch.randn(n_out, HIDDEN, device="cuda") / HIDDEN ** 0.5).to(DTYPE), GGMLType.BF16,
+                    (n_out, HIDDEN))
+    x = torch.randn(T, HIDDEN, device="cuda").to(DTYPE)
+    pos = torch.arange(start, start + T, device="cuda")
+    op = rope_qkv_triton if impl == "triton" else rope_qkv_torch
+    nbytes = w.nbytes + x.numel() * DTYPE.itemsize + T * n_out * DTYPE.itemsize
+    measure(benchmark, report_figure, f"rope_qkv {impl:<6} {phase} T={T} at {start}",
+            lambda: op(x, w, pos, cos, sin, k_cache, v_cache, N_HEADS, N_KV, HEAD_DIM, True),
+            nbytes=nbytes, flops=2 * T * n_out * HIDDEN if T > 1 else None)
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+@pytest.mark.parametrize("T", [1] + PREFILL)
+def test_rms_norm(benchmark, report_figure, T, impl):
+    from smollm3_triton.kernels.rms_norm import rms_norm_torch, rms_norm_triton
+
+    x = torch.randn(T, HIDDEN, device="cuda").to(DTYPE)
+    residual = torch.randn(T, HIDDEN, device="cuda").to(DTYPE)
+    weight = torch.randn(HIDDEN, device="cuda")
+    op = rms_norm_triton if impl == "triton" else rms_norm_torch
+    nbytes = 4 * x.numel() * DTYPE.itemsize + weight.numel() * 4          # x, residual in; y, h out
+    measure(benchmark, report_figure, f"rms_norm+residual {impl:<6} T={T}", lambda: op(x, weight, 1e-6, residual),
+            nbytes=nbytes)

@@ -1,0 +1,202 @@
+"""Every variant of the rope_qkv, attention and rms_norm kernels compiles to a cubin for
+sm_80 and sm_90 on a machine without a GPU (triton.compile with a GPUTarget).
+
+Each compile prints registers per thread, spill bytes (ptxas -v) and shared memory; the
+test fails on spills or on shared memory past the architecture's per-block limit.
+Run with -s to see the table.
+
+The compiles run in one subprocess started with TRITON_INTERPRET=0: @triton.jit picks
+interpreter or compiler when it decorates, and that includes triton.language's own jit
+functions (tl.sum, tl.max, tl.cdiv). Once the package has switched the interpreter on
+for the CPU tests, a compile in the same process would call interpreted library code.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+
+from smollm3_triton.kernels import attention as attention_mod
+from smollm3_triton.kernels import rms_norm as rms_mod
+from smollm3_triton.kernels import rope_qkv as rope_mod
+
+# Triton's wheels ship ptxas (and, for newer PTX, ptxas-blackwell); the PTX it emits for
+# an arch may need either.
+PTXAS = [p for p in (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / n
+                     for n in ("ptxas", "ptxas-blackwell")) if p.exists()]
+# Largest dynamic shared memory one block may use (CUDA programming guide, compute
+# capability table): A100 163 KiB, H100/H200 227 KiB.
+MAX_SHARED = {80: 166912, 90: 232448}
+
+
+TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass
+class Variant:
+    label: str
+    module: str
+    kernel: str
+    pointers: dict            # arg -> element type
+    constexprs: dict
+    options: dict
+    floats: tuple = ("qk_scale", "eps")
+
+    @property
+    def key(self) -> str:
+        return self.label.replace(" ", "-")
+
+    def source(self, fn):
+        from triton.compiler import ASTSource
+
+        signature, attrs = {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if name in self.constexprs:
+                signature[name] = "constexpr"
+            elif name in self.pointers:
+                signature[name] = "*" + self.pointers[name]
+                attrs[(i,)] = [["tt.divisibility", 16]]     # torch allocations are 16-byte aligned
+            elif name in self.floats:
+                signature[name] = "fp32"
+            else:
+                signature[name] = "i32"
+                # Row strides of [.., 64 or 128] tensors are multiples of 16, as the JIT
+                # would specialise them at run time.
+                if name.startswith("stride"):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        return ASTSource(fn, signature=signature, constexprs=self.constexprs, attrs=attrs)
+
+
+def rms_variants(arch):
+    out = []
+    for dtype, n, residual in [(torch.bfloat16, 2048, True), (torch.float32, 576, False)]:
+        block = triton.next_power_of_2(n)
+        t = TL[dtype]
+        out.append(Variant(
+            f"rms_norm {t} N={n} residual={residual}", "rms_norm", "_rms_norm_kernel",
+            dict(x_ptr=t, r_ptr=t, w_ptr="fp32", y_ptr=t, h_ptr=t),
+            dict(HAS_RESIDUAL=residual, BLOCK_N=block), dict(num_warps=rms_mod._rms_norm_warps(block))))
+    return out
+
+
+def rope_variants(arch):
+    out = []
+    for (h, kv, d), dtype, use_rope in [((16, 4, 128), torch.bfloat16, True), ((16, 4, 128), torch.bfloat16, False),
+                                        ((9, 3, 64), torch.float32, True)]:
+        block_h, warps = rope_mod._rope_config(h + 2 * kv, d)
+        t = TL[dtype]
+        out.append(Variant(
+            f"rope_kv_write {t} {h}/{kv} d{d} rope={use_rope}", "rope_qkv", "_rope_kv_write_kernel",
+            dict(qkv_ptr=t, pos_ptr="i64", cos_ptr="fp32", sin_ptr="fp32", q_ptr=t, k_cache_ptr=t, v_cache_ptr=t),
+            dict(N_HEADS=h, N_KV_HEADS=kv, HALF=d // 2, BLOCK_H=block_h, USE_ROPE=use_rope),
+            dict(num_warps=warps)))
+    return out
+
+
+def attention_variants(arch):
+    out = []
+    for d, group, dtype in [(128, 4, torch.bfloat16), (64, 3, torch.bfloat16), (128, 4, torch.float16),
+                            (128, 4, torch.float32), (64, 3, torch.float32)]:
+        cfg = attention_mod._prefill_config(d, dtype, arch)
+        t = TL[dtype]
+        out.append(Variant(
+            f"attn_prefill {t} d{d} group={group} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}", "attention", "_attn_prefill_kernel",
+            dict(q_ptr=t, k_ptr=t, v_ptr=t, pos_ptr="i64", o_ptr=t),
+            dict(GROUP=group, HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                 DOT_F32=dtype == torch.float32),
+            dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
+    # rows = T * group packed in the decode tile: the smallest tile and the largest one.
+    for d, group, dtype in [(128, 4, torch.bfloat16), (64, 3, torch.bfloat16),
+                            (128, 4, torch.float32), (64, 3, torch.float32)]:
+        cfg = attention_mod._decode_config(d, dtype, arch)
+        t = TL[dtype]
+        for rows in sorted({16, attention_mod._decode_max_rows(dtype)}):
+            out.append(Variant(
+                f"attn_decode_split {t} d{d} group={group} rows={rows} N={cfg['BLOCK_N']}", "attention",
+                "_attn_decode_split_kernel",
+                dict(q_ptr=t, k_ptr=t, v_ptr=t, pos_ptr="i64", part_o_ptr="fp32", part_lse_ptr="fp32"),
+                dict(GROUP=group, HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=cfg["BLOCK_N"], DOT_F32=dtype == torch.float32),
+                dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
+    for d, block_s, dtype in [(128, 128, torch.bfloat16), (64, 128, torch.bfloat16), (128, 4, torch.float32)]:
+        t = TL[dtype]
+        out.append(Variant(
+            f"attn_decode_merge {t} d{d} splits<={block_s}", "attention", "_attn_decode_merge_kernel",
+            dict(part_o_ptr="fp32", part_lse_ptr="fp32", o_ptr=t),
+            dict(HEAD_DIM=d, BLOCK_S=block_s),
+            dict(num_warps=attention_mod._merge_warps(block_s, d))))
+    return out
+
+
+CASES = [(v, arch) for arch in (80, 90) for v in rms_variants(arch) + rope_variants(arch) + attention_variants(arch)]
+
+
+def ptxas_usage(ptx: str, workdir: Path) -> tuple[int, int]:
+    """(registers, spill store + load bytes) as ptxas -v reports for this PTX."""
+    arch = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)
+    src = workdir / "kernel.ptx"
+    src.write_text(ptx)
+    errors = []
+    for ptxas in PTXAS:
+        proc = subprocess.run([str(ptxas), "-v", f"--gpu-name={arch}", str(src), "-o", str(workdir / "kernel.cubin")],
+                              capture_output=True, text=True)
+        if proc.returncode == 0:
+            break
+        errors.append(proc.stderr.strip())
+    else:
+        raise AssertionError(f"no ptxas accepts this PTX: {errors}")
+    log = proc.stderr + proc.stdout
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return regs, spills
+
+
+def compile_all() -> dict:
+    """Runs in the TRITON_INTERPRET=0 subprocess: {case id: usage or error}."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import JITFunction
+
+    assert isinstance(attention_mod._attn_prefill_kernel, JITFunction), "kernels were decorated for the interpreter"
+    modules = {"attention": attention_mod, "rms_norm": rms_mod, "rope_qkv": rope_mod}
+    results = {}
+    for variant, arch in CASES:
+        fn = getattr(modules[variant.module], variant.kernel)
+        try:
+            compiled = triton.compile(variant.source(fn), target=GPUTarget("cuda", arch, 32), options=variant.options)
+            assert compiled.asm["cubin"], "no cubin"
+            regs, spills = ptxas_usage(compiled.asm["ptx"], Path(tempfile.mkdtemp()))
+            results[f"sm{arch}-{variant.key}"] = dict(regs=regs, spills=spills, shared=compiled.metadata.shared)
+        except Exception as e:                       # reported by the test of that case
+            results[f"sm{arch}-{variant.key}"] = dict(error=f"{type(e).__name__}: {e}")
+    return results
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not PTXAS, reason="this triton wheel ships no ptxas")
+@pytest.mark.parametrize("variant,arch", CASES, ids=[f"sm{a}-{v.key}" for v, a in CASES])
+def test_compiles(compiled, variant, arch):
+    usage = compiled[f"sm{arch}-{variant.key}"]
+    assert "error" not in usage, usage.get("error")
+    print(f"\nsm_{arch} {variant.label:58s} warps={variant.options.get('num_warps', 4)} "
+          f"stages={variant.options.get('num_stages', '-')} regs={usage['regs']:3d} "
+          f"spill_bytes={usage['spills']} shared={usage['shared']}")
+    assert usage["spills"] == 0, f"{variant.label} spills {usage['spills']} bytes on sm_{arch}"
+    assert usage["shared"] <= MAX_SHARED[arch], \
+        f"{variant.label} needs {usage['shared']} B shared memory, sm_{arch} has {MAX_SHARED[arch]}"
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_all()))

@@ -15,10 +15,11 @@ Without CUDA every case skips.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
+
+from smollm3_triton.bench import vendor_peaks
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a GPU kernel benchmark")]
@@ -29,20 +30,6 @@ PREFILL = [512, 2048, 8192]
 DECODE_CTX = [1024, 8192, 32768]
 REPS = 20
 DTYPE = torch.bfloat16
-# Vendor peaks: DRAM GB/s and dense bf16 TFLOP/s, by device name (BENCH_PEAK_GBPS /
-# BENCH_PEAK_TFLOPS override).
-PEAKS = {"H200": (4800, 989), "H100 SXM": (3350, 989), "H100 PCIe": (2000, 756), "H100": (3350, 989),
-         "A100-SXM4-80GB": (2039, 312), "A100 80GB PCIe": (1935, 312), "A100": (1555, 312)}
-
-
-def peaks() -> tuple[float | None, float | None]:
-    name = torch.cuda.get_device_name()
-    gbps, tflops = next((v for k, v in PEAKS.items() if k in name), (None, None))
-    gbps = float(os.environ.get("BENCH_PEAK_GBPS", gbps or 0)) or None
-    tflops = float(os.environ.get("BENCH_PEAK_TFLOPS", tflops or 0)) or None
-    return gbps, tflops
-
-
 def runner(fn, capture: bool):
     """A callable running fn REPS times then synchronising: replaying one CUDA graph of
     REPS calls, or (capture False, for code that syncs with the host) calling eagerly."""
@@ -73,7 +60,7 @@ def measure(benchmark, report_figure, label, fn, *, nbytes=None, flops=None, cap
     run = runner(fn, capture)
     benchmark.pedantic(run, rounds=10, warmup_rounds=2, iterations=1)
     seconds = benchmark.stats.stats.median / REPS
-    gbps, tflops = peaks()
+    gbps, tflops = vendor_peaks()
     line = f"{label:<44} {seconds * 1e6:10.1f} us"
     info = dict(us=seconds * 1e6, graph=capture, device=torch.cuda.get_device_name())
     if nbytes is not None:

@@ -15,10 +15,11 @@ Without CUDA every case skips.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
+
+from smollm3_triton.bench import vendor_peaks
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a GPU kernel benchmark")]
@@ -27,20 +28,8 @@ SHAPES = {"qkv": (3072, 2048), "gate_up": (22016, 2048), "down": (2048, 11008), 
 TYPES = ["Q4_K", "Q6_K", "Q8_0"]
 ROWS = [1, 512]
 REPS = 20
-# Vendor peaks: DRAM GB/s and dense bf16 TFLOP/s, by device name.
-PEAKS = {"H200": (4800, 989), "H100 SXM": (3350, 989), "H100 PCIe": (2000, 756), "H100": (3350, 989),
-         "A100-SXM4-80GB": (2039, 312), "A100 80GB PCIe": (1935, 312), "A100": (1555, 312),
-         "L40S": (864, 362), "RTX 4090": (1008, 165)}
 # fp16 scale fields of each block (ggml-common.h), set to sane values in random blocks.
 FP16_FIELDS = {"Q4_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,)}
-
-
-def peaks() -> tuple[float | None, float | None]:
-    name = torch.cuda.get_device_name()
-    gbps, tflops = next((v for k, v in PEAKS.items() if k in name), (None, None))
-    gbps = float(os.environ.get("BENCH_PEAK_GBPS", gbps or 0)) or None
-    tflops = float(os.environ.get("BENCH_PEAK_TFLOPS", tflops or 0)) or None
-    return gbps, tflops
 
 
 def random_weight(qtype: str, rows: int, cols: int):
@@ -121,7 +110,7 @@ def test_qmatmul(benchmark, weights, report_figure, qtype, shape, m, impl):
     seconds = benchmark.stats.stats.median / REPS
     n_out = n // 2 if impl == "triton_swiglu" else n
     moved = raw.nbytes + x.numel() * 2 + m * n_out * 2
-    gbps, tflops = peaks()
+    gbps, tflops = vendor_peaks()
     line = (f"qmatmul {impl:<13} {qtype} {shape:<8} M={m:<4} {how:<5} {seconds * 1e6:9.1f} us  "
             f"{moved / seconds / 1e9:8.1f} GB/s" + (f" ({moved / seconds / 1e9 / gbps:5.1%} of {gbps:.0f})"
                                                    if gbps else ""))

@@ -104,6 +104,16 @@ class DevicePeaks:
     peak_tflops: float | None     # vendor dense bf16
 
 
+def vendor_peaks() -> tuple[float | None, float | None]:
+    """(DRAM GB/s, dense bf16 TFLOP/s) of the current CUDA device from the table;
+    BENCH_PEAK_GBPS / BENCH_PEAK_TFLOPS override it."""
+    name = torch.cuda.get_device_name()
+    gbps, tflops = next((v for k, v in DEVICE_PEAKS.items() if k in name), (None, None))
+    gbps = float(os.environ.get("BENCH_PEAK_GBPS") or gbps or 0) or None
+    tflops = float(os.environ.get("BENCH_PEAK_TFLOPS") or tflops or 0) or None
+    return gbps, tflops
+
+
 def device_peaks(device: torch.device, peak_gbps: float | None = None, peak_tflops: float | None = None) -> DevicePeaks:
     if device.type != "cuda":
         return DevicePeaks(f"cpu ({os.cpu_count()} cores)", peak_gbps, None, peak_tflops)

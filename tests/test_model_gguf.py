@@ -10,7 +10,6 @@ Two oracles, neither using our loader:
 """
 import numpy as np
 import pytest
-import torch
 
 from gguf_export import (export_gguf, gguf_reference_model, hf_logits, kl_divergence, llama_cpp_logits,
                          random_hf_model, tensor_types)

@@ -12,7 +12,7 @@ import torch
 from . import hub
 from .chat import render_chat, split_reasoning
 from .config import ModelConfig
-from .errors import RequestError
+from .errors import ModelFormatError, RequestError
 from .cuda_graph import token_loop_for
 from .generation import SamplingParams, check_max_seq_len, check_token_ids
 from .model import Transformer
@@ -51,12 +51,21 @@ class Runtime:
         """source: a hub repo id, a .gguf path, or a folder with config.json + safetensors
         (None: the packaged SmolLM2-135M-Instruct GGUF)."""
         path = hub.packaged_smollm2() if source is None else hub.resolve(source, quant)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError as e:
+            raise RequestError(f"device {device!r} is not a valid device ({e})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RequestError(f"device {str(device)!r} asked for, but CUDA is not available here")
         dtype = _dtype(dtype, device)
         backend = backend or ("triton" if device.type == "cuda" else "torch")
-        if backend == "triton" and device.type == "cpu":
-            os.environ["TRITON_INTERPRET"] = "1"    # must be set before the kernels are compiled
-        from .kernels import load_ops
+        from .kernels import BACKENDS, load_ops
+        if backend not in BACKENDS:
+            raise RequestError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            # @triton.jit picks compiled or interpreted when the kernels are imported.
+            raise RequestError("backend='triton' on the CPU needs TRITON_INTERPRET=1 set before "
+                               "smollm3_triton is imported (it is set automatically without CUDA)")
         ops = load_ops(backend)
 
         if path.is_dir():
@@ -70,7 +79,7 @@ class Runtime:
             tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
             eos_ids = set()
         if tokenizer.vocab_size > config.vocab_size:
-            raise RequestError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            raise ModelFormatError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                                f"{config.vocab_size} embeddings")
         if max_seq_len is None:
             max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)

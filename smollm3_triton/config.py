@@ -22,7 +22,7 @@ Decisions:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -158,7 +158,6 @@ class ModelConfig:
     use_rope: tuple[bool, ...]
     tie_word_embeddings: bool
     rope_scaling: RopeScaling | None = None
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         # The readers below check everything with the file's own field names; this

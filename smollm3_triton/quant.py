@@ -134,9 +134,6 @@ class QuantTensor:
         from .dequant import dequantize
         return dequantize(data, self.qtype).to(dtype)
 
-    def rows(self, start: int, stop: int) -> QuantTensor:
-        return QuantTensor(self.data[start:stop], self.qtype, (stop - start, self.shape[1]))
-
     def take_rows(self, index: torch.Tensor) -> QuantTensor:
         """Rows gathered in a new order: whole rows of blocks move, nothing is requantized."""
         return QuantTensor(self.data[index].contiguous(), self.qtype, (len(index), self.shape[1]))

@@ -40,10 +40,20 @@ from smollm3_triton.quant import GGMLType, Weight
 from .repack import Packed, PackedTensor, PackedWeight, packed
 
 
+# CPU BLAS runs a few rows through other kernels (other summation orders) than many;
+# from MIN_ROWS rows on, each row's result is independent of the row count. Padding
+# to it keeps a token's logits bit-identical whatever batch it is computed in.
+MIN_ROWS = 16
+
+
 def qmatmul_torch(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """x [M, K] @ w[N, K].T -> [M, N], accumulated in fp32."""
-    y = x.float() @ w.dequantize(torch.float32).T
-    return y.to(x.dtype)
+    M = x.shape[0]
+    xf = x.float()
+    if M < MIN_ROWS:
+        xf = torch.nn.functional.pad(xf, (0, 0, 0, MIN_ROWS - M))
+    y = xf @ w.dequantize(torch.float32).T
+    return y[:M].to(x.dtype)
 
 
 # Whether @triton.jit below builds interpreted kernels (it decides when it decorates).

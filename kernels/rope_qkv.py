@@ -10,8 +10,9 @@ RoPE at position p rotates each pair (x[i], x[i + d/2]) by angle p * inv_freq[i]
 cos/sin come from a table [max_seq, d/2] built in float64 at load (positions reach
 128k and rope_theta is 5e6, so fp32 angles would drift).
 
-The caches are [n_kv_heads, max_seq, head_dim]; k and v of token t go to row
-positions[t]. Returns q [T, n_heads, head_dim].
+The caches are paged, [n_blocks, n_kv_heads, block_size, head_dim]; k and v of
+token t go to slot slot_mapping[t] (= block * block_size + offset; -1: not written).
+Returns q [T, n_heads, head_dim].
 """
 from __future__ import annotations
 
@@ -38,9 +39,21 @@ def apply_rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
+def write_kv_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """k, v [N, Hkv, D] into the paged caches [n_blocks, Hkv, block_size, D] at their
+    slots (block * block_size + offset); slot -1 is skipped."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    bs = k_cache.shape[2]
+    blocks, offsets = slots // bs, slots % bs
+    k_cache[blocks, :, offsets] = k[keep].to(k_cache.dtype)
+    v_cache[blocks, :, offsets] = v[keep].to(v_cache.dtype)
+
+
 def rope_qkv_torch(x: torch.Tensor, w_qkv: Weight, positions: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                    n_heads: int, n_kv_heads: int, head_dim: int, use_rope: bool) -> torch.Tensor:
     T = x.shape[0]
     qkv = qmatmul_torch(x, w_qkv)
@@ -51,8 +64,7 @@ def rope_qkv_torch(x: torch.Tensor, w_qkv: Weight, positions: torch.Tensor,
     if use_rope:
         c, s = cos[positions], sin[positions]
         q, k = apply_rope_torch(q, c, s), apply_rope_torch(k, c, s)
-    k_cache[:, positions] = k.transpose(0, 1).to(k_cache.dtype)
-    v_cache[:, positions] = v.transpose(0, 1).to(v_cache.dtype)
+    write_kv_torch(k, v, k_cache, v_cache, slot_mapping)
     return q
 
 

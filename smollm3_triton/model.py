@@ -1,12 +1,13 @@
-"""The SmolLM3 / SmolLM2 transformer on a static KV cache.
+"""The SmolLM3 / SmolLM2 transformer over a flattened batch on the paged KV cache.
 
     embed -> for each layer:  x += o_proj(attn(rope_qkv(rms_norm(x))))     RoPE or passthrough per layer
                               x += down(swiglu(gate_up(rms_norm(x))))
           -> rms_norm -> lm_head
 
-Every step is one call into `ops` (Triton kernels or their torch references).
-The residual add is folded into the next rms_norm: x is the branch output and
-`residual` the running stream.
+A step's tokens from every sequence are one flat batch (`Batch`); only attention
+looks across tokens, through each sequence's block table. Every step is one call
+into `ops` (Triton kernels or their torch references). The residual add is folded
+into the next rms_norm: x is the branch output and `residual` the running stream.
 """
 from __future__ import annotations
 
@@ -16,23 +17,24 @@ import torch
 
 from .config import ModelConfig, rope_tables
 from .kernels import Ops
+from .kv_cache import PagedKVCache
 from .weights import ModelWeights
 
 
 @dataclass
-class KVCache:
-    """Static per-layer caches [n_layers, n_kv_heads, max_seq_len, head_dim]."""
-    k: torch.Tensor
-    v: torch.Tensor
-
-    @classmethod
-    def allocate(cls, config: ModelConfig, max_seq_len: int, dtype: torch.dtype, device) -> KVCache:
-        shape = (config.n_layers, config.n_kv_heads, max_seq_len, config.head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.k.shape[2]
+class Batch:
+    """One forward step. Sequence b owns token rows query_start[b]:query_start[b+1];
+    its context after the step is seq_lens[b] tokens, in the blocks of block_tables[b]."""
+    token_ids: torch.Tensor      # [N] int64
+    positions: torch.Tensor      # [N] int64
+    slot_mapping: torch.Tensor   # [N] int64: block * block_size + offset, -1: not written
+    query_start: torch.Tensor    # [B + 1] int32
+    seq_lens: torch.Tensor       # [B] int32
+    block_tables: torch.Tensor   # [B, max_blocks] int32
+    max_query_len: int           # 1: a pure decode step
+    logits_rows: torch.Tensor    # [R] int64: the rows whose logits are returned
+    embeds: torch.Tensor | None = None       # [E, hidden]: rows replacing token embeddings (images)
+    embed_rows: torch.Tensor | None = None   # [E] int64
 
 
 class Transformer:
@@ -40,33 +42,32 @@ class Transformer:
                  max_seq_len: int, dtype: torch.dtype, device: torch.device):
         self.config, self.weights, self.ops = config, weights, ops
         self.dtype, self.device = dtype, device
+        self.max_seq_len = max_seq_len           # the longest sequence; RoPE tables cover it
         self.cos, self.sin = rope_tables(config, max_seq_len, device)
-        self.cache = KVCache.allocate(config, max_seq_len, dtype, device)
         self.scale = config.head_dim ** -0.5
+        self.cache: PagedKVCache | None = None
 
-    @property
-    def max_seq_len(self) -> int:
-        return self.cache.max_seq_len
+    def allocate_cache(self, n_blocks: int, block_size: int) -> PagedKVCache:
+        self.cache = PagedKVCache.allocate(self.config, n_blocks, block_size, self.dtype, self.device)
+        return self.cache
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """tokens, positions [T] on the model's device -> logits [T or 1, vocab] float32.
-
-        Writes the tokens' K/V into the cache at `positions`; earlier positions
-        must already be there.
-        """
-        c, w, ops = self.config, self.weights, self.ops
-        T = tokens.shape[0]
-        x = w.embed.dequantize_rows(tokens, self.dtype)
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """-> logits [len(batch.logits_rows), vocab] float32; the tokens' K/V go into the cache."""
+        c, w, ops, cache = self.config, self.weights, self.ops, self.cache
+        N = batch.token_ids.shape[0]
+        x = w.embed.dequantize_rows(batch.token_ids, self.dtype)
+        if batch.embeds is not None:
+            x[batch.embed_rows] = batch.embeds.to(self.dtype)
         residual = None
         for i, layer in enumerate(w.layers):
             h, residual = ops.rms_norm(x, layer.attn_norm, c.rms_norm_eps, residual)
-            q = ops.rope_qkv(h, layer.qkv, positions, self.cos, self.sin, self.cache.k[i], self.cache.v[i],
-                             c.n_heads, c.n_kv_heads, c.head_dim, c.use_rope[i])
-            attn = ops.attention(q, self.cache.k[i], self.cache.v[i], positions, self.scale)
-            x = ops.qmatmul(attn.reshape(T, c.n_heads * c.head_dim), layer.o)
+            q = ops.rope_qkv(h, layer.qkv, batch.positions, self.cos, self.sin, cache.k[i], cache.v[i],
+                             batch.slot_mapping, c.n_heads, c.n_kv_heads, c.head_dim, c.use_rope[i])
+            attn = ops.attention(q, cache.k[i], cache.v[i], batch.query_start, batch.seq_lens,
+                                 batch.block_tables, batch.max_query_len, self.scale)
+            x = ops.qmatmul(attn.reshape(N, c.n_heads * c.head_dim), layer.o)
             h, residual = ops.rms_norm(x, layer.ffn_norm, c.rms_norm_eps, residual)
             x = ops.qmatmul(ops.gate_up_swiglu(h, layer.gate_up), layer.down)
-        if last_only:
-            x, residual = x[-1:], residual[-1:]
+        x, residual = x[batch.logits_rows], residual[batch.logits_rows]
         h, _ = ops.rms_norm(x, w.norm, c.rms_norm_eps, residual)
         return ops.qmatmul(h, w.lm_head).float()

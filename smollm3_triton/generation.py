@@ -13,6 +13,9 @@ import torch
 
 from .errors import RequestError
 
+# The most top alternatives a request may ask for per token (vLLM's default cap is 20).
+MAX_LOGPROBS = 20
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -26,9 +29,15 @@ class SamplingParams:
     top_k: int = 0            # 0: off
     top_p: float = 1.0        # 1: off
     min_p: float = 0.0        # 0: off
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0   # over the prompt and the output (llama.cpp, transformers)
+    presence_penalty: float = 0.0     # OpenAI's: over the output only
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)   # end tokens besides the model's
+    ignore_eos: bool = False
+    logprobs: int | None = None         # per new token: its logprob and this many top alternatives
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first
 
     def __post_init__(self):
         def number(name: str, check, rule: str) -> None:
@@ -53,6 +62,18 @@ class SamplingParams:
         number("top_p", lambda v: 0 < v <= 1, "in (0, 1] (1 disables it)")
         number("min_p", lambda v: 0 <= v <= 1, "in [0, 1] (0 disables it)")
         number("repetition_penalty", lambda v: v > 0, "> 0 (1 disables it)")
+        number("presence_penalty", lambda v: -2 <= v <= 2, "in [-2, 2] (0 disables it)")
+        number("frequency_penalty", lambda v: -2 <= v <= 2, "in [-2, 2] (0 disables it)")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                integer(name, lambda v: 0 <= v <= MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]")
+        if not isinstance(self.ignore_eos, bool):
+            raise RequestError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        ids = self.stop_token_ids
+        if not isinstance(ids, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, numbers.Integral)
+                                                      or i < 0 for i in ids):
+            raise RequestError(f"stop_token_ids must be a list of token ids (integers >= 0), got {ids!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
         if self.seed is not None:
             integer("seed", lambda v: 0 <= v < 2**63, "in [0, 2**63)")
         stop = self.stop

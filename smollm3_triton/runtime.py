@@ -1,6 +1,7 @@
 """`Runtime`: load a model from anywhere, then logits / generate / stream / chat."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -13,10 +14,10 @@ from . import hub
 from .chat import render_chat, split_reasoning
 from .config import ModelConfig
 from .errors import ModelFormatError, RequestError
-from .cuda_graph import token_loop_for
+from .engine import Engine, RequestOutput, TextStream
 from .generation import SamplingParams, check_max_seq_len, check_token_ids
-from .model import Transformer
-from .tokenizer import StreamDecoder, Tokenizer
+from .model import Batch, Transformer
+from .tokenizer import Tokenizer
 from .weights import dequantize_weights, load_gguf, load_safetensors_folder, to_device
 
 # A default context that fits comfortably; the KV cache is allocated for it up front.
@@ -38,18 +39,28 @@ class ChatResponse:
 
 class Runtime:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: ModelConfig, source: Path,
-                 eos_ids: set[int], backend: str = "torch"):
+                 eos_ids: set[int], backend: str = "torch", **engine_options):
         self.model, self.tokenizer, self.config, self.source = model, tokenizer, config, source
         self.eos_ids = eos_ids
-        # CUDA + Triton: CUDA-graph decode with sampling on the GPU; else the eager loop.
-        self._token_loop = token_loop_for(model, backend)
+        self.backend = backend
+        self.engine = Engine(model, tokenizer, eos_ids, **engine_options)
+        if model.device.type == "cuda" and backend == "triton":
+            # Decode steps replayed from CUDA graphs, one per batch-size bucket; the rest eager.
+            from .cuda_graph import GraphRunner
+            self.engine.runner = GraphRunner(model, self.engine.scheduler.max_num_seqs).run
 
     @classmethod
     def load(cls, source: str | os.PathLike | None = None, *, quant: str | None = None, device=None,
              dtype: torch.dtype | str | None = None, backend: str | None = None,
-             max_seq_len: int | None = None) -> Runtime:
+             max_seq_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+             kv_cache_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
+             enable_prefix_caching: bool = True) -> Runtime:
         """source: a hub repo id, a .gguf path, or a folder with config.json + safetensors
-        (None: the packaged SmolLM2-135M-Instruct GGUF)."""
+        (None: the packaged SmolLM2-135M-Instruct GGUF). The engine's knobs: max_num_seqs
+        sequences run at once, max_num_batched_tokens per step (longer prompts are
+        prefilled in chunks), kv_cache_tokens in the paged pool (default: on CUDA
+        gpu_memory_utilization of the memory, on the CPU 2 * max_seq_len), and the
+        prefix cache."""
         path = hub.packaged_smollm2() if source is None else hub.resolve(source, quant)
         try:
             device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -92,31 +103,46 @@ class Runtime:
             weights = prepare_weights(weights)
         model = Transformer(config, weights, ops, max_seq_len=max_seq_len, dtype=dtype, device=device)
         eos_ids |= {i for i in [tokenizer.eos_id, *map(tokenizer.token_to_id, END_TOKENS)] if i is not None}
-        return cls(model, tokenizer, config, path, eos_ids, backend)
+        return cls(model, tokenizer, config, path, eos_ids, backend, max_num_seqs=max_num_seqs,
+                   max_num_batched_tokens=max_num_batched_tokens, kv_cache_tokens=kv_cache_tokens,
+                   gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching)
 
     # ------------------------------------------------------------------ inference
-    def logits(self, token_ids) -> torch.Tensor:
-        """Logits [T, vocab] float32 of one forward pass over token_ids from position 0."""
-        ids = check_token_ids(token_ids, self.config.vocab_size, self.model.max_seq_len)
-        dev = self.model.device
-        with torch.inference_mode():
-            return self.model.forward(ids.to(dev), torch.arange(ids.numel(), device=dev))
+    def logits(self, token_ids):
+        """Logits [T, vocab] float32 of one forward pass over token_ids from position 0.
+        A list of sequences runs as one batch and gives a list of [T_i, vocab]."""
+        many = isinstance(token_ids, (list, tuple)) and bool(token_ids) and \
+            all(isinstance(x, (list, tuple, torch.Tensor)) for x in token_ids)
+        seqs = [check_token_ids(ids, self.config.vocab_size, self.model.max_seq_len)
+                for ids in (token_ids if many else [token_ids])]
+        with self.engine.exclusive(sum(-(-len(s) // self.engine.block_size) for s in seqs)) as blocks, \
+                torch.inference_mode():
+            out = self.model.forward(_whole_sequences(seqs, blocks, self.engine.block_size, self.model.device))
+        parts = list(out.split([len(s) for s in seqs]))
+        return parts if many else parts[0]
 
     def stream(self, prompt: str, **kwargs) -> Iterator[str]:
         """Continue a raw prompt (no template, no BOS), yielding text as it is decoded."""
         params = SamplingParams(**kwargs)
         return self._stream_ids(self._encode(prompt), params)
 
-    def generate(self, prompt: str, **kwargs) -> str:
-        """Continue a raw prompt; returns only the new text. temperature=0 is greedy."""
+    def generate(self, prompt: str | list[str], **kwargs) -> str | list[str]:
+        """Continue a raw prompt; returns only the new text. temperature=0 is greedy.
+        A list of prompts runs together (one batch) and gives a list of texts, in order."""
+        if isinstance(prompt, list):
+            params = SamplingParams(**kwargs)
+            return self._run_many([self._encode(p) for p in prompt], params)
         return "".join(self.stream(prompt, **kwargs))
 
-    def chat(self, messages: list[dict], *, thinking: bool | None = None, tools: list | None = None,
-             **kwargs) -> ChatResponse:
-        """One assistant turn through the file's chat template; reasoning is returned apart."""
-        text = "".join(self.stream_chat(messages, thinking=thinking, tools=tools, **kwargs))
-        reasoning, content = split_reasoning(text)
-        return ChatResponse(content=content, reasoning=reasoning, text=text)
+    def chat(self, messages: list[dict] | list[list[dict]], *, thinking: bool | None = None,
+             tools: list | None = None, **kwargs) -> ChatResponse | list[ChatResponse]:
+        """One assistant turn through the file's chat template; reasoning is returned apart.
+        A list of conversations runs together and gives a list of responses, in order."""
+        if messages and all(isinstance(m, list) for m in messages):
+            params = SamplingParams(**kwargs)
+            prompts = [self._encode(self.render_chat(m, thinking=thinking, tools=tools)) for m in messages]
+            return [_chat_response(text) for text in self._run_many(prompts, params)]
+        return _chat_response("".join(self.stream_chat(messages, thinking=thinking, tools=tools, **kwargs)))
 
     def stream_chat(self, messages: list[dict], *, thinking: bool | None = None, tools: list | None = None,
                     **kwargs) -> Iterator[str]:
@@ -134,35 +160,74 @@ class Runtime:
         return self.tokenizer.encode(text)
 
     def _stream_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
-        return self.detokenize(self.generate_ids(prompt_ids, params), params.stop)
+        request_id = self.engine.add_request(prompt_ids, params)     # refused here, not at next()
+        return (out.text for out in self._outputs(request_id) if out.text)
+
+    def _run_many(self, prompts: list[list[int]], params: SamplingParams) -> list[str]:
+        for ids in prompts:
+            self.engine.check(len(ids), params)
+        results = self.engine.run([(ids, params) for ids in prompts])
+        return ["".join(o.text for o in outs) for outs in results]
 
     def generate_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
         """New token ids, the end token included; the request is checked at the call."""
-        return self._token_loop(prompt_ids, params, self.eos_ids)
+        request_id = self.engine.add_request(prompt_ids, params)
+        return (t for out in self._outputs(request_id) for t in out.token_ids)
+
+    def _outputs(self, request_id: str) -> Iterator[RequestOutput]:
+        """Step the engine until this request finishes, yielding its outputs; closing the
+        iterator early aborts the request."""
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                self.engine.abort(request_id)
 
     def detokenize(self, tokens: Iterator[int], stop: tuple[str, ...] = ()) -> Iterator[str]:
         """Decoded text without the end token; cut at the first stop string, holding back
         any tail that could still become one."""
-        decoder = StreamDecoder(self.tokenizer)
-        pending = ""
-        hold = max((len(s) for s in stop), default=1) - 1
-        with torch.inference_mode():
-            for token in tokens:
-                if token in self.eos_ids:
-                    break
-                pending += decoder.push(token)
-                cut = min((i for s in stop if (i := pending.find(s)) >= 0), default=-1)
-                if cut >= 0:
-                    if pending[:cut]:
-                        yield pending[:cut]
-                    return
-                if len(pending) > hold:
-                    yield pending[:len(pending) - hold]
-                    pending = pending[len(pending) - hold:]
-        pending += decoder.flush()
-        cut = min((i for s in stop if (i := pending.find(s)) >= 0), default=len(pending))
-        if pending[:cut]:
-            yield pending[:cut]
+        text = TextStream(self.tokenizer, stop)
+        for token in tokens:
+            if token in self.eos_ids:
+                break
+            piece, stopped = text.push(token)
+            if piece:
+                yield piece
+            if stopped:
+                return
+        piece = text.flush()
+        if piece:
+            yield piece
+
+
+def _chat_response(text: str) -> ChatResponse:
+    reasoning, content = split_reasoning(text)
+    return ChatResponse(content=content, reasoning=reasoning, text=text)
+
+
+def _whole_sequences(seqs: list[torch.Tensor], blocks: list[int], block_size: int, device) -> Batch:
+    """A Batch computing each sequence from position 0 in the given blocks, every row's logits."""
+    table_width = max(-(-len(s) // block_size) for s in seqs)
+    tables = torch.zeros((len(seqs), table_width), dtype=torch.int32)
+    slots, positions, used = [], [], 0
+    for b, s in enumerate(seqs):
+        n = -(-len(s) // block_size)
+        tables[b, :n] = torch.tensor(blocks[used:used + n], dtype=torch.int32)
+        used += n
+        positions += range(len(s))
+        slots += [int(tables[b, p // block_size]) * block_size + p % block_size for p in range(len(s))]
+    lens = [len(s) for s in seqs]
+    starts = [0] + list(itertools.accumulate(lens))
+    return Batch(token_ids=torch.cat(seqs).to(device), positions=torch.tensor(positions).to(device),
+                 slot_mapping=torch.tensor(slots).to(device),
+                 query_start=torch.tensor(starts, dtype=torch.int32).to(device),
+                 seq_lens=torch.tensor(lens, dtype=torch.int32).to(device), block_tables=tables.to(device),
+                 max_query_len=max(lens), logits_rows=torch.arange(starts[-1]).to(device))
 
 
 def _dtype(dtype, device: torch.device) -> torch.dtype:

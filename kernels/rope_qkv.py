@@ -69,12 +69,14 @@ def rope_qkv_torch(x: torch.Tensor, w_qkv: Weight, positions: torch.Tensor,
 
 
 @triton.jit
-def _rope_kv_write_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
-                          max_seq, stride_qkv, stride_q, stride_c_h, stride_c_s, stride_cs,
+def _rope_kv_write_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+                          n_positions, n_slots, stride_qkv, stride_q,
+                          stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_cs,
                           N_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-                          BLOCK_H: tl.constexpr, USE_ROPE: tl.constexpr):
+                          BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, USE_ROPE: tl.constexpr):
     """One token's slice of heads: q, k and v heads are rows of one [BLOCK_H, HALF] tile
-    (the two halves of the head loaded separately), so one launch serves all three."""
+    (the two halves of the head loaded separately), so one launch serves all three.
+    K/V go to cache slot slot_mapping[t] = block * BLOCK_SIZE + offset (-1: not written)."""
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     i = tl.arange(0, HALF)
@@ -83,11 +85,14 @@ def _rope_kv_write_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_cache_ptr
     x1 = tl.load(src, mask=in_range[:, None], other=0.0)
     x2 = tl.load(src + HALF, mask=in_range[:, None], other=0.0)
     pos = tl.load(pos_ptr + t)
-    # A position past the cache would write out of bounds: its K/V write is dropped
-    # instead (the runtime refuses such requests before they reach a kernel). Kept as
-    # integer limits: the interpreter mishandles a scalar bool in a mask.
-    pos_ok = pos < max_seq
-    kv_heads_written = tl.where(pos_ok, N_KV_HEADS, 0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    # A position past the RoPE tables or a slot outside the pool would read or write out
+    # of bounds: that token's K/V write is dropped instead (the engine never sends one;
+    # slot -1 is its "do not write"). Kept as integer limits: the interpreter mishandles
+    # a scalar bool in a mask.
+    pos_ok = (pos >= 0) & (pos < n_positions)
+    write_ok = pos_ok & (slot >= 0) & (slot < n_slots)
+    kv_heads_written = tl.where(write_ok, N_KV_HEADS, 0)
     if USE_ROPE:
         row_ok = i < tl.where(pos_ok, HALF, 0)
         c = tl.load(cos_ptr + pos * stride_cs + i, mask=row_ok, other=0.0)[None, :]
@@ -105,21 +110,24 @@ def _rope_kv_write_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_cache_ptr
     tl.store(dst, x1, mask=is_q[:, None])
     tl.store(dst + HALF, x2, mask=is_q[:, None])
 
+    # int64 block offsets: block * stride crosses 2^31 elements in a large pool.
+    block = tl.where(write_ok, slot // BLOCK_SIZE, 0)
+    offset = tl.where(write_ok, slot % BLOCK_SIZE, 0)
     is_k = (heads >= N_HEADS) & (heads < N_HEADS + kv_heads_written)
     kh = tl.where(is_k, heads - N_HEADS, 0).to(tl.int64)
-    dst = k_cache_ptr + kh[:, None] * stride_c_h + pos * stride_c_s + i[None, :]
-    tl.store(dst, x1, mask=is_k[:, None])
-    tl.store(dst + HALF, x2, mask=is_k[:, None])
+    dst = k_cache_ptr + block * stride_kb + kh[:, None] * stride_kh + offset * stride_ks + i[None, :]
+    tl.store(dst, x1.to(k_cache_ptr.dtype.element_ty), mask=is_k[:, None])
+    tl.store(dst + HALF, x2.to(k_cache_ptr.dtype.element_ty), mask=is_k[:, None])
 
     is_v = (heads >= N_HEADS + N_KV_HEADS) & (heads < N_HEADS + N_KV_HEADS + kv_heads_written)
     vh = tl.where(is_v, heads - N_HEADS - N_KV_HEADS, 0).to(tl.int64)
-    dst = v_cache_ptr + vh[:, None] * stride_c_h + pos * stride_c_s + i[None, :]
-    tl.store(dst, x1, mask=is_v[:, None])
-    tl.store(dst + HALF, x2, mask=is_v[:, None])
+    dst = v_cache_ptr + block * stride_vb + vh[:, None] * stride_vh + offset * stride_vs + i[None, :]
+    tl.store(dst, x1.to(v_cache_ptr.dtype.element_ty), mask=is_v[:, None])
+    tl.store(dst + HALF, x2.to(v_cache_ptr.dtype.element_ty), mask=is_v[:, None])
 
 
 def _check_rope_args(x: torch.Tensor, w_qkv: Weight, positions: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                      n_heads: int, n_kv_heads: int, head_dim: int) -> None:
     if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
         raise UnsupportedModelError(f"rope_qkv: head_dim {head_dim} is not a power of two in [16, 256]")
@@ -127,27 +135,30 @@ def _check_rope_args(x: torch.Tensor, w_qkv: Weight, positions: torch.Tensor, co
     if N != (n_heads + 2 * n_kv_heads) * head_dim:
         raise KernelInputError(f"rope_qkv: the QKV weight has {N} output rows, expected "
                                f"(n_heads {n_heads} + 2 * n_kv_heads {n_kv_heads}) * head_dim {head_dim}")
-    for name, t in (("positions", positions), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache)):
+    for name, t in (("positions", positions), ("slot_mapping", slot_mapping), ("cos", cos), ("sin", sin),
+                    ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.device != x.device:
             raise KernelInputError(f"rope_qkv: {name} is on {t.device}, x on {x.device}")
-    if positions.shape != (T,) or positions.dtype not in (torch.int32, torch.int64):
-        raise KernelInputError(f"rope_qkv: positions must be an int tensor of shape ({T},), "
-                               f"got {positions.dtype} {tuple(positions.shape)}")
+    for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
+        if t.shape != (T,) or t.dtype not in (torch.int32, torch.int64):
+            raise KernelInputError(f"rope_qkv: {name} must be an int tensor of shape ({T},), "
+                                   f"got {t.dtype} {tuple(t.shape)}")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if c.dim() != 3 or c.shape[0] != n_kv_heads or c.shape[2] != head_dim or c.stride(2) != 1:
-            raise KernelInputError(f"rope_qkv: {name} must be [n_kv_heads {n_kv_heads}, max_seq, head_dim {head_dim}] "
-                                   f"with unit last stride, got {tuple(c.shape)} strides {c.stride()}")
+        if c.dim() != 4 or c.shape[1] != n_kv_heads or c.shape[3] != head_dim or c.stride(3) != 1:
+            raise KernelInputError(f"rope_qkv: {name} must be [n_blocks, n_kv_heads {n_kv_heads}, block_size, "
+                                   f"head_dim {head_dim}] with unit last stride, got {tuple(c.shape)} "
+                                   f"strides {c.stride()}")
+    bs = k_cache.shape[2]
+    if bs < 1 or bs & (bs - 1):
+        raise KernelInputError(f"rope_qkv: block_size {bs} is not a power of two")
     for name, tab in (("cos", cos), ("sin", sin)):
         if tab.dim() != 2 or tab.shape[1] != head_dim // 2 or tab.stride(1) != 1 or tab.dtype != torch.float32:
             raise KernelInputError(f"rope_qkv: {name} must be a float32 [max_seq, {head_dim // 2}] table "
                                    f"with unit last stride, got {tab.dtype} {tuple(tab.shape)}")
-    if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
+    if v_cache.shape != k_cache.shape:
         raise KernelInputError(f"rope_qkv: v_cache {tuple(v_cache.shape)} and k_cache {tuple(k_cache.shape)} differ")
     if cos.shape[0] != sin.shape[0] or cos.stride(0) != sin.stride(0):
         raise KernelInputError("rope_qkv: cos and sin tables must have the same rows and row stride")
-    if cos.shape[0] < k_cache.shape[1]:
-        raise KernelInputError(f"rope_qkv: the RoPE tables cover {cos.shape[0]} positions, fewer than the "
-                               f"cache's {k_cache.shape[1]}")
 
 
 def _rope_config(n_rows: int, head_dim: int) -> tuple[int, int]:
@@ -159,13 +170,14 @@ def _rope_config(n_rows: int, head_dim: int) -> tuple[int, int]:
 
 def rope_qkv_triton(x: torch.Tensor, w_qkv: Weight, positions: torch.Tensor,
                     cos: torch.Tensor, sin: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                     n_heads: int, n_kv_heads: int, head_dim: int, use_rope: bool) -> torch.Tensor:
-    _check_rope_args(x, w_qkv, positions, cos, sin, k_cache, v_cache, n_heads, n_kv_heads, head_dim)
+    _check_rope_args(x, w_qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, n_heads, n_kv_heads, head_dim)
     qkv = _qkv_projection(x, w_qkv)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     positions = positions.contiguous()
+    slot_mapping = slot_mapping.contiguous()
     T = qkv.shape[0]
     q = torch.empty((T, n_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if T == 0:
@@ -173,9 +185,12 @@ def rope_qkv_triton(x: torch.Tensor, w_qkv: Weight, positions: torch.Tensor,
     n_rows = n_heads + 2 * n_kv_heads
     block_h, num_warps = _rope_config(n_rows, head_dim)
     grid = (T, triton.cdiv(n_rows, block_h))
+    n_blocks, _, block_size, _ = k_cache.shape
     _rope_kv_write_kernel[grid](
-        qkv, positions, cos, sin, q, k_cache, v_cache,
-        k_cache.shape[1], qkv.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1), cos.stride(0),
-        N_HEADS=n_heads, N_KV_HEADS=n_kv_heads, HALF=head_dim // 2,
+        qkv, positions, slot_mapping, cos, sin, q, k_cache, v_cache,
+        cos.shape[0], n_blocks * block_size, qkv.stride(0), q.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos.stride(0),
+        N_HEADS=n_heads, N_KV_HEADS=n_kv_heads, HALF=head_dim // 2, BLOCK_SIZE=block_size,
         BLOCK_H=block_h, USE_ROPE=bool(use_rope), num_warps=num_warps)
     return q

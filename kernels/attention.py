@@ -130,11 +130,25 @@ def attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # ---------------------------------------------------------------------------
 # Triton kernels. Scores are scaled by scale * log2(e) so the softmax runs on exp2;
 # running max, denominator and accumulator stay fp32 whatever the input dtype.
+#
+# Two kernels share one tile step (_attend_block) and one paged K/V gather (_load_kv):
+# - decode (_attn_decode_split_kernel + _attn_decode_merge_kernel): every sequence whose
+#   step has exactly one query. Program (sequence, KV head, split): the GROUP query heads
+#   of that KV head are packed into one >= 16-row tile, so each K/V block is read once
+#   for the group; the split's partial output and log2-sum-exp are merged after. The
+#   number of splits comes from the block table's capacity (host shapes only), the
+#   valid length is read on the device: no host read, capturable in a CUDA graph.
+# - prefill (_attn_prefill_kernel): every sequence with two or more queries. Program
+#   (query tile of one sequence, KV head): BLOCK_Q queries x GROUP heads in one tile,
+#   keys from position 0 (the cached prefix, no mask) through the causal band. The
+#   program -> (sequence, tile) map is found on the device by a binary search of
+#   query_start (tile slots of sequence b start at query_start[b] // BLOCK_Q + b).
+# A step with both kinds launches both; each row is written by exactly one of them, and
+# a one-query row always goes through the decode kernel, so a decode token's result
+# does not depend on whether other sequences of its step are prefilling.
+# Block ids are cast to int64 before they multiply the block stride.
 
 _LOG2E = 1.4426950408889634
-# Decode tiles pack T * group query rows of one KV head; above this many rows the
-# prefill kernel (one head per program, BLOCK_M query rows) takes over.
-_DECODE_MAX_ROWS = 64
 _CPU_DECODE_SPLITS = 4
 _MAX_DECODE_SPLITS = 128
 
@@ -149,6 +163,7 @@ def _attend_block(q, k, v, m_i, l_i, acc, qk_scale, visible,
     the CPU interpreter, whose dot cannot multiply bfloat16. A product of two 16-bit
     floats is exact in fp32, so that matches the GPU's 16-bit dot up to summation order;
     P is still rounded to V's dtype first, as on the GPU.
+    A key block wholly invisible to a row is an exact no-op for that row.
     """
     if DOT_F32:
         qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="tf32x3")
@@ -174,140 +189,197 @@ def _attend_block(q, k, v, m_i, l_i, acc, qk_scale, visible,
 
 
 @triton.jit
-def _attn_prefill_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, qk_scale,
-                         stride_qt, stride_qh, stride_kh, stride_ks, stride_vh, stride_vs,
-                         stride_ot, stride_oh,
-                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
-    """FlashAttention-2 forward: program (query tile, query head) sweeps the cache rows
-    its tile can see, the ones every row sees without a mask, the diagonal band with."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    kvh = (h // GROUP).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    d = tl.arange(0, HEAD_DIM)
-    cols = tl.arange(0, BLOCK_N)
-    pos = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.int32)
-    q = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_qt + h * stride_qh + d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    k_base = k_ptr + kvh * stride_kh
-    v_base = v_ptr + kvh * stride_vh
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # Positions are read here, on the device; they need not be contiguous or sorted.
-    full_end = (tl.min(tl.where(row_ok, pos, 2147483647), axis=0) + 1) // BLOCK_N * BLOCK_N
-    kv_end = tl.max(pos, axis=0) + 1
-    for start in range(0, full_end, BLOCK_N):
-        kj = start + cols
-        k = tl.load(k_base + kj[:, None] * stride_ks + d[None, :])
-        v = tl.load(v_base + kj[:, None] * stride_vs + d[None, :])
-        m_i, l_i, acc = _attend_block(q, k, v, m_i, l_i, acc, qk_scale, None,
-                                      MASKED=False, DOT_F32=DOT_F32)
-    for start in range(full_end, kv_end, BLOCK_N):
-        kj = start + cols
-        kv_ok = (kj < kv_end)[:, None]
-        k = tl.load(k_base + kj[:, None] * stride_ks + d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_base + kj[:, None] * stride_vs + d[None, :], mask=kv_ok, other=0.0)
-        m_i, l_i, acc = _attend_block(q, k, v, m_i, l_i, acc, qk_scale, kj[None, :] <= pos[:, None],
-                                      MASKED=True, DOT_F32=DOT_F32)
-    out = acc / l_i[:, None]
-    tl.store(o_ptr + rows[:, None].to(tl.int64) * stride_ot + h * stride_oh + d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+def _load_kv(k_ptr, v_ptr, table_row, kj, kv_ok, kvh, stride_kb, stride_kh, stride_ks,
+             stride_vb, stride_vh, stride_vs, d, BLOCK_SIZE: tl.constexpr):
+    """K and V rows [BLOCK_N, HEAD_DIM] at key positions kj of one sequence, through its
+    block table; zeros where not kv_ok. The block id is int64 before the multiply."""
+    block = tl.load(table_row + kj // BLOCK_SIZE, mask=kv_ok, other=0).to(tl.int64)
+    off = (kj % BLOCK_SIZE).to(tl.int64)
+    k_row = block * stride_kb + kvh * stride_kh + off * stride_ks
+    v_row = block * stride_vb + kvh * stride_vh + off * stride_vs
+    k = tl.load(k_ptr + k_row[:, None] + d[None, :], mask=kv_ok[:, None], other=0.0)
+    v = tl.load(v_ptr + v_row[:, None] + d[None, :], mask=kv_ok[:, None], other=0.0)
+    return k, v
 
 
 @triton.jit
-def _attn_decode_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_o_ptr, part_lse_ptr,
-                              T, n_heads, n_splits, qk_scale,
-                              stride_qt, stride_qh, stride_kh, stride_ks, stride_vh, stride_vs,
-                              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _attn_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, qs_ptr, lens_ptr, bt_ptr, n_seqs, qk_scale,
+                         stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                         stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         DOT_F32: tl.constexpr):
+    """FlashAttention-2 forward over the paged cache for sequences with >= 2 queries:
+    program (tile slot, KV head); the tile's rows are (query, head of the group) pairs."""
+    slot = tl.program_id(0)
+    kvh = tl.program_id(1).to(tl.int64)
+    # The sequence owning this tile slot: the last b with query_start[b] // BLOCK_Q + b <= slot.
+    lo = 0
+    hi = n_seqs
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        first = tl.load(qs_ptr + mid) // BLOCK_Q + mid
+        if first <= slot:
+            lo = mid
+        else:
+            hi = mid
+    b = lo
+    q0 = tl.load(qs_ptr + b)
+    q_len = tl.load(qs_ptr + b + 1) - q0
+    tile = slot - (q0 // BLOCK_Q + b)
+    seq_len = tl.load(lens_ptr + b)
+    # One-query sequences are the decode kernel's; a slot past the sequence's tiles is idle.
+    if (q_len >= 2) & (tile * BLOCK_Q < q_len):
+        r = tl.arange(0, BLOCK_M)
+        qi = tile * BLOCK_Q + r // GROUP                  # query index inside the sequence
+        row_ok = (r < BLOCK_Q * GROUP) & (qi < q_len)
+        h = kvh * GROUP + r % GROUP
+        t = (q0 + qi).to(tl.int64)
+        pos = tl.where(row_ok, seq_len - q_len + qi, -1)
+        d = tl.arange(0, HEAD_DIM)
+        cols = tl.arange(0, BLOCK_N)
+        q = tl.load(q_ptr + t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        table_row = bt_ptr + b.to(tl.int64) * stride_bt
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        # Keys every row sees (the cached prefix and the tile's lower triangle) need no
+        # mask; the band up to the tile's last position does.
+        first_pos = seq_len - q_len + tile * BLOCK_Q
+        last_pos = tl.minimum(first_pos + BLOCK_Q, seq_len) - 1
+        full_end = tl.maximum(first_pos + 1, 0) // BLOCK_N * BLOCK_N
+        kv_end = last_pos + 1
+        for start in range(0, full_end, BLOCK_N):
+            kj = start + cols
+            k, v = _load_kv(k_ptr, v_ptr, table_row, kj, kj < kv_end, kvh, stride_kb, stride_kh, stride_ks,
+                            stride_vb, stride_vh, stride_vs, d, BLOCK_SIZE)
+            m_i, l_i, acc = _attend_block(q, k, v, m_i, l_i, acc, qk_scale, None,
+                                          MASKED=False, DOT_F32=DOT_F32)
+        for start in range(full_end, kv_end, BLOCK_N):
+            kj = start + cols
+            k, v = _load_kv(k_ptr, v_ptr, table_row, kj, kj < kv_end, kvh, stride_kb, stride_kh, stride_ks,
+                            stride_vb, stride_vh, stride_vs, d, BLOCK_SIZE)
+            m_i, l_i, acc = _attend_block(q, k, v, m_i, l_i, acc, qk_scale, kj[None, :] <= pos[:, None],
+                                          MASKED=True, DOT_F32=DOT_F32)
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + t[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _attn_decode_split_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, lens_ptr, bt_ptr, part_o_ptr, part_lse_ptr,
+                              n_heads, n_splits, qk_scale, stride_qt, stride_qh, stride_bt,
+                              stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
-    """Flash-decoding, split phase: program (KV head, split) packs the T * GROUP query
-    rows that read this KV head into one tile, so each K/V block is loaded once for the
-    whole group, and writes a normalised partial output and its log2-sum-exp."""
-    kvh = tl.program_id(0)
-    split = tl.program_id(1)
+    """Flash-decoding, split phase: program (sequence, KV head, split) packs the GROUP
+    query heads that read this KV head into one tile and writes a normalised partial
+    output and its log2-sum-exp (-inf for an empty split)."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    q0 = tl.load(qs_ptr + b)
+    q_len = tl.load(qs_ptr + b + 1) - q0
+    # The valid length comes from the device, never the host: the split size follows
+    # it, so a short context only wakes the first few splits. Sequences with another
+    # query count are the prefill kernel's (length 0 here: every split empty).
+    kv_len = tl.where(q_len == 1, tl.load(lens_ptr + b), 0)
     r = tl.arange(0, BLOCK_M)
-    row_ok = r < T * GROUP
-    t = r // GROUP
-    h = kvh * GROUP + r % GROUP
+    row_ok = r < GROUP
+    h = kvh * GROUP + r
     d = tl.arange(0, HEAD_DIM)
     cols = tl.arange(0, BLOCK_N)
-    pos = tl.load(pos_ptr + t, mask=row_ok, other=0).to(tl.int32)
-    q = tl.load(q_ptr + t[:, None].to(tl.int64) * stride_qt + h[:, None] * stride_qh + d[None, :],
+    q = tl.load(q_ptr + q0.to(tl.int64) * stride_qt + h[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    # The valid length comes from the device, never the host: the split size follows
-    # it, so a short context only wakes the first few splits.
-    kv_len = tl.max(pos, axis=0) + 1
     chunk = tl.cdiv(tl.cdiv(kv_len, n_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, kv_len)
-    k_base = k_ptr + kvh.to(tl.int64) * stride_kh
-    v_base = v_ptr + kvh.to(tl.int64) * stride_vh
+    table_row = bt_ptr + b.to(tl.int64) * stride_bt
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for s in range(start, end, BLOCK_N):
         kj = s + cols
-        kv_ok = (kj < end)[:, None]
-        k = tl.load(k_base + kj[:, None] * stride_ks + d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_base + kj[:, None] * stride_vs + d[None, :], mask=kv_ok, other=0.0)
-        m_i, l_i, acc = _attend_block(q, k, v, m_i, l_i, acc, qk_scale, kj[None, :] <= pos[:, None],
+        kv_ok = kj < end
+        k, v = _load_kv(k_ptr, v_ptr, table_row, kj, kv_ok, kvh.to(tl.int64), stride_kb, stride_kh, stride_ks,
+                        stride_vb, stride_vh, stride_vs, d, BLOCK_SIZE)
+        m_i, l_i, acc = _attend_block(q, k, v, m_i, l_i, acc, qk_scale, kv_ok[None, :],
                                       MASKED=True, DOT_F32=DOT_F32)
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    part = (t.to(tl.int64) * n_heads + h) * n_splits + split
+    part = (b.to(tl.int64) * n_heads + h) * n_splits + split
     tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None])
     tl.store(part_lse_ptr + part, lse, mask=row_ok)
 
 
 @triton.jit
-def _attn_decode_merge_kernel(part_o_ptr, part_lse_ptr, o_ptr, n_heads, n_splits, stride_ot, stride_oh,
+def _attn_decode_merge_kernel(part_o_ptr, part_lse_ptr, o_ptr, qs_ptr, n_heads, n_splits, stride_ot, stride_oh,
                               HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Flash-decoding, reduce phase: one program per (token, head) weighs the splits'
-    partial outputs by exp2(lse - max lse). Split 0 always holds key 0, which every
-    query sees, so the max is finite and empty splits weigh exactly 0."""
-    row = tl.program_id(0).to(tl.int64)
-    t = row // n_heads
-    h = row % n_heads
-    s = tl.arange(0, BLOCK_S)
-    s_ok = s < n_splits
-    d = tl.arange(0, HEAD_DIM)
-    lse = tl.load(part_lse_ptr + row * n_splits + s, mask=s_ok, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, axis=0))
-    o = tl.load(part_o_ptr + (row * n_splits + s)[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(o_ptr + t * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty))
+    """Flash-decoding, reduce phase: program (sequence, head) weighs the splits' partial
+    outputs by exp2(lse - max lse). A sequence with no key at all (seq_len 0: padding)
+    gets zeros, never NaN; sequences with other query counts are left to the prefill kernel."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    q0 = tl.load(qs_ptr + b)
+    q_len = tl.load(qs_ptr + b + 1) - q0
+    if q_len == 1:
+        row = b.to(tl.int64) * n_heads + h
+        s = tl.arange(0, BLOCK_S)
+        s_ok = s < n_splits
+        d = tl.arange(0, HEAD_DIM)
+        lse = tl.load(part_lse_ptr + row * n_splits + s, mask=s_ok, other=float("-inf"))
+        top = tl.max(lse, axis=0)
+        w = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top)))
+        o = tl.load(part_o_ptr + (row * n_splits + s)[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None],
+                    other=0.0)
+        total = tl.sum(w, axis=0)
+        out = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+        tl.store(o_ptr + q0.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
-def _check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          positions: torch.Tensor) -> None:
+def _check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_start: torch.Tensor,
+                          seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int) -> None:
     if q.dim() != 3 or q.stride(2) != 1:
-        raise KernelInputError(f"attention: q must be [T, n_heads, head_dim] with unit last stride, got "
+        raise KernelInputError(f"attention: q must be [N, n_heads, head_dim] with unit last stride, got "
                                f"{tuple(q.shape)} strides {q.stride()}")
-    T, H, D = q.shape
+    N, H, D = q.shape
     if D < 16 or D > 128 or D & (D - 1):
         raise UnsupportedModelError(f"attention: head_dim {D} is not a power of two in [16, 128]")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise UnsupportedModelError(f"attention: q dtype {q.dtype} is not float32, float16 or bfloat16")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if c.dim() != 3 or c.shape[2] != D or c.stride(2) != 1 or c.dtype != q.dtype:
-            raise KernelInputError(f"attention: {name} must be [n_kv_heads, max_seq, {D}] of q's dtype {q.dtype} "
-                                   f"with unit last stride, got {c.dtype} {tuple(c.shape)} strides {c.stride()}")
+        if c.dim() != 4 or c.shape[3] != D or c.stride(3) != 1 or c.dtype != q.dtype:
+            raise KernelInputError(f"attention: {name} must be [n_blocks, n_kv_heads, block_size, {D}] of q's dtype "
+                                   f"{q.dtype} with unit last stride, got {c.dtype} {tuple(c.shape)} "
+                                   f"strides {c.stride()}")
     if v_cache.shape != k_cache.shape:
         raise KernelInputError(f"attention: v_cache {tuple(v_cache.shape)} and k_cache {tuple(k_cache.shape)} differ")
-    if H % k_cache.shape[0]:
-        raise KernelInputError(f"attention: {H} query heads are not a multiple of {k_cache.shape[0]} KV heads")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("positions", positions)):
+    bs = k_cache.shape[2]
+    if bs & (bs - 1):
+        raise KernelInputError(f"attention: block_size {bs} is not a power of two")
+    if H % k_cache.shape[1]:
+        raise KernelInputError(f"attention: {H} query heads are not a multiple of {k_cache.shape[1]} KV heads")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("query_start", query_start),
+                    ("seq_lens", seq_lens), ("block_tables", block_tables)):
         if t.device != q.device:
             raise KernelInputError(f"attention: {name} is on {t.device}, q on {q.device}")
-    if positions.shape != (T,) or positions.dtype not in (torch.int32, torch.int64):
-        raise KernelInputError(f"attention: positions must be an int tensor of shape ({T},), "
-                               f"got {positions.dtype} {tuple(positions.shape)}")
+    B = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
+    if seq_lens.dim() != 1 or seq_lens.dtype not in (torch.int32, torch.int64):
+        raise KernelInputError(f"attention: seq_lens must be a 1-D int tensor, got {seq_lens.dtype} "
+                               f"{tuple(seq_lens.shape)}")
+    if query_start.shape != (B + 1,) or query_start.dtype not in (torch.int32, torch.int64):
+        raise KernelInputError(f"attention: query_start must be an int tensor of shape ({B + 1},), "
+                               f"got {query_start.dtype} {tuple(query_start.shape)}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != B or \
+            block_tables.dtype not in (torch.int32, torch.int64) or block_tables.stride(1) != 1:
+        raise KernelInputError(f"attention: block_tables must be an int [{B}, max_blocks] tensor with unit "
+                               f"last stride, got {block_tables.dtype} {tuple(block_tables.shape)}")
+    if isinstance(max_query_len, bool) or not isinstance(max_query_len, int) or max_query_len < 0:
+        raise KernelInputError(f"attention: max_query_len must be an int >= 0, got {max_query_len!r}")
 
 
 # Tile configs, chosen so that ptxas reports no spills for sm_80 and sm_90
@@ -316,8 +388,9 @@ def _check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 # fp32 runs its dots as 3xTF32 on tensor cores and needs smaller tiles.
 
 def _prefill_config(head_dim: int, dtype: torch.dtype, arch: int | None) -> dict:
+    """BLOCK_M rows = (queries, heads of a group) pairs; BLOCK_N keys per step."""
     if arch is None:
-        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
     if head_dim <= 64:
@@ -326,18 +399,24 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, arch: int | None) -> dict
     return dict(BLOCK_M=128, BLOCK_N=64 if arch >= 90 else 32, num_warps=8, num_stages=3)
 
 
+def _prefill_block_q(block_m: int, group: int) -> int:
+    """Queries per prefill tile: as many whole GROUPs as fit BLOCK_M rows."""
+    if group > block_m:
+        raise UnsupportedModelError(f"attention: a GQA group of {group} heads exceeds the {block_m}-row tile")
+    return block_m // group
+
+
 def _decode_config(head_dim: int, dtype: torch.dtype, arch: int | None) -> dict:
     if arch is None:
-        return dict(BLOCK_N=256, num_warps=4, num_stages=1)
+        return dict(BLOCK_N=64, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_N=32, num_warps=4, num_stages=2)
     return dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
-def _decode_max_rows(dtype: torch.dtype) -> int:
-    """Largest T * group the packed decode tile takes; more rows go to the prefill kernel.
-    An fp32 tile of 64 rows spills, so fp32 packs at most 16."""
-    return 16 if dtype == torch.float32 else _DECODE_MAX_ROWS
+def _decode_block_m(group: int) -> int:
+    """Rows of the decode tile: the group, padded to >= 16 for tl.dot."""
+    return max(16, triton.next_power_of_2(group))
 
 
 @functools.lru_cache(maxsize=None)
@@ -353,15 +432,18 @@ def _arch_and_sms(device: torch.device) -> tuple[int | None, int | None]:
     return _device_info(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _decode_splits(n_kv_heads: int, max_seq: int, block_n: int, sm_count: int | None) -> int:
-    """How many splits to launch. The host knows only the cache's capacity (reading the
-    context length would sync), so this is an upper bound sized to fill the GPU about
-    twice over; the kernel shrinks the splits' reach to the real length. Without a GPU
+def decode_splits(n_kv_heads: int, capacity: int, block_n: int, sm_count: int | None) -> int:
+    """How many KV splits the decode kernel launches. The host knows only the block
+    table's capacity (reading the lengths would sync), so this is an upper bound sized
+    to fill the GPU about twice over with the KV heads of ONE sequence; the kernel
+    shrinks the splits' reach to the real length. It depends on neither the batch size
+    nor the lengths, so a sequence's reduction order is the same in any batch (batch
+    invariance) and every CUDA-graph bucket runs the same count. Without a GPU
     (sm_count None) a fixed small count still exercises the merge."""
     if sm_count is None:
         return _CPU_DECODE_SPLITS
     wanted = triton.cdiv(2 * sm_count, n_kv_heads)
-    return max(1, min(wanted, _MAX_DECODE_SPLITS, triton.cdiv(max_seq, block_n)))
+    return max(1, min(wanted, _MAX_DECODE_SPLITS, triton.cdiv(capacity, block_n)))
 
 
 def _merge_warps(block_s: int, head_dim: int) -> int:
@@ -370,39 +452,49 @@ def _merge_warps(block_s: int, head_dim: int) -> int:
 
 
 def attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     positions: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [T, H, D]; caches [Hkv, S, D]; positions [T] -> out [T, H, D] in q's dtype."""
-    _check_attention_args(q, k_cache, v_cache, positions)
-    T, H, D = q.shape
-    n_kv = k_cache.shape[0]
+                     query_start: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                     max_query_len: int, scale: float) -> torch.Tensor:
+    """Same contract as attention_torch. Reads no device value on the host: with
+    max_query_len == 1 it is two launches (split + merge), graph-capturable."""
+    _check_attention_args(q, k_cache, v_cache, query_start, seq_lens, block_tables, max_query_len)
+    N, H, D = q.shape
+    n_kv, bs = k_cache.shape[1], k_cache.shape[2]
     group = H // n_kv
-    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
-    if T == 0:
-        return out
-    positions = positions.contiguous()
+    B = seq_lens.shape[0]
+    # Every row belongs to a sequence and is written by one kernel; zeros only matter
+    # for rows of a malformed batch (query_start not covering N).
+    out = torch.empty((N, H, D), dtype=q.dtype, device=q.device)
+    if N == 0 or B == 0:
+        return out.zero_()
+    query_start, seq_lens = query_start.contiguous(), seq_lens.contiguous()
     qk_scale = float(scale) * _LOG2E
     dot_f32 = q.dtype == torch.float32 or q.device.type != "cuda"
     arch, sm_count = _arch_and_sms(q.device)
-    if T * group <= _decode_max_rows(q.dtype):
+    cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                     v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
+
+    # Decode rows (one-query sequences): launched for every step that may hold one.
+    if max_query_len <= 1 or B > 1:
         cfg = _decode_config(D, q.dtype, arch)
-        n_splits = _decode_splits(n_kv, k_cache.shape[1], cfg["BLOCK_N"], sm_count)
-        part_o = torch.empty((T, H, n_splits, D), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((T, H, n_splits), dtype=torch.float32, device=q.device)
-        _attn_decode_split_kernel[(n_kv, n_splits)](
-            q, k_cache, v_cache, positions, part_o, part_lse, T, H, n_splits, qk_scale,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-            GROUP=group, HEAD_DIM=D, BLOCK_M=max(16, triton.next_power_of_2(T * group)),
-            DOT_F32=dot_f32, **cfg)
+        n_splits = decode_splits(n_kv, block_tables.shape[1] * bs, cfg["BLOCK_N"], sm_count)
+        part_o = torch.empty((B, H, n_splits, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((B, H, n_splits), dtype=torch.float32, device=q.device)
+        _attn_decode_split_kernel[(B, n_kv, n_splits)](
+            q, k_cache, v_cache, query_start, seq_lens, block_tables, part_o, part_lse,
+            H, n_splits, qk_scale, q.stride(0), q.stride(1), block_tables.stride(0), *cache_strides,
+            GROUP=group, HEAD_DIM=D, BLOCK_SIZE=bs, BLOCK_M=_decode_block_m(group), DOT_F32=dot_f32, **cfg)
         block_s = triton.next_power_of_2(n_splits)
-        _attn_decode_merge_kernel[(T * H,)](
-            part_o, part_lse, out, H, n_splits, out.stride(0), out.stride(1),
+        _attn_decode_merge_kernel[(B, H)](
+            part_o, part_lse, out, query_start, H, n_splits, out.stride(0), out.stride(1),
             HEAD_DIM=D, BLOCK_S=block_s, num_warps=_merge_warps(block_s, D))
-    else:
+    if max_query_len >= 2:
         cfg = _prefill_config(D, q.dtype, arch)
-        grid = (triton.cdiv(T, cfg["BLOCK_M"]), H)
+        block_q = _prefill_block_q(cfg["BLOCK_M"], group)
+        # Tile slots: sequence b's start at query_start[b] // block_q + b, so N // block_q + B
+        # slots cover every sequence's tiles (the idle ones return at once).
+        grid = (N // block_q + B, n_kv)
         _attn_prefill_kernel[grid](
-            q, k_cache, v_cache, positions, out, T, qk_scale,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-            out.stride(0), out.stride(1),
-            GROUP=group, HEAD_DIM=D, DOT_F32=dot_f32, **cfg)
+            q, k_cache, v_cache, out, query_start, seq_lens, block_tables, B, qk_scale,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *cache_strides,
+            GROUP=group, HEAD_DIM=D, BLOCK_SIZE=bs, BLOCK_Q=block_q, DOT_F32=dot_f32, **cfg)
     return out

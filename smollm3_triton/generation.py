@@ -1,4 +1,5 @@
-"""Sampling and the token loop: prefill the prompt, then decode one token at a time."""
+"""What a request may ask for (SamplingParams), the limits checked before any work, and the
+reference sampling filters (sampling_probs) that the engine's vectorised sampler is held to."""
 from __future__ import annotations
 
 import math
@@ -195,41 +196,3 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     return probs / probs.sum()
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-           history: torch.Tensor | None = None) -> int:
-    """The next token from logits [vocab]: greedy at temperature 0, else a seeded draw."""
-    logits = apply_repetition_penalty(logits.float(), history, params.repetition_penalty)
-    if params.temperature == 0:
-        return int(logits.argmax())
-    return int(torch.multinomial(sampling_probs(logits, params), 1, generator=generator))
-
-
-def generate_tokens(model, prompt_ids: list[int], params: SamplingParams, eos_ids: set[int]) -> Iterator[int]:
-    """Yield new token ids until EOS (yielded, so callers can see why it stopped) or max_new_tokens.
-
-    The request is checked when this is called, not at the first next().
-    """
-    check_request(len(prompt_ids), params, model.max_seq_len)
-    return _token_loop(model, prompt_ids, params, eos_ids)
-
-
-def _token_loop(model, prompt_ids: list[int], params: SamplingParams, eos_ids: set[int]) -> Iterator[int]:
-    n_prompt = len(prompt_ids)
-    device = model.device
-    generator = None
-    if params.temperature > 0:
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-    history = torch.tensor(prompt_ids, dtype=torch.long)
-    tokens = history.to(device)
-    logits = model.forward(tokens, torch.arange(n_prompt, device=device), last_only=True)[-1]
-    for step in range(params.max_new_tokens):
-        token = sample(logits.cpu(), params, generator, history)
-        yield token
-        if token in eos_ids or step == params.max_new_tokens - 1:
-            return
-        history = torch.cat([history, torch.tensor([token])])
-        pos = n_prompt + step
-        logits = model.forward(torch.tensor([token], device=device), torch.tensor([pos], device=device))[-1]

@@ -11,6 +11,7 @@ into the next rms_norm: x is the branch output and `residual` the running stream
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,27 @@ class Batch:
     logits_rows: torch.Tensor    # [R] int64: the rows whose logits are returned
     embeds: torch.Tensor | None = None       # [E, hidden]: rows replacing token embeddings (images)
     embed_rows: torch.Tensor | None = None   # [E] int64
+
+    @classmethod
+    def from_sequences(cls, seqs: list[torch.Tensor], blocks, block_size: int, device) -> Batch:
+        """Each sequence computed from position 0 in consecutive blocks of `blocks`, with
+        every row's logits: the batch of Runtime.logits and of tests."""
+        blocks = list(blocks)
+        lens = [len(s) for s in seqs]
+        counts = [-(-n // block_size) for n in lens]
+        tables = torch.zeros((len(seqs), max(counts)), dtype=torch.int32)
+        slots, used = [], 0
+        for b, (n, c) in enumerate(zip(lens, counts)):
+            tables[b, :c] = torch.tensor(blocks[used:used + c], dtype=torch.int32)
+            used += c
+            slots += [blocks[used - c + p // block_size] * block_size + p % block_size for p in range(n)]
+        starts = [0] + list(itertools.accumulate(lens))
+        return cls(token_ids=torch.cat([torch.as_tensor(s) for s in seqs]).to(device),
+                   positions=torch.cat([torch.arange(n) for n in lens]).to(device),
+                   slot_mapping=torch.tensor(slots).to(device),
+                   query_start=torch.tensor(starts, dtype=torch.int32).to(device),
+                   seq_lens=torch.tensor(lens, dtype=torch.int32).to(device), block_tables=tables.to(device),
+                   max_query_len=max(lens), logits_rows=torch.arange(starts[-1]).to(device))
 
 
 class Transformer:

@@ -1,7 +1,6 @@
 """`Runtime`: load a model from anywhere, then logits / generate / stream / chat."""
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -117,7 +116,7 @@ class Runtime:
                 for ids in (token_ids if many else [token_ids])]
         with self.engine.exclusive(sum(-(-len(s) // self.engine.block_size) for s in seqs)) as blocks, \
                 torch.inference_mode():
-            out = self.model.forward(_whole_sequences(seqs, blocks, self.engine.block_size, self.model.device))
+            out = self.model.forward(Batch.from_sequences(seqs, blocks, self.engine.block_size, self.model.device))
         parts = list(out.split([len(s) for s in seqs]))
         return parts if many else parts[0]
 
@@ -208,26 +207,6 @@ class Runtime:
 def _chat_response(text: str) -> ChatResponse:
     reasoning, content = split_reasoning(text)
     return ChatResponse(content=content, reasoning=reasoning, text=text)
-
-
-def _whole_sequences(seqs: list[torch.Tensor], blocks: list[int], block_size: int, device) -> Batch:
-    """A Batch computing each sequence from position 0 in the given blocks, every row's logits."""
-    table_width = max(-(-len(s) // block_size) for s in seqs)
-    tables = torch.zeros((len(seqs), table_width), dtype=torch.int32)
-    slots, positions, used = [], [], 0
-    for b, s in enumerate(seqs):
-        n = -(-len(s) // block_size)
-        tables[b, :n] = torch.tensor(blocks[used:used + n], dtype=torch.int32)
-        used += n
-        positions += range(len(s))
-        slots += [int(tables[b, p // block_size]) * block_size + p % block_size for p in range(len(s))]
-    lens = [len(s) for s in seqs]
-    starts = [0] + list(itertools.accumulate(lens))
-    return Batch(token_ids=torch.cat(seqs).to(device), positions=torch.tensor(positions).to(device),
-                 slot_mapping=torch.tensor(slots).to(device),
-                 query_start=torch.tensor(starts, dtype=torch.int32).to(device),
-                 seq_lens=torch.tensor(lens, dtype=torch.int32).to(device), block_tables=tables.to(device),
-                 max_query_len=max(lens), logits_rows=torch.arange(starts[-1]).to(device))
 
 
 def _dtype(dtype, device: torch.device) -> torch.dtype:

@@ -21,7 +21,8 @@ import torch
 from gguf_export import export_gguf, random_hf_model, smollm2_tokenizer
 from smollm3_triton import Runtime
 from smollm3_triton.errors import RequestError
-from smollm3_triton.generation import SamplingParams, check_max_seq_len, generate_tokens, sample
+from smollm3_triton.generation import SamplingParams, check_max_seq_len
+from smollm3_triton.sampling import SamplerState, sample as sample_batch
 
 N = 24                       # max_seq_len the runtime is loaded with
 MAX_POSITIONS = 32           # the model's max_position_embeddings
@@ -77,7 +78,7 @@ def test_exactly_at_the_limit_generates_every_token(rt, exported):
     room = N - p
     assert room > 4
     params = SamplingParams(max_new_tokens=room, temperature=0, stop=None)
-    tokens = list(generate_tokens(rt.model, prompt_ids, params, rt.eos_ids))
+    tokens = list(rt.generate_ids(prompt_ids, params))
     assert len(tokens) == room and not set(tokens) & rt.eos_ids
     assert tokens == hf_greedy(hf, prompt_ids, room)
     text = rt.generate(PROMPT, max_new_tokens=room, temperature=0, stop=None)
@@ -90,8 +91,7 @@ def test_one_past_the_limit_is_refused_before_any_work(rt):
     over = N - p + 1
     for call in (lambda: rt.generate(PROMPT, max_new_tokens=over, temperature=0),
                  lambda: rt.stream(PROMPT, max_new_tokens=over, temperature=0),  # at the call, not at next()
-                 lambda: generate_tokens(rt.model, rt.tokenizer.encode(PROMPT), SamplingParams(max_new_tokens=over),
-                                         rt.eos_ids)):
+                 lambda: rt.generate_ids(rt.tokenizer.encode(PROMPT), SamplingParams(max_new_tokens=over))):
         msg = assert_request_error(call, f"prompt ({p} tokens)", f"max_new_tokens ({over})", f"= {N + 1}",
                                    f"context of {N} tokens", f"at most {N - p}")
     print(f"\n{msg}")
@@ -172,11 +172,10 @@ def test_range_checks_reach_the_runtime(rt):
 
 def test_tiny_temperature_is_greedy_not_nan(rt):
     """softmax(l / T) tends to one-hot on argmax(l) as T -> 0; 1e-300 must not overflow into NaN."""
-    g = torch.Generator().manual_seed(0)
     for seed in range(5):
         logits = torch.randn(1000, generator=torch.Generator().manual_seed(seed)) * 10
         params = SamplingParams(temperature=1e-300, seed=seed)
-        assert sample(logits, params, g) == int(logits.argmax())
+        assert int(sample_batch(logits[None], [SamplerState.start(params)], [([], [])])[0]) == int(logits.argmax())
     greedy = rt.generate(PROMPT, max_new_tokens=4, temperature=0)
     assert rt.generate(PROMPT, max_new_tokens=4, temperature=1e-300, seed=1) == greedy
 
@@ -184,7 +183,7 @@ def test_tiny_temperature_is_greedy_not_nan(rt):
 # ---------------------------------------------------------------- the prompt and token ids
 
 @pytest.mark.parametrize("prompt,needle", [("", "the prompt is empty"), (None, "prompt must be a string"),
-                                           (5, "prompt must be a string"), (["hi"], "prompt must be a string")])
+                                           (5, "prompt must be a string"), (["hi", 5], "prompt must be a string")])
 def test_bad_prompt(rt, prompt, needle):
     assert_request_error(lambda: rt.generate(prompt, max_new_tokens=1), needle)
 

@@ -11,7 +11,7 @@ import torch
 
 from gguf_export import random_hf_model, save_hf_folder
 from smollm3_triton.kernels import load_ops
-from smollm3_triton.model import Transformer
+from smollm3_triton.model import Batch, Transformer
 from smollm3_triton.weights import load_safetensors_folder
 
 CASES = {
@@ -49,10 +49,11 @@ def test_logits_match_transformers(name, tmp_path):
         assert list(config.use_rope) == [bool(v) for v in hf.config.no_rope_layers]
     model = Transformer(config, weights, load_ops("torch"), max_seq_len=160, dtype=torch.float32,
                         device=torch.device("cpu"))
+    model.allocate_cache(n_blocks=10, block_size=16)
     ids = torch.randint(0, config.vocab_size, (150,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = hf(ids[None]).logits[0]
-        ours = model.forward(ids, torch.arange(len(ids)))
+        ours = model.forward(Batch.from_sequences([ids], [9, 3, 5, 0, 1, 2, 4, 6, 7, 8], 16, "cpu"))
     err = rel_err(ours, ref)
     print(f"{name}: max rel error {err:.2e}")
     assert err <= 1e-4
@@ -66,11 +67,24 @@ def test_decode_matches_full_forward(tmp_path):
     config, weights = load_safetensors_folder(save_hf_folder(hf, tmp_path))
     model = Transformer(config, weights, load_ops("torch"), max_seq_len=64, dtype=torch.float32,
                         device=torch.device("cpu"))
+    model.allocate_cache(n_blocks=8, block_size=8)
     ids = torch.randint(0, config.vocab_size, (40,), generator=torch.Generator().manual_seed(3))
+    blocks = [6, 2, 7, 0, 3]
+
+    def decode(p: int) -> Batch:        # token p of the sequence, its context 0..p in `blocks`
+        return Batch(token_ids=ids[p:p + 1], positions=torch.tensor([p]),
+                     slot_mapping=torch.tensor([blocks[p // 8] * 8 + p % 8]),
+                     query_start=torch.tensor([0, 1], dtype=torch.int32),
+                     seq_lens=torch.tensor([p + 1], dtype=torch.int32),
+                     block_tables=torch.tensor([blocks], dtype=torch.int32), max_query_len=1,
+                     logits_rows=torch.tensor([0]))
     with torch.no_grad():
-        full = model.forward(ids, torch.arange(40))
-        steps = [model.forward(ids[:25], torch.arange(25), last_only=True)]
-        steps += [model.forward(ids[p:p + 1], torch.tensor([p])) for p in range(25, 40)]
+        full = model.forward(Batch.from_sequences([ids], blocks, 8, "cpu"))
+        model.cache.k.zero_(), model.cache.v.zero_()
+        prefill = Batch.from_sequences([ids[:25]], blocks, 8, "cpu")
+        prefill.logits_rows = prefill.logits_rows[-1:]
+        steps = [model.forward(prefill)]
+        steps += [model.forward(decode(p)) for p in range(25, 40)]
     stepwise = torch.cat(steps)
     err = rel_err(stepwise, full[24:])
     print(f"decode vs full forward: max rel error {err:.2e}")

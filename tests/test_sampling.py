@@ -5,7 +5,15 @@ import torch
 from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                                                      TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from smollm3_triton.generation import SamplingParams, apply_repetition_penalty, sample, sampling_probs
+from smollm3_triton.generation import SamplingParams, apply_repetition_penalty, sampling_probs
+from smollm3_triton.sampling import SamplerState, filtered_probs, sample as sample_batch
+
+
+def sample(logits, params, step=0, history=()):
+    """One draw of the engine's sampler for a single row at draw index `step`."""
+    state = SamplerState.start(params)
+    out = sample_batch(logits[None], [state], [(list(history), [0] * step)])
+    return int(out[0])
 
 
 def hf_probs(logits, temperature, top_k=0, top_p=1.0, min_p=0.0):
@@ -45,8 +53,8 @@ def test_draws_follow_the_distribution():
     # probabilities 0.5, 0.3, 0.15, 0.05; top_p 0.8 keeps the first two -> 0.625 / 0.375
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
     params = SamplingParams(temperature=1.0, top_p=0.8)
-    gen = torch.Generator().manual_seed(0)
-    draws = torch.tensor([sample(logits, params, gen) for _ in range(4000)])
+    draws = torch.tensor([sample(logits, SamplingParams(temperature=1.0, top_p=0.8, seed=0), step)
+                          for step in range(4000)])
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     assert freq[2] == 0 and freq[3] == 0
     assert abs(freq[0] - 0.625) < 0.03      # ~4 standard deviations at n = 4000
@@ -54,9 +62,51 @@ def test_draws_follow_the_distribution():
 
 def test_greedy_and_seed():
     logits = torch.randn(300, generator=torch.Generator().manual_seed(2))
-    assert sample(logits, SamplingParams(temperature=0), None) == int(logits.argmax())
-    assert sample(logits, SamplingParams(temperature=5.0, top_k=1), torch.Generator().manual_seed(9)) == int(logits.argmax())
-    params = SamplingParams(temperature=2.0)
-    runs = [[sample(logits, params, g) for _ in range(20)] for g in
-            (torch.Generator().manual_seed(5), torch.Generator().manual_seed(5), torch.Generator().manual_seed(6))]
+    assert sample(logits, SamplingParams(temperature=0)) == int(logits.argmax())
+    assert sample(logits, SamplingParams(temperature=5.0, top_k=1, seed=9)) == int(logits.argmax())
+    runs = [[sample(logits, SamplingParams(temperature=2.0, seed=seed), step) for step in range(20)]
+            for seed in (5, 5, 6)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_each_row_of_a_batch_gets_its_own_filters():
+    """filtered_probs with per-row parameters equals sampling_probs (the reference, itself
+    checked against transformers above) row by row."""
+    cases = [(1.0, 0, 1.0, 0.0), (0.7, 40, 1.0, 0.0), (1.0, 0, 0.9, 0.0), (1.3, 0, 1.0, 0.05), (0.7, 20, 0.8, 0.0)]
+    logits = torch.randn(len(cases), 1000, generator=torch.Generator().manual_seed(3)) * 3
+
+    def col(values, dtype):
+        return torch.tensor(values, dtype=dtype)[:, None]
+
+    ours = filtered_probs(logits, col([c[0] for c in cases], torch.float64),
+                          col([c[1] or 1000 for c in cases], torch.long), col([c[2] for c in cases], torch.float32),
+                          col([c[3] for c in cases], torch.float32))
+    for row, (t, k, p, m) in enumerate(cases):
+        ref = sampling_probs(logits[row], SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m))
+        assert torch.equal(ours[row] > 0, ref > 0)
+        torch.testing.assert_close(ours[row] / ours[row].sum(), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_a_rows_draw_does_not_depend_on_the_batch():
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(4))
+    params = [SamplingParams(temperature=0.9, top_k=50, seed=s) for s in range(5)] + [SamplingParams(temperature=0)]
+    states = [SamplerState.start(p) for p in params]
+    hist = [([1, 2], [3] * s) for s in range(6)]
+    together = sample_batch(logits, states, hist).tolist()
+    alone = [int(sample_batch(logits[b:b + 1], [states[b]], [hist[b]])[0]) for b in range(6)]
+    assert together == alone
+
+
+def test_penalties_match_their_definitions():
+    """repetition: transformers' processor over prompt + output; presence / frequency:
+    OpenAI's logit - presence * [count > 0] - frequency * count over the output."""
+    from smollm3_triton.sampling import _penalize
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(1))
+    prompt, output = [3, 7, 7], [20, 7, 20, 20]
+    p = SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25)
+    ours = logits.clone()
+    _penalize(ours, 0, p, prompt, output)
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt + output]), logits.clone())
+    counts = torch.bincount(torch.tensor(output), minlength=50).float()
+    ref = ref - 0.5 * (counts > 0).float() - 0.25 * counts
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)

@@ -2,8 +2,9 @@
 attention against torch SDPA) at SmolLM3-3B shapes: 16 query heads, 4 KV heads,
 head_dim 128, hidden 2048, bf16.
 
+The cache is paged (block size 16, a random block table), as the engine runs it.
 Cases: prefill of 512 / 2k / 8k tokens from position 0; decode of one token at 1k / 8k /
-32k context. Attention reports TFLOP/s for prefill (causal: 4 * H * D * T(T+1)/2 flops)
+32k context; a decode step of 64 sequences at 1k context each (the batched engine). Attention reports TFLOP/s for prefill (causal: 4 * H * D * T(T+1)/2 flops)
 and GB/s for decode (the K and V rows read); rope_qkv's RoPE + KV-write kernel and
 rms_norm report GB/s (bytes read + written once). rope_qkv as a whole (qmatmul_triton
 projection, then the RoPE + KV-write kernel) is timed too.
@@ -83,10 +84,37 @@ def rope_tables(max_seq):
     return ang.cos().float(), ang.sin().float()
 
 
+BLOCK = 16
+BATCH_DECODE = [(64, 1024)]
+
+
 def kv_cache(max_seq):
+    """Contiguous [N_KV, max_seq, D] caches (for SDPA)."""
     g = torch.Generator(device="cuda").manual_seed(max_seq)
     return (torch.randn(N_KV, max_seq, HEAD_DIM, device="cuda", generator=g).to(DTYPE),
             torch.randn(N_KV, max_seq, HEAD_DIM, device="cuda", generator=g).to(DTYPE))
+
+
+class Paged:
+    """A paged pool holding `n_seqs` sequences of `ctx` tokens, their block tables (a random
+    permutation of the pool) and a step of `q_len` queries per sequence."""
+
+    def __init__(self, n_seqs, ctx, q_len):
+        per_seq = -(-ctx // BLOCK)
+        n_blocks = n_seqs * per_seq
+        g = torch.Generator(device="cuda").manual_seed(ctx)
+        self.k = torch.randn(n_blocks, N_KV, BLOCK, HEAD_DIM, device="cuda", generator=g).to(DTYPE)
+        self.v = torch.randn(n_blocks, N_KV, BLOCK, HEAD_DIM, device="cuda", generator=g).to(DTYPE)
+        perm = torch.randperm(n_blocks, device="cuda", generator=g).int()
+        self.block_tables = perm.view(n_seqs, per_seq)
+        self.query_start = torch.arange(0, (n_seqs + 1) * q_len, q_len, dtype=torch.int32, device="cuda")
+        self.seq_lens = torch.full((n_seqs,), ctx, dtype=torch.int32, device="cuda")
+        self.q = torch.randn(n_seqs * q_len, N_HEADS, HEAD_DIM, device="cuda").to(DTYPE)
+        self.max_query_len = q_len
+
+    def args(self):
+        return (self.q, self.k, self.v, self.query_start, self.seq_lens, self.block_tables, self.max_query_len,
+                HEAD_DIM ** -0.5)
 
 
 def sdpa(q, k_cache, v_cache, kv_len, causal):
@@ -101,33 +129,41 @@ def sdpa(q, k_cache, v_cache, kv_len, causal):
 def test_attention_prefill(benchmark, report_figure, T, impl):
     from smollm3_triton.kernels.attention import attention_torch, attention_triton
 
+    p = Paged(1, T, T)
     k_cache, v_cache = kv_cache(T)
-    q = torch.randn(T, N_HEADS, HEAD_DIM, device="cuda").to(DTYPE)
-    pos = torch.arange(T, device="cuda")
-    scale = HEAD_DIM ** -0.5
-    fn = {"triton": lambda: attention_triton(q, k_cache, v_cache, pos, scale),
-          "sdpa": lambda: sdpa(q, k_cache, v_cache, T, True),
-          "eager": lambda: attention_torch(q, k_cache, v_cache, pos, scale)}[impl]
+    fn = {"triton": lambda: attention_triton(*p.args()),
+          "sdpa": lambda: sdpa(p.q, k_cache, v_cache, T, True),
+          "eager": lambda: attention_torch(*p.args())}[impl]
     flops = 4 * N_HEADS * HEAD_DIM * T * (T + 1) // 2
     measure(benchmark, report_figure, f"attention prefill {impl:<6} T={T}", fn, flops=flops,
             capture=impl != "eager")
 
 
+DECODE_CASES = [(1, ctx) for ctx in DECODE_CTX] + BATCH_DECODE
+
+
 @pytest.mark.parametrize("impl", ["triton", "sdpa", "eager"])
-@pytest.mark.parametrize("ctx", DECODE_CTX)
-def test_attention_decode(benchmark, report_figure, ctx, impl):
+@pytest.mark.parametrize("n_seqs,ctx", DECODE_CASES, ids=[f"B{b}-ctx{c}" for b, c in DECODE_CASES])
+def test_attention_decode(benchmark, report_figure, n_seqs, ctx, impl):
     from smollm3_triton.kernels.attention import attention_torch, attention_triton
 
+    if impl == "sdpa" and n_seqs > 1:
+        pytest.skip("SDPA has no paged varlen form")
+    p = Paged(n_seqs, ctx, 1)
     k_cache, v_cache = kv_cache(ctx)
-    q = torch.randn(1, N_HEADS, HEAD_DIM, device="cuda").to(DTYPE)
-    pos = torch.tensor([ctx - 1], device="cuda")
-    scale = HEAD_DIM ** -0.5
-    fn = {"triton": lambda: attention_triton(q, k_cache, v_cache, pos, scale),
-          "sdpa": lambda: sdpa(q, k_cache, v_cache, ctx, False),
-          "eager": lambda: attention_torch(q, k_cache, v_cache, pos, scale)}[impl]
-    nbytes = 2 * N_KV * ctx * HEAD_DIM * DTYPE.itemsize + 2 * q.numel() * DTYPE.itemsize
-    measure(benchmark, report_figure, f"attention decode {impl:<6} ctx={ctx}", fn, nbytes=nbytes,
+    fn = {"triton": lambda: attention_triton(*p.args()),
+          "sdpa": lambda: sdpa(p.q, k_cache, v_cache, ctx, False),
+          "eager": lambda: attention_torch(*p.args())}[impl]
+    nbytes = n_seqs * (2 * N_KV * ctx * HEAD_DIM * DTYPE.itemsize + 2 * N_HEADS * HEAD_DIM * DTYPE.itemsize)
+    measure(benchmark, report_figure, f"attention decode {impl:<6} B={n_seqs} ctx={ctx}", fn, nbytes=nbytes,
             capture=impl != "eager")
+
+
+def paged_cache(max_seq):
+    n_blocks = -(-max_seq // BLOCK)
+    g = torch.Generator(device="cuda").manual_seed(max_seq)
+    return (torch.randn(n_blocks, N_KV, BLOCK, HEAD_DIM, device="cuda", generator=g).to(DTYPE),
+            torch.randn(n_blocks, N_KV, BLOCK, HEAD_DIM, device="cuda", generator=g).to(DTYPE))
 
 
 ROPE_CASES = [("prefill", T, 0) for T in PREFILL] + [("decode", 1, ctx - 1) for ctx in DECODE_CTX]
@@ -137,22 +173,24 @@ ROPE_CASES = [("prefill", T, 0) for T in PREFILL] + [("decode", 1, ctx - 1) for 
 @pytest.mark.parametrize("phase,T,start", ROPE_CASES, ids=[f"{p}-T{t}-at{s}" for p, t, s in ROPE_CASES])
 def test_rope_kv_write(benchmark, report_figure, phase, T, start, impl):
     """The RoPE + KV-cache write that follows the QKV projection, on its own."""
-    from smollm3_triton.kernels.rope_qkv import _rope_config, _rope_kv_write_kernel, apply_rope_torch
+    from smollm3_triton.kernels.rope_qkv import _rope_config, _rope_kv_write_kernel, apply_rope_torch, write_kv_torch
 
     max_seq = max(start + T, 64)
-    k_cache, v_cache = kv_cache(max_seq)
+    k_cache, v_cache = paged_cache(max_seq)
     cos, sin = rope_tables(max_seq)
     qkv = torch.randn(T, (N_HEADS + 2 * N_KV) * HEAD_DIM, device="cuda").to(DTYPE)
     pos = torch.arange(start, start + T, device="cuda")
+    slots = pos.clone()                  # the pool's blocks in order: slot = position
     q = torch.empty(T, N_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
     n_rows = N_HEADS + 2 * N_KV
     block_h, warps = _rope_config(n_rows, HEAD_DIM)
 
     def triton_fn():
         _rope_kv_write_kernel[(T, -(-n_rows // block_h))](
-            qkv, pos, cos, sin, q, k_cache, v_cache, max_seq, qkv.stride(0), q.stride(0),
-            k_cache.stride(0), k_cache.stride(1), cos.stride(0),
-            N_HEADS=N_HEADS, N_KV_HEADS=N_KV, HALF=HEAD_DIM // 2, BLOCK_H=block_h, USE_ROPE=True, num_warps=warps)
+            qkv, pos, slots, cos, sin, q, k_cache, v_cache, cos.shape[0], k_cache.shape[0] * BLOCK,
+            qkv.stride(0), q.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], cos.stride(0),
+            N_HEADS=N_HEADS, N_KV_HEADS=N_KV, HALF=HEAD_DIM // 2, BLOCK_SIZE=BLOCK, BLOCK_H=block_h,
+            USE_ROPE=True, num_warps=warps)
 
     def eager_fn():
         qe = qkv[:, :N_HEADS * HEAD_DIM].view(T, N_HEADS, HEAD_DIM)
@@ -160,8 +198,7 @@ def test_rope_kv_write(benchmark, report_figure, phase, T, start, impl):
         ve = qkv[:, (N_HEADS + N_KV) * HEAD_DIM:].view(T, N_KV, HEAD_DIM)
         c, s = cos[pos], sin[pos]
         qr = apply_rope_torch(qe, c, s)
-        k_cache[:, pos] = apply_rope_torch(ke, c, s).transpose(0, 1)
-        v_cache[:, pos] = ve.transpose(0, 1)
+        write_kv_torch(apply_rope_torch(ke, c, s), ve, k_cache, v_cache, slots)
         return qr
 
     nbytes = 2 * qkv.numel() * DTYPE.itemsize + 2 * T * HEAD_DIM * 4      # qkv in, q/k/v out, cos+sin rows
@@ -177,7 +214,7 @@ def test_rope_qkv(benchmark, report_figure, phase, T, start, impl):
     from smollm3_triton.quant import GGMLType, QuantTensor
 
     max_seq = max(start + T, 64)
-    k_cache, v_cache = kv_cache(max_seq)
+    k_cache, v_cache = paged_cache(max_seq)
     cos, sin = rope_tables(max_seq)
     n_out = (N_HEADS + 2 * N_KV) * HEAD_DIM
     w = QuantTensor((torch.randn(n_out, HIDDEN, device="cuda") / HIDDEN ** 0.5).to(DTYPE), GGMLType.BF16,
@@ -187,7 +224,7 @@ def test_rope_qkv(benchmark, report_figure, phase, T, start, impl):
     op = rope_qkv_triton if impl == "triton" else rope_qkv_torch
     nbytes = w.nbytes + x.numel() * DTYPE.itemsize + T * n_out * DTYPE.itemsize
     measure(benchmark, report_figure, f"rope_qkv {impl:<6} {phase} T={T} at {start}",
-            lambda: op(x, w, pos, cos, sin, k_cache, v_cache, N_HEADS, N_KV, HEAD_DIM, True),
+            lambda: op(x, w, pos, cos, sin, k_cache, v_cache, pos, N_HEADS, N_KV, HEAD_DIM, True),
             nbytes=nbytes, flops=2 * T * n_out * HIDDEN if T > 1 else None)
 
 

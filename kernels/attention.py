@@ -392,9 +392,11 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, arch: int | None) -> dict
     if arch is None:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+        # 3xTF32 splits both operands: at head_dim 128 a 32x32 tile spills.
+        return dict(BLOCK_M=32, BLOCK_N=32 if head_dim <= 64 else 16, num_warps=8, num_stages=2)
     if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        # sm_80 spills the paged 128x64 tile at 4 warps (the per-key block gather costs registers).
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if arch >= 90 else 8, num_stages=3)
     # head_dim 128: sm_80's register file spills a 128x64 tile at 8 warps.
     return dict(BLOCK_M=128, BLOCK_N=64 if arch >= 90 else 32, num_warps=8, num_stages=3)
 

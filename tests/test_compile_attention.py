@@ -88,47 +88,59 @@ def rms_variants(arch):
 
 def rope_variants(arch):
     out = []
-    for (h, kv, d), dtype, use_rope in [((16, 4, 128), torch.bfloat16, True), ((16, 4, 128), torch.bfloat16, False),
-                                        ((9, 3, 64), torch.float32, True)]:
+    for (h, kv, d), dtype, use_rope, bs in [((16, 4, 128), torch.bfloat16, True, 16),
+                                            ((16, 4, 128), torch.bfloat16, False, 16),
+                                            ((9, 3, 64), torch.float32, True, 32)]:
         block_h, warps = rope_mod._rope_config(h + 2 * kv, d)
         t = TL[dtype]
         out.append(Variant(
-            f"rope_kv_write {t} {h}/{kv} d{d} rope={use_rope}", "rope_qkv", "_rope_kv_write_kernel",
-            dict(qkv_ptr=t, pos_ptr="i64", cos_ptr="fp32", sin_ptr="fp32", q_ptr=t, k_cache_ptr=t, v_cache_ptr=t),
-            dict(N_HEADS=h, N_KV_HEADS=kv, HALF=d // 2, BLOCK_H=block_h, USE_ROPE=use_rope),
+            f"rope_kv_write {t} {h}/{kv} d{d} rope={use_rope} bs{bs}", "rope_qkv", "_rope_kv_write_kernel",
+            dict(qkv_ptr=t, pos_ptr="i64", slot_ptr="i64", cos_ptr="fp32", sin_ptr="fp32", q_ptr=t,
+                 k_cache_ptr=t, v_cache_ptr=t),
+            dict(N_HEADS=h, N_KV_HEADS=kv, HALF=d // 2, BLOCK_SIZE=bs, BLOCK_H=block_h, USE_ROPE=use_rope),
             dict(num_warps=warps)))
     return out
 
 
+# Pointers of the batch description, shared by the attention kernels.
+BATCH_PTRS = dict(qs_ptr="i32", lens_ptr="i32", bt_ptr="i32")
+
+
 def attention_variants(arch):
     out = []
-    for d, group, dtype in [(128, 4, torch.bfloat16), (64, 3, torch.bfloat16), (128, 4, torch.float16),
-                            (128, 4, torch.float32), (64, 3, torch.float32)]:
+    # (head_dim, group, dtype, block_size): SmolLM3-3B (group 4), SmolLM2-135M (3), -360M (5), MHA (1).
+    for d, group, dtype, bs in [(128, 4, torch.bfloat16, 16), (64, 3, torch.bfloat16, 16),
+                                (64, 5, torch.bfloat16, 32), (128, 1, torch.bfloat16, 16),
+                                (128, 4, torch.float16, 16), (128, 4, torch.float32, 16),
+                                (64, 3, torch.float32, 32)]:
         cfg = attention_mod._prefill_config(d, dtype, arch)
+        block_q = attention_mod._prefill_block_q(cfg["BLOCK_M"], group)
         t = TL[dtype]
         out.append(Variant(
-            f"attn_prefill {t} d{d} group={group} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}", "attention", "_attn_prefill_kernel",
-            dict(q_ptr=t, k_ptr=t, v_ptr=t, pos_ptr="i64", o_ptr=t),
-            dict(GROUP=group, HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            f"attn_prefill {t} d{d} group={group} bs{bs} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}", "attention",
+            "_attn_prefill_kernel",
+            dict(q_ptr=t, k_ptr=t, v_ptr=t, o_ptr=t, **BATCH_PTRS),
+            dict(GROUP=group, HEAD_DIM=d, BLOCK_SIZE=bs, BLOCK_Q=block_q, BLOCK_M=cfg["BLOCK_M"],
+                 BLOCK_N=cfg["BLOCK_N"], DOT_F32=dtype == torch.float32),
+            dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
+    for d, group, dtype, bs in [(128, 4, torch.bfloat16, 16), (64, 3, torch.bfloat16, 16),
+                                (64, 5, torch.bfloat16, 32), (128, 1, torch.bfloat16, 16),
+                                (128, 4, torch.float32, 16), (64, 3, torch.float32, 32)]:
+        cfg = attention_mod._decode_config(d, dtype, arch)
+        rows = attention_mod._decode_block_m(group)
+        t = TL[dtype]
+        out.append(Variant(
+            f"attn_decode_split {t} d{d} group={group} bs{bs} rows={rows} N={cfg['BLOCK_N']}", "attention",
+            "_attn_decode_split_kernel",
+            dict(q_ptr=t, k_ptr=t, v_ptr=t, part_o_ptr="fp32", part_lse_ptr="fp32", **BATCH_PTRS),
+            dict(GROUP=group, HEAD_DIM=d, BLOCK_SIZE=bs, BLOCK_M=rows, BLOCK_N=cfg["BLOCK_N"],
                  DOT_F32=dtype == torch.float32),
             dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
-    # rows = T * group packed in the decode tile: the smallest tile and the largest one.
-    for d, group, dtype in [(128, 4, torch.bfloat16), (64, 3, torch.bfloat16),
-                            (128, 4, torch.float32), (64, 3, torch.float32)]:
-        cfg = attention_mod._decode_config(d, dtype, arch)
-        t = TL[dtype]
-        for rows in sorted({16, attention_mod._decode_max_rows(dtype)}):
-            out.append(Variant(
-                f"attn_decode_split {t} d{d} group={group} rows={rows} N={cfg['BLOCK_N']}", "attention",
-                "_attn_decode_split_kernel",
-                dict(q_ptr=t, k_ptr=t, v_ptr=t, pos_ptr="i64", part_o_ptr="fp32", part_lse_ptr="fp32"),
-                dict(GROUP=group, HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=cfg["BLOCK_N"], DOT_F32=dtype == torch.float32),
-                dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
     for d, block_s, dtype in [(128, 128, torch.bfloat16), (64, 128, torch.bfloat16), (128, 4, torch.float32)]:
         t = TL[dtype]
         out.append(Variant(
             f"attn_decode_merge {t} d{d} splits<={block_s}", "attention", "_attn_decode_merge_kernel",
-            dict(part_o_ptr="fp32", part_lse_ptr="fp32", o_ptr=t),
+            dict(part_o_ptr="fp32", part_lse_ptr="fp32", o_ptr=t, qs_ptr="i32"),
             dict(HEAD_DIM=d, BLOCK_S=block_s),
             dict(num_warps=attention_mod._merge_warps(block_s, d))))
     return out

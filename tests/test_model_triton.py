@@ -14,7 +14,7 @@ import gguf_export
 from gguf_export import export_gguf, random_hf_model, save_hf_folder
 from smollm3_triton.gguf_file import GGUFFile
 from smollm3_triton.kernels import load_ops
-from smollm3_triton.model import Transformer
+from smollm3_triton.model import Batch, Transformer
 from smollm3_triton.weights import load_gguf, load_safetensors_folder
 
 VOCAB = 512
@@ -35,15 +35,35 @@ def small_vocab_tokenizer(monkeypatch):
     monkeypatch.setattr(gguf_export, "smollm2_tokenizer", lambda: cut)
 
 
+BLOCK = 4
+# One sequence's blocks, deliberately out of order: the slot of position p is
+# TABLE[p // BLOCK] * BLOCK + p % BLOCK.
+TABLE = [3, 0, 5]
+
+
+def one_sequence_batch(ids: torch.Tensor, start: int, all_logits: bool) -> Batch:
+    """The step computing ids at positions start.. of a single sequence (what the engine
+    builds for one request): positions arange, one block table, slots through it."""
+    n = ids.numel()
+    positions = torch.arange(start, start + n)
+    table = torch.tensor(TABLE, dtype=torch.int32)
+    slots = table[positions // BLOCK].long() * BLOCK + positions % BLOCK
+    return Batch(token_ids=ids, positions=positions, slot_mapping=slots,
+                 query_start=torch.tensor([0, n], dtype=torch.int32),
+                 seq_lens=torch.tensor([start + n], dtype=torch.int32), block_tables=table[None],
+                 max_query_len=n, logits_rows=torch.arange(n) if all_logits else torch.tensor([n - 1]))
+
+
 def run_both(config, weights):
     """Prefill 7 tokens then decode 2, on each op set; returns stacked logits of both."""
     outs = []
     for backend in ("torch", "triton"):
         model = Transformer(config, weights, load_ops(backend), max_seq_len=16, dtype=torch.float32,
                             device=torch.device("cpu"))
+        model.allocate_cache(n_blocks=6, block_size=BLOCK)
         ids = torch.tensor([3, 141, 59, 26, 500, 8, 77, 200, 311])
-        logits = [model.forward(ids[:7], torch.arange(7))]
-        logits += [model.forward(ids[p:p + 1], torch.tensor([p])) for p in (7, 8)]
+        logits = [model.forward(one_sequence_batch(ids[:7], 0, all_logits=True))]
+        logits += [model.forward(one_sequence_batch(ids[p:p + 1], p, all_logits=False)) for p in (7, 8)]
         outs.append(torch.cat(logits))
     return outs
 

@@ -231,7 +231,7 @@ class Engine:
             if req is None:
                 return
             self.scheduler.finish(req.seq, "abort")
-            self._aborted.append(self._output(req, [], "", None))
+            self._aborted.append(self._output(req, [], "", "abort"))
 
     def has_unfinished(self) -> bool:
         with self._lock:

@@ -1,187 +1,181 @@
-"""The decode loop on static buffers: each token is one replay of a CUDA graph of the
-model step, then one replay of a graph of the device sampler.
+"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
 
-- Static buffers: the input token (the sampler's output tensor, so a drawn token
-  feeds the next step without leaving the device), its position, the logits; the
-  KV cache is the model's own static cache.
-- `GraphDecoder.step` is the decode step. The graph captures exactly that function;
-  without a graph (CPU, or use_graph=False) the same function runs eagerly.
-- Prefill runs eagerly (outside any graph): its length varies per request.
-- The host never waits for the device before queueing more work: up to `lookahead`
-  steps are queued ahead of the token being read, and each token reaches the host
-  by an asynchronous copy into pinned memory, read after its event completes. When
-  an end token shows up, the steps already queued beyond it are simply dropped
-  (their KV rows lie past the end and are never read by the next request).
+`GraphRunner(model, max_num_seqs).run(batch) -> logits` is what the engine calls in
+place of `model.forward(batch)` (CUDA, backend "triton"):
+
+- A pure decode step (max_query_len == 1, one token per sequence, no embeddings) of B
+  sequences is padded to its bucket (1, 2, 4, 8, ... up to max_num_seqs): padding rows
+  have slot -1 (their K/V are written nowhere) and seq_len 0 (their attention is zeros,
+  never NaN), token 0 at position 0.
+- Every Batch field lives in a static buffer sized for max_num_seqs rows, allocated once;
+  a step copies into the first rows and resets the padding rows, never rebinds a
+  buffer, then replays the bucket's graph (captured on the bucket's first use). The
+  KV pool is the model's own; the graph captures its pointers, so the pool must not be
+  reallocated after the runner is built.
+- Prefill and mixed steps, and anything else the static buffers cannot hold, run
+  eagerly: `model.forward(batch)`.
 
 A graph needs every op of the step to be capturable: no host reads and no
-data-dependent shapes. The Triton ops are; the torch reference's attention reads
-the context length on the host, so the graph path is for backend "triton".
+data-dependent shapes. The Triton ops are (attention reads lengths and block tables on
+the device, its split count follows the block table's width). The torch reference's
+attention reads lengths on the host, so graphs are for backend "triton"; with
+use_graph=False (the CPU) the same static-buffer step runs eagerly, which is what the
+CPU tests check. Sampling stays outside the graph (smollm3_triton.sampling).
 """
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict, deque
-from typing import Callable, Iterator
 
 import torch
 
-from .device_sampling import DeviceSampler, SamplerSpec
-from .generation import SamplingParams, check_request, generate_tokens
-from .model import Transformer
+from .model import Batch, Transformer
 
-# Distinct sampler specs kept captured at once (each holds a small memory pool).
-MAX_SAMPLER_GRAPHS = 8
-# Warm-up runs on a side stream before capture: compiles / autotunes the Triton
-# kernels and lets the caching allocator settle, as torch.cuda.graphs recommends.
+# Warm-up runs on a side stream before capture: compiles the Triton kernels and lets the
+# caching allocator settle, as torch.cuda.graphs recommends.
 WARMUP_RUNS = 2
 
 
-class GraphDecoder:
-    """Token generation for one Transformer: eager prefill, graph-replayed decode."""
+def buckets_for(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, ... below max_num_seqs, then max_num_seqs itself."""
+    if max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+    out, b = [], 1
+    while b < max_num_seqs:
+        out.append(b)
+        b *= 2
+    return out + [max_num_seqs]
 
-    def __init__(self, model: Transformer, *, use_graph: bool | None = None, lookahead: int = 2):
-        if lookahead < 0:
-            raise ValueError(f"lookahead must be >= 0, got {lookahead}")
+
+class GraphRunner:
+    def __init__(self, model: Transformer, max_num_seqs: int, *, use_graph: bool | None = None):
+        if model.cache is None:
+            raise ValueError("GraphRunner needs the model's KV cache allocated first (model.allocate_cache)")
         self.model = model
         self.device = model.device
         self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
         if self.use_graph and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the model is on {self.device}")
-        self.lookahead = lookahead
-        self.sampler = DeviceSampler(model.config.vocab_size, self.device)
-        self.token = self.sampler.token           # the step's input is the sampler's output
-        self.position = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self.logits = torch.zeros((1, model.config.vocab_size), dtype=torch.float32, device=self.device)
-        self._step_runner: Callable[[], None] | None = None
-        self._sampler_runners: OrderedDict[SamplerSpec, Callable[[], None]] = OrderedDict()
-        self._graphs: list = []                  # keeps captured graphs (and their pools) alive
-        # A ring of host slots (pinned, so the copies are asynchronous) and their events:
-        # at most lookahead + 1 tokens are in flight, so a slot is read before its reuse.
-        cuda = self.device.type == "cuda"
-        self._host = torch.zeros((lookahead + 2, 1), dtype=torch.int64, pin_memory=cuda)
-        self._events = [torch.cuda.Event() for _ in range(lookahead + 2)] if cuda else None
+        self.max_num_seqs = max_num_seqs
+        self.buckets = buckets_for(max_num_seqs)
+        bs = model.cache.block_size
+        self.max_blocks = -(-model.max_seq_len // bs)
+        M, dev = max_num_seqs, self.device
 
-    # ------------------------------------------------------------------ the captured functions
-    def step(self) -> None:
-        """One decode step on the static buffers: the token at `position` in, its K/V
-        into the cache, next-token logits out, position advanced. This is the function
-        the CUDA graph captures."""
-        self.logits.copy_(self.model.forward(self.token, self.position))
-        self.position.add_(1)
+        def zeros(*shape, dtype=torch.int64):
+            return torch.zeros(shape, dtype=dtype, device=dev)
 
-    def sample(self) -> None:
-        """Draw the next token from `logits` into `token` (DeviceSampler.sample_)."""
-        self.sampler.sample_(self.logits)
+        # The static inputs: every replay reads exactly these tensors.
+        self.token_ids = zeros(M)
+        self.positions = zeros(M)
+        self.slot_mapping = torch.full((M,), -1, dtype=torch.int64, device=dev)
+        self.query_start = torch.arange(M + 1, dtype=torch.int32, device=dev)   # one query per row, always
+        self.seq_lens = zeros(M, dtype=torch.int32)
+        self.block_tables = zeros(M, self.max_blocks, dtype=torch.int32)
+        self.logits_rows = torch.arange(M, dtype=torch.int64, device=dev)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+        self._eager_buckets: set[int] = set()      # capture failed: run the step eagerly
+        self._pool = None
 
-    # ------------------------------------------------------------------ runners
-    def step_runner(self) -> Callable[[], None]:
-        """`step` itself, or the replay of its graph (captured on first use)."""
-        if self._step_runner is None:
-            self._step_runner = self._runner(self.step)
-        return self._step_runner
+    # ------------------------------------------------------------------ the step
+    def static_batch(self, bucket: int) -> Batch:
+        """The Batch a bucket's graph runs: views of the first `bucket` rows of the buffers."""
+        return Batch(token_ids=self.token_ids[:bucket], positions=self.positions[:bucket],
+                     slot_mapping=self.slot_mapping[:bucket], query_start=self.query_start[:bucket + 1],
+                     seq_lens=self.seq_lens[:bucket], block_tables=self.block_tables[:bucket],
+                     max_query_len=1, logits_rows=self.logits_rows[:bucket])
 
-    def sampler_runner(self, spec: SamplerSpec) -> Callable[[], None]:
-        """`sample` with the sampler set to `spec`, or the replay of that spec's graph."""
-        self.sampler.spec = spec
-        if spec in self._sampler_runners:
-            self._sampler_runners.move_to_end(spec)
-            return self._sampler_runners[spec]
-        runner = self._runner(self.sample)
-        self._sampler_runners[spec] = runner
-        if len(self._sampler_runners) > MAX_SAMPLER_GRAPHS:
-            self._sampler_runners.popitem(last=False)
-        return runner
+    def bucket_for(self, batch: Batch) -> int | None:
+        """The bucket a batch replays in, or None when it must run eagerly."""
+        B = batch.seq_lens.shape[0]
+        if batch.max_query_len != 1 or batch.embeds is not None or not 1 <= B <= self.max_num_seqs \
+                or batch.token_ids.shape[0] != B or batch.block_tables.shape[1] > self.max_blocks:
+            return None
+        return next(b for b in self.buckets if b >= B)
 
-    def _runner(self, fn: Callable[[], None]) -> Callable[[], None]:
-        if not self.use_graph:
-            return fn
+    def load(self, batch: Batch, bucket: int) -> None:
+        """Copy a decode batch into the static buffers and reset rows B..bucket to padding."""
+        B, width = batch.seq_lens.shape[0], batch.block_tables.shape[1]
+        self.token_ids[:B].copy_(batch.token_ids, non_blocking=True)
+        self.positions[:B].copy_(batch.positions, non_blocking=True)
+        self.slot_mapping[:B].copy_(batch.slot_mapping, non_blocking=True)
+        self.seq_lens[:B].copy_(batch.seq_lens, non_blocking=True)
+        self.block_tables[:B, :width].copy_(batch.block_tables, non_blocking=True)
+        if width < self.max_blocks:
+            self.block_tables[:B, width:].zero_()
+        self.pad(B, bucket)
+
+    def pad(self, start: int, stop: int) -> None:
+        self.token_ids[start:stop].zero_()
+        self.positions[start:stop].zero_()
+        self.slot_mapping[start:stop].fill_(-1)
+        self.seq_lens[start:stop].zero_()
+        self.block_tables[start:stop].zero_()
+
+    def run(self, batch: Batch) -> torch.Tensor:
+        """logits [len(batch.logits_rows), vocab] float32, as model.forward(batch) returns."""
+        bucket = self.bucket_for(batch)
+        if bucket is None:
+            return self.model.forward(batch)
+        self.load(batch, bucket)
+        if not self.use_graph or bucket in self._eager_buckets:
+            logits = self.model.forward(self.static_batch(bucket))
+        else:
+            if bucket not in self._graphs:
+                self.capture(bucket)
+            if bucket in self._graphs:
+                self._graphs[bucket].replay()
+                logits = self._outputs[bucket]
+            else:
+                logits = self.model.forward(self.static_batch(bucket))
+        # A fresh tensor (the graph's output is overwritten by the next replay).
+        return logits[batch.logits_rows]
+
+    __call__ = run
+
+    # ------------------------------------------------------------------ capture
+    def capture(self, bucket: int) -> None:
+        """Capture a bucket's step. The static rows are padding while it runs (warm-up and
+        capture write no K/V: slot -1), and are restored by the next load."""
+        B = bucket
+        saved = [t[:B].clone() for t in (self.token_ids, self.positions, self.slot_mapping, self.seq_lens,
+                                          self.block_tables)]
+        self.pad(0, B)
+        batch = self.static_batch(B)
         try:
-            graph = capture(fn)
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(WARMUP_RUNS):
+                    self.model.forward(batch)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self.model.forward(batch)
         except RuntimeError as e:
-            # A function that cannot be captured still runs, only slower: say so when it happens.
-            warnings.warn(f"CUDA graph capture of {fn.__name__} failed ({e}); running it eagerly", stacklevel=3)
+            # A step that cannot be captured still runs, only slower: say so when it happens.
+            warnings.warn(f"CUDA graph capture of the {B}-sequence decode step failed ({e}); "
+                          f"running it eagerly", stacklevel=3)
             torch.cuda.synchronize(self.device)
-            return fn
-        self._graphs.append(graph)
-        return graph.replay
+            self._eager_buckets.add(B)
+        else:
+            self._graphs[B], self._outputs[B] = graph, out
+        finally:
+            for t, s in zip((self.token_ids, self.positions, self.slot_mapping, self.seq_lens, self.block_tables),
+                            saved):
+                t[:B].copy_(s)
 
-    # ------------------------------------------------------------------ the token loop
-    def generate_tokens(self, prompt_ids: list[int], params: SamplingParams, eos_ids: set[int]) -> Iterator[int]:
-        """generation.generate_tokens on this decoder: yields new token ids until an end
-        token (yielded) or max_new_tokens. The request is checked when this is called."""
-        check_request(len(prompt_ids), params, self.model.max_seq_len)
-        return self._token_loop(list(prompt_ids), params, eos_ids)
-
-    def _token_loop(self, prompt_ids: list[int], params: SamplingParams, eos_ids: set[int]) -> Iterator[int]:
-        # inference_mode is entered per chunk of work, never held across a yield, so the
-        # caller's code between tokens runs in its own grad mode.
+    def capture_all(self) -> None:
+        """Capture every bucket now, largest first (its memory then serves the smaller ones)."""
+        if not self.use_graph:
+            return
         with torch.inference_mode():
-            step, sample = self._prepare(prompt_ids, params)
-            sample()
-            pending = deque([self._to_host(0)])
-        issued = 1
-        for i in range(params.max_new_tokens):
-            with torch.inference_mode():
-                while issued < params.max_new_tokens and issued - i <= self.lookahead:
-                    step()
-                    sample()
-                    pending.append(self._to_host(issued))
-                    issued += 1
-            token = self._read(pending.popleft())
-            yield token
-            if token in eos_ids:
-                return
+            for b in reversed(self.buckets):
+                if b not in self._graphs and b not in self._eager_buckets:
+                    self.capture(b)
 
-    def _prepare(self, prompt_ids: list[int], params: SamplingParams):
-        """Runners for the request's spec (captured first: warm-up runs write the buffers),
-        then the request's sampler state and the prompt's prefill into `logits`."""
-        step = self.step_runner()
-        sample = self.sampler_runner(SamplerSpec.of(params, self.model.config.vocab_size))
-        self.sampler.reset(params, prompt_ids)
-        n = len(prompt_ids)
-        ids = torch.tensor(prompt_ids, dtype=torch.int64).to(self.device)
-        self.logits.copy_(self.model.forward(ids, torch.arange(n, device=self.device), last_only=True))
-        self.position.fill_(n)
-        return step, sample
-
-    def _to_host(self, index: int):
-        """Queue the copy of the token just drawn into host slot `index` (of the ring)."""
-        i = index % self._host.shape[0]
-        slot = self._host[i]
-        if self._events is None:
-            slot.copy_(self.token)
-            return slot, None
-        slot.copy_(self.token, non_blocking=True)
-        self._events[i].record()
-        return slot, self._events[i]
-
-    @staticmethod
-    def _read(entry) -> int:
-        slot, event = entry
-        if event is not None:
-            event.synchronize()
-        return int(slot[0])
-
-
-def capture(fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
-    """fn captured in a CUDA graph after WARMUP_RUNS eager runs on a side stream."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(WARMUP_RUNS):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
-def token_loop_for(model: Transformer, backend: str):
-    """The token loop Runtime should use: (prompt_ids, params, eos_ids) -> Iterator[int].
-
-    CUDA with the Triton kernels: a GraphDecoder (graph decode, device sampling).
-    Anything else: generation.generate_tokens, the eager reference."""
-    if model.device.type == "cuda" and backend == "triton":
-        return GraphDecoder(model).generate_tokens
-    return lambda prompt_ids, params, eos_ids: generate_tokens(model, prompt_ids, params, eos_ids)
+    @property
+    def captured(self) -> list[int]:
+        return sorted(self._graphs)

@@ -1,30 +1,28 @@
-"""The graph decode loop (smollm3_triton.cuda_graph) on small random models.
+"""The CUDA-graph decode runner (smollm3_triton.cuda_graph.GraphRunner) on small random models.
 
-On CPU no graph can be captured, so these run GraphDecoder.step, the very
-function the graph captures, eagerly: its logits against the full forward pass,
-and the whole loop's tokens against generation.generate_tokens (the eager
-reference loop). A dispatch-mode probe checks that the step and the sampler do
-nothing that would make the host wait for a GPU (.item(), nonzero, ...). The
-CUDA cases (graph replay against the eager step) are marked gpu.
-
-Tolerance for step vs full forward: max |step - full| / max |full| <= 1e-5 (fp32,
-the torch reference ops; the only difference is the matmul's row count).
+On CPU no graph can be captured, so these run GraphRunner with use_graph=False: the
+same static buffers, padding to the bucket and copy-in as the graph path, with the
+step called eagerly. Its logits must equal model.forward on the unpadded batch (the
+torch ops: bit-identical, since qmatmul pads to 16 rows and attention handles each
+sequence alone), and padding rows must write nothing into the pool. A dispatch-mode
+probe checks that the Triton step does nothing that would make the host wait for a
+GPU (.item(), nonzero, ...). The CUDA cases (replay against the eager step, no sync
+per step) are marked gpu.
 """
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from smollm3_triton.cuda_graph import GraphDecoder, token_loop_for
-from smollm3_triton.device_sampling import SamplerSpec
-from smollm3_triton.generation import SamplingParams, generate_tokens
-from smollm3_triton.kernels import load_ops
 from smollm3_triton.config import ModelConfig
-from smollm3_triton.model import Transformer
+from smollm3_triton.cuda_graph import GraphRunner, buckets_for
+from smollm3_triton.kernels import load_ops
+from smollm3_triton.model import Batch, Transformer
 from smollm3_triton.quant import GGMLType, QuantTensor, concat_rows
 from smollm3_triton.weights import LayerWeights, ModelWeights, to_device
 
 VOCAB = 512
 MAX_SEQ = 64
+BLOCK = 8
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -65,98 +63,110 @@ def tiny_model(backend="torch", device="cpu", dtype=torch.float32, *, hidden=128
                        device=torch.device(device))
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
+class Sequences:
+    """Sequences in a model's pool, each with its own shuffled blocks; builds the Batch
+    of a step as the engine does (its table as wide as max_seq_len needs)."""
+
+    def __init__(self, model: Transformer, n_blocks: int = 48, seed: int = 0):
+        self.model = model
+        model.allocate_cache(n_blocks, BLOCK)
+        self.width = -(-model.max_seq_len // BLOCK)
+        self.free = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+        self.blocks: list[list[int]] = []
+        self.tokens: list[list[int]] = []
+
+    def add(self, n_tokens: int, seed: int) -> int:
+        self.blocks.append([self.free.pop() for _ in range(self.width)])
+        self.tokens.append(torch.randint(0, VOCAB, (n_tokens,), generator=torch.Generator().manual_seed(seed)).tolist())
+        return len(self.tokens) - 1
+
+    def batch(self, work: list[tuple[int, int, int]]) -> Batch:
+        """work: (sequence, first position, count) per sequence of the step."""
+        dev = self.model.device
+        ids, pos, slots, starts, lens = [], [], [], [0], []
+        tables = torch.zeros(len(work), self.width, dtype=torch.int32)
+        for b, (s, lo, n) in enumerate(work):
+            ids += self.tokens[s][lo:lo + n]
+            pos += range(lo, lo + n)
+            slots += [self.blocks[s][p // BLOCK] * BLOCK + p % BLOCK for p in range(lo, lo + n)]
+            starts.append(len(ids))
+            lens.append(lo + n)
+            tables[b] = torch.tensor(self.blocks[s], dtype=torch.int32)
+        t = lambda v, dt=torch.int64: torch.tensor(v, dtype=dt, device=dev)
+        return Batch(token_ids=t(ids), positions=t(pos), slot_mapping=t(slots), query_start=t(starts, torch.int32),
+                     seq_lens=t(lens, torch.int32), block_tables=tables.to(dev),
+                     max_query_len=max(n for _, _, n in work), logits_rows=t([e - 1 for e in starts[1:]]))
 
 
-def prompt_ids(n: int, seed: int = 0) -> list[int]:
-    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def test_cpu_runner_is_the_step_function(model):
-    decoder = GraphDecoder(model)
-    assert not decoder.use_graph
-    assert decoder.step_runner() == decoder.step
-    assert decoder.sampler_runner(SamplerSpec(greedy=True)) == decoder.sample
-    with pytest.raises(ValueError, match="CUDA"):
-        GraphDecoder(model, use_graph=True)
-
-
-def test_step_matches_full_forward(model):
-    ids = prompt_ids(30, seed=1)
-    n_prompt = 12
+def prefilled(model, prompt_lens, seed=0):
+    """Sequences with their prompts (all but the last token) already in the cache."""
+    seqs = Sequences(model, seed=seed)
+    for i, n in enumerate(prompt_lens):
+        seqs.add(n + 8, seed=seed * 100 + i)
     with torch.inference_mode():
-        full = model.forward(torch.tensor(ids), torch.arange(len(ids)))
-        decoder = GraphDecoder(model)
-        step = decoder.step_runner()
-        # prefill the prompt, then feed the remaining tokens one by one through the step
-        model.forward(torch.tensor(ids[:n_prompt]), torch.arange(n_prompt))
-        decoder.position.fill_(n_prompt)
-        worst = 0.0
-        for p in range(n_prompt, len(ids)):
-            decoder.token.fill_(ids[p])
-            step()
-            assert int(decoder.position) == p + 1
-            err = rel_err(decoder.logits[0], full[p])
-            worst = max(worst, err)
-    print(f"decode step vs full forward: worst max rel error {worst:.2e} over {len(ids) - n_prompt} steps")
-    assert worst <= 1e-5
+        model.forward(seqs.batch([(i, 0, n) for i, n in enumerate(prompt_lens)]))
+    return seqs
 
 
-@pytest.mark.parametrize("lookahead", [0, 1, 3])
-@pytest.mark.parametrize("penalty", [1.0, 1.5])
-def test_greedy_tokens_equal_reference_loop(model, lookahead, penalty):
-    prompt = prompt_ids(7, seed=2)
-    params = SamplingParams(max_new_tokens=20, temperature=0.0, repetition_penalty=penalty)
-    ref = list(generate_tokens(model, prompt, params, eos_ids=set()))
-    ours = list(GraphDecoder(model, lookahead=lookahead).generate_tokens(prompt, params, eos_ids=set()))
-    assert ours == ref
-    if penalty > 1:
-        # on this model an unpenalised greedy run repeats tokens; the penalty must change the run
-        plain = list(generate_tokens(model, prompt, SamplingParams(max_new_tokens=20, temperature=0.0), set()))
-        assert plain != ours
+def decode_step(seqs, prompt_lens, step, rows=None):
+    rows = range(len(prompt_lens)) if rows is None else rows
+    return seqs.batch([(i, prompt_lens[i] + step, 1) for i in rows])
 
 
-def test_stops_at_end_token_and_context_is_checked(model):
-    prompt = prompt_ids(5, seed=4)
-    params = SamplingParams(max_new_tokens=10, temperature=0.0)
-    decoder = GraphDecoder(model, lookahead=3)
-    first = list(decoder.generate_tokens(prompt, params, set()))
-    eos = first[3]
-    stopped = list(decoder.generate_tokens(prompt, params, {eos}))
-    assert stopped == first[:first.index(eos) + 1]
-    # a request that cannot fit is refused when generate_tokens is called, not at next()
-    from smollm3_triton.errors import RequestError
-    with pytest.raises(RequestError, match="exceeds the context"):
-        decoder.generate_tokens(prompt, SamplingParams(max_new_tokens=MAX_SEQ), set())
+def test_buckets():
+    assert buckets_for(1) == [1]
+    assert buckets_for(8) == [1, 2, 4, 8]
+    assert buckets_for(12) == [1, 2, 4, 8, 12]
+    with pytest.raises(ValueError):
+        buckets_for(0)
 
 
-def test_seeded_sampling_is_reproducible(model):
-    prompt = prompt_ids(6, seed=5)
-    decoder = GraphDecoder(model)
-
-    def run(seed, **kw):
-        params = SamplingParams(max_new_tokens=24, temperature=1.5, seed=seed, **kw)
-        return list(decoder.generate_tokens(prompt, params, set()))
-
-    a, b, c = run(11), run(11), run(12)
-    assert a == b
-    assert a != c
-    # the same draws through a different lookahead (steps queued differently) give the same tokens
-    params = SamplingParams(max_new_tokens=24, temperature=1.5, seed=11)
-    assert list(GraphDecoder(model, lookahead=0).generate_tokens(prompt, params, set())) == a
-    assert run(11, top_k=5, top_p=0.9, min_p=0.02) == run(11, top_k=5, top_p=0.9, min_p=0.02)
+def test_needs_an_allocated_cache():
+    with pytest.raises(ValueError, match="allocate_cache"):
+        GraphRunner(tiny_model(), 4)
 
 
-def test_token_loop_for_picks_the_reference_on_cpu(model):
-    prompt = prompt_ids(4, seed=6)
-    params = SamplingParams(max_new_tokens=5, temperature=0.0)
-    loop = token_loop_for(model, "torch")
-    assert list(loop(prompt, params, set())) == list(generate_tokens(model, prompt, params, set()))
+def test_cpu_runner_has_no_graph():
+    model = tiny_model()
+    model.allocate_cache(8, BLOCK)
+    assert not GraphRunner(model, 4).use_graph
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphRunner(model, 4, use_graph=True)
 
 
-# ---------------------------------------------------------------- host syncs
+def test_padded_decode_equals_forward_and_writes_nothing_extra():
+    """Decode steps of 3 sequences (bucket 4), then 4, then 2 (rows of the last step's
+    bucket beyond its batch must be reset to padding): the runner's logits equal the
+    forward of the unpadded batch bit for bit, and the pools after each step are equal."""
+    lens = [5, 11, 3, 7]
+    a, b = tiny_model(), tiny_model()
+    seqs_a, seqs_b = prefilled(a, lens), prefilled(b, lens)
+    runner = GraphRunner(a, max_num_seqs=8)
+    with torch.inference_mode():
+        for step, rows in enumerate([(0, 1, 2), (0, 1, 2, 3), (1, 3), (2,)]):
+            batch_a, batch_b = decode_step(seqs_a, lens, step, rows), decode_step(seqs_b, lens, step, rows)
+            assert runner.bucket_for(batch_a) == {3: 4, 4: 4, 2: 2, 1: 1}[len(rows)]
+            got, want = runner.run(batch_a), b.forward(batch_b)
+            assert got.shape == want.shape == (len(rows), VOCAB)
+            assert torch.equal(got, want), rel_err(got, want)
+            assert torch.equal(a.cache.k, b.cache.k) and torch.equal(a.cache.v, b.cache.v)
+
+
+def test_prefill_and_mixed_steps_run_eagerly():
+    lens = [6, 4]
+    a, b = tiny_model(), tiny_model()
+    seqs_a, seqs_b = prefilled(a, lens), prefilled(b, lens)
+    runner = GraphRunner(a, max_num_seqs=4)
+    with torch.inference_mode():
+        mixed_a, mixed_b = seqs_a.batch([(0, 6, 1), (1, 4, 3)]), seqs_b.batch([(0, 6, 1), (1, 4, 3)])
+        assert runner.bucket_for(mixed_a) is None
+        assert torch.equal(runner.run(mixed_a), b.forward(mixed_b))
+        # More sequences than max_num_seqs: eager as well.
+        big = Sequences(tiny_model(), seed=1)
+        for i in range(5):
+            big.add(3, seed=i)
+        assert GraphRunner(big.model, max_num_seqs=4).bucket_for(big.batch([(i, 0, 1) for i in range(5)])) is None
+
 
 # Ops whose result the host must read (a CUDA sync) or whose output shape depends on data.
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique_dim", "_unique", "_unique2",
@@ -186,111 +196,86 @@ def test_probe_catches_a_host_read():
     assert probe.seen == ["_local_scalar_dense", "index"]
 
 
-@pytest.mark.parametrize("params", [
-    dict(temperature=0.0), dict(temperature=0.0, repetition_penalty=1.2),
-    dict(temperature=0.8), dict(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.1)])
-def test_sampler_makes_no_host_read(model, params):
-    decoder = GraphDecoder(model)
-    params = SamplingParams(max_new_tokens=4, **params)
-    with torch.inference_mode():
-        decoder.sampler.reset(params, prompt_ids(5))
-        decoder.logits.copy_(torch.randn(1, VOCAB))
-        with HostReads() as probe:
-            for _ in range(3):
-                decoder.sample()
-    assert probe.seen == []
-
-
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q5_0", "Q4_0", "Q4_1", "F16"])
-def test_embedding_lookup_makes_no_host_read(qtype):
-    """The step's first op reads token rows of the (quantized) embedding table on the device."""
-    from smollm3_triton.quant import BLOCK_SIZES
-    t = GGMLType[qtype]
-    elems, nbytes = BLOCK_SIZES[t]
-    if t == GGMLType.F16:
-        table = QuantTensor(torch.randn(10, 64).half(), t, (10, 64))
-    else:
-        table = QuantTensor(torch.randint(0, 256, (10, 2 * nbytes), dtype=torch.uint8), t, (10, 2 * elems))
+def test_probe_catches_a_host_read():
     with HostReads() as probe:
-        rows = table.dequantize_rows(torch.tensor([3]), torch.bfloat16)
-    assert probe.seen == [] and rows.shape == (1, table.shape[1])
+        x = torch.arange(4)
+        int(x.max())
+        x[x > 1]
+    assert probe.seen == ["_local_scalar_dense", "index"]
 
 
 def test_triton_decode_step_makes_no_host_read():
-    """The step on the Triton ops (under the interpreter without a GPU, compiled with one)
-    reads nothing back on the host: what a CUDA graph needs. (The torch reference's
-    attention does read the context length, which is why the graph path is for backend
+    """The runner's step on the Triton ops (under the interpreter without a GPU, compiled
+    with one) reads nothing back on the host: what a CUDA graph needs. (The torch
+    reference's attention does read the lengths, which is why graphs are for backend
     'triton'.)"""
     pytest.importorskip("smollm3_triton.kernels.triton_ops")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # small enough for the interpreter: 2 layers, head_dim 16
     shape = dict(hidden=64, intermediate=128, n_heads=4, n_kv_heads=2, n_layers=2)
-    decoder = GraphDecoder(tiny_model("triton", device=device, **shape), use_graph=False)
+    model = tiny_model("triton", device=device, **shape)
+    seqs = Sequences(model)
+    for i in range(3):
+        seqs.add(6, seed=i)
+    runner = GraphRunner(model, max_num_seqs=4, use_graph=False)
     with torch.inference_mode():
-        decoder.position.fill_(3)     # rows 0..2 of the cache hold zeros: the values do not matter here
-        decoder.token.fill_(7)
-        decoder.step()                # compiles (on a GPU) outside the probe
+        batch = seqs.batch([(i, 2 + i, 1) for i in range(3)])   # earlier rows hold zeros: values do not matter
+        runner.run(batch)                                         # compiles (on a GPU) outside the probe
+        runner.load(batch, 4)
         with HostReads() as probe:
-            decoder.step()
+            model.forward(runner.static_batch(4))
         assert probe.seen == []
+        ref = tiny_model(**shape)
+        ref_seqs = Sequences(ref)
+        for i in range(3):
+            ref_seqs.add(6, seed=i)
         with HostReads() as probe:
-            GraphDecoder(tiny_model(**shape)).step()
-    assert "item" in probe.seen or "_local_scalar_dense" in probe.seen   # attention_torch: int(positions.max())
+            ref.forward(ref_seqs.batch([(i, 2 + i, 1) for i in range(3)]))
+    assert "item" in probe.seen or "_local_scalar_dense" in probe.seen   # attention_torch reads lengths
 
 
 # ---------------------------------------------------------------- CUDA
 
-@pytest.fixture(scope="module")
-def cuda_model():
+def cuda_pair(lens):
+    """Two identical Triton bf16 models on the GPU with the same prompts prefilled."""
     pytest.importorskip("smollm3_triton.kernels.triton_ops")
-    return tiny_model("triton", device="cuda", dtype=torch.bfloat16)
+    out = []
+    for _ in range(2):
+        m = tiny_model("triton", device="cuda", dtype=torch.bfloat16)
+        out.append((m, prefilled(m, lens)))
+    return out
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("params", [dict(temperature=0.0), dict(temperature=0.9, top_p=0.95, seed=3),
-                                    dict(temperature=0.7, top_k=40, repetition_penalty=1.2, seed=4)])
-def test_graph_replay_equals_eager_step(cuda_model, params):
-    prompt = prompt_ids(9, seed=8)
-    params = SamplingParams(max_new_tokens=30, **params)
-    graph = GraphDecoder(cuda_model, use_graph=True)
-    eager = GraphDecoder(cuda_model, use_graph=False)
-    ours = list(graph.generate_tokens(prompt, params, set()))
-    assert graph._graphs, "nothing was captured"
-    assert ours == list(eager.generate_tokens(prompt, params, set()))
-    if params.temperature == 0:
-        assert ours == list(generate_tokens(cuda_model, prompt, params, set()))
-
-
-@pytest.mark.gpu
-def test_graph_step_logits_equal_eager_step(cuda_model):
-    decoder = GraphDecoder(cuda_model, use_graph=True)
-    ids = prompt_ids(20, seed=9)
+def test_graph_replay_equals_eager_forward():
+    """Decode steps of 1, 3, 8 and 5 sequences replayed from graphs (buckets 1, 4, 8, 8):
+    logits and pools bit-identical to the eager forward of the same padded batch."""
+    lens = [5, 11, 3, 7, 9, 2, 13, 4]
+    (a, seqs_a), (b, seqs_b) = cuda_pair(lens)
+    graph = GraphRunner(a, max_num_seqs=8)
+    eager = GraphRunner(b, max_num_seqs=8, use_graph=False)
     with torch.inference_mode():
-        replay = decoder.step_runner()
-        cuda_model.forward(torch.tensor(ids[:8], device="cuda"), torch.arange(8, device="cuda"))
-        got, want = [], []
-        for run, out in ((replay, got), (decoder.step, want)):
-            decoder.position.fill_(8)
-            for p in range(8, 20):
-                decoder.token.fill_(ids[p])
-                run()
-                out.append(decoder.logits.clone())
-    torch.cuda.synchronize()
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+        for step, rows in enumerate([(0,), (0, 1, 2), tuple(range(8)), (1, 3, 5, 6, 7)]):
+            got = graph.run(decode_step(seqs_a, lens, step, rows))
+            want = eager.run(decode_step(seqs_b, lens, step, rows))
+            assert torch.equal(got, want)
+            assert torch.equal(a.cache.k, b.cache.k) and torch.equal(a.cache.v, b.cache.v)
+    assert graph.captured == [1, 4, 8]
 
 
 @pytest.mark.gpu
-def test_cuda_step_and_sampler_do_not_sync(cuda_model):
-    decoder = GraphDecoder(cuda_model, use_graph=False)
-    params = SamplingParams(max_new_tokens=4, temperature=0.7, top_k=50, top_p=0.9, min_p=0.01,
-                            repetition_penalty=1.1, seed=1)
+def test_replayed_step_does_not_sync():
+    lens = [5, 11, 3]
+    (a, seqs), _ = cuda_pair(lens)
+    runner = GraphRunner(a, max_num_seqs=4)
     with torch.inference_mode():
-        decoder._prepare(prompt_ids(6), params)
+        runner.capture_all()
+        batches = [decode_step(seqs, lens, s) for s in range(3)]
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            for _ in range(3):
-                decoder.step()
-                decoder.sample()
+            for batch in batches:
+                runner.run(batch)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    assert runner.captured == [1, 2, 4]

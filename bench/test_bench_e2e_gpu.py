@@ -1,23 +1,22 @@
 """End-to-end GPU throughput on synthetic SmolLM3-3B files (bench/synthetic.py: the exact
-shapes and llama.cpp's per-tensor types for Q4_K_M, Q8_0 and F16, random valid blocks).
+shapes and llama.cpp's per-tensor types for Q4_K_M, random valid blocks), through the
+serving engine (Runtime.load(...).engine: Engine.add_request / step) on the Triton
+kernels with the CUDA-graph runner.
 
-For each type, in one run:
-- prefill tokens/s at 512, 2048 and 8192 prompt tokens (Triton kernels), beside the
-  compute roofline (FLOPs / dense bf16 peak);
-- decode tokens/s at context 1024 and 32768 with the CUDA-graph decoder (greedy), beside
-  the bandwidth roofline (bytes read per token / DRAM bandwidth: vendor peak and a
-  measured device copy) and as GB/s; at 1024 also with temperature/top-p sampling on
-  the device, the same Triton step run eagerly (no graph), and tokens as the public
-  generate loop delivers them to the host;
-- the eager reference (torch backend: dequantize + matmul, plain attention) on the
-  same file and in the same harness.
-See smollm3_triton/bench.py for how each figure is taken.
+- aggregate decode tokens/s with 1, 4, 16 and 64 sequences decoding together (greedy,
+  CONC_PROMPT-token prompts prefilled first and not timed, CONC_TOKENS timed steps),
+  beside the bandwidth roofline of a batched step (weights read once per step plus each
+  sequence's K/V) and as GB/s;
+- the same at 1 and 64 on the eager Triton forward (no graphs);
+- the graph runner's greedy tokens against the eager forward's.
 
 Results: printed in the "bench figures" summary and written as JSON to
-$BENCH_RESULTS (or $OUT, else bench/results/) as bench_e2e.json, rewritten after every
-case so a run cut short keeps what it measured. BENCH_QUANTS (comma-separated) picks
-the types; BENCH_MODEL_DIR keeps the synthetic files between runs; BENCH_PEAK_GBPS /
-BENCH_PEAK_TFLOPS override the device table. Without CUDA every case skips.
+$BENCH_RESULTS (or $OUT, else bench/results/) as bench_e2e.json, with the table in
+bench_concurrency.md, rewritten after every case so a run cut short keeps what it
+measured. BENCH_QUANTS (comma-separated) picks the files (default q4_k_m; the
+concurrency cases run on q4_k_m); BENCH_MODEL_DIR keeps the synthetic files between
+runs; BENCH_PEAK_GBPS / BENCH_PEAK_TFLOPS override the device table. Without CUDA
+every case skips.
 """
 from __future__ import annotations
 
@@ -39,13 +38,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: end-to-end GPU benchmark")]
 
 SHAPE = "smollm3-3b"
-QUANTS = [q for q in os.environ.get("BENCH_QUANTS", "q4_k_m,q8_0,f16").split(",") if q]
-PREFILL = [512, 2048, 8192]
-CONTEXTS = [1024, 32768]
-DECODE_TOKENS = 128
-ROUNDS = 3
-EAGER_DECODE_TOKENS = 8
-MAX_SEQ_LEN = max(CONTEXTS) + DECODE_TOKENS + 64
+QUANTS = [q for q in os.environ.get("BENCH_QUANTS", "q4_k_m").split(",") if q]
 
 RESULTS: dict = {"machine": {}, "runs": []}
 
@@ -53,14 +46,6 @@ RESULTS: dict = {"machine": {}, "runs": []}
 def results_path() -> Path:
     root = os.environ.get("BENCH_RESULTS") or os.environ.get("OUT")
     return Path(root) if root else Path(__file__).resolve().parent / "results"
-
-
-def record(quant: str, result, report_figure, extra: str = "") -> None:
-    RESULTS["runs"].append({"model": f"synthetic {SHAPE} {quant}", **asdict(result)})
-    report_figure(f"{SHAPE} {quant:<6} {result.line()}{extra}")
-    out = results_path()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_e2e.json").write_text(json.dumps(RESULTS, indent=2))
 
 
 @pytest.fixture(scope="session")
@@ -87,114 +72,125 @@ def model_file(request, tmp_path_factory):
     return request.param, path
 
 
-@pytest.fixture(scope="module")
-def triton_rt(model_file):
-    from smollm3_triton import Runtime
-    from smollm3_triton.bench import model_cost
-    quant, path = model_file
-    rt = Runtime.load(path, device="cuda", backend="triton", max_seq_len=MAX_SEQ_LEN)
-    yield quant, rt, model_cost(path, rt.config, rt.model.dtype)
-    del rt
-    torch.cuda.empty_cache()
-
-
-@pytest.fixture(scope="module")
-def decoder(triton_rt):
-    from smollm3_triton.cuda_graph import GraphDecoder
-    return GraphDecoder(triton_rt[1].model, use_graph=True)
-
-
 def once(benchmark, fn):
     """Run fn (which takes its own rounds) once under pytest-benchmark, returning its result."""
     box = []
     benchmark.pedantic(lambda: box.append(fn()), rounds=1, iterations=1)
-    result = box[0]
-    benchmark.extra_info.update({k: v for k, v in asdict(result).items() if k != "runs"})
-    return result
+    return box[0]
 
 
-@pytest.mark.parametrize("n", PREFILL)
-def test_prefill(benchmark, triton_rt, peaks, report_figure, n):
-    from smollm3_triton.bench import prefill_result
-    quant, rt, cost = triton_rt
-    record(quant, once(benchmark, lambda: prefill_result(rt.model, cost, peaks, "triton", n, ROUNDS)), report_figure)
+# ---------------------------------------------------------------- concurrent decode (the engine)
 
-
-@pytest.mark.parametrize("context", CONTEXTS)
-def test_decode_graph(benchmark, triton_rt, decoder, peaks, report_figure, context):
-    from smollm3_triton.bench import decode_result
-    quant, rt, cost = triton_rt
-    result = once(benchmark, lambda: decode_result(decoder, cost, peaks, "graph", context, DECODE_TOKENS, ROUNDS))
-    assert decoder._graphs, "the decode step was not captured in a CUDA graph"
-    record(quant, result, report_figure)
-
-
-def test_decode_graph_sampled(benchmark, triton_rt, decoder, peaks, report_figure):
-    from smollm3_triton.bench import decode_result
-    from smollm3_triton.generation import SamplingParams
-    quant, rt, cost = triton_rt
-    params = SamplingParams(temperature=0.7, top_p=0.9, seed=0)
-    result = once(benchmark, lambda: decode_result(decoder, cost, peaks, "graph+top-p", CONTEXTS[0],
-                                                   DECODE_TOKENS, ROUNDS, params))
-    record(quant, result, report_figure, "  (temperature 0.7, top-p 0.9)")
-
-
-def test_decode_triton_eager(benchmark, triton_rt, peaks, report_figure):
-    from smollm3_triton.bench import decode_result
-    from smollm3_triton.cuda_graph import GraphDecoder
-    quant, rt, cost = triton_rt
-    eager = GraphDecoder(rt.model, use_graph=False)
-    record(quant, once(benchmark, lambda: decode_result(eager, cost, peaks, "triton-eager", CONTEXTS[0],
-                                                         DECODE_TOKENS, ROUNDS)), report_figure)
-
-
-def test_generate_loop_and_graph_matches_eager(triton_rt, decoder, peaks, report_figure):
-    """Tokens as generate_tokens hands them to the host (prefill of 1024 tokens, then
-    greedy steps with lookahead); and the graph's tokens equal the eager step's."""
-    from smollm3_triton.bench import Result, random_ids
-    from smollm3_triton.cuda_graph import GraphDecoder
-    from smollm3_triton.generation import SamplingParams
-    quant, rt, cost = triton_rt
-    prompt = random_ids(CONTEXTS[0], rt.config.vocab_size, seed=1).tolist()
-    params = SamplingParams(max_new_tokens=DECODE_TOKENS, temperature=0.0)
-    stamps, tokens = [], []
-    for token in decoder.generate_tokens(prompt, params, set()):
-        stamps.append(time.perf_counter())
-        tokens.append(token)
-    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
-    nbytes = cost.decode_bytes(CONTEXTS[0])
-    roof = peaks.peak_gbps * 1e9 / nbytes if peaks.peak_gbps else None
-    record(quant, Result("decode", "generate-loop", CONTEXTS[0], rate, [rate], roof, rate / roof if roof else None,
-                         gb_per_s=nbytes * rate / 1e9), report_figure, "  (host reads every token)")
-    n = min(16, DECODE_TOKENS)
-    eager = list(GraphDecoder(rt.model, use_graph=False).generate_tokens(prompt, SamplingParams(
-        max_new_tokens=n, temperature=0.0), set()))
-    assert tokens[:n] == eager
+CONCURRENCY = [1, 4, 16, 64]
+CONC_QUANT = "q4_k_m"
+CONC_PROMPT = 128          # prompt tokens per sequence (prefill, untimed)
+CONC_TOKENS = 64           # timed decode steps per run
+CONC_CONTEXT = CONC_PROMPT + CONC_TOKENS
 
 
 @pytest.fixture(scope="module")
-def torch_rt(model_file, triton_rt):
+def engine_rt(model_file):
+    """SmolLM3-3B Q4_K_M on the Triton kernels through the engine, max_num_seqs 64, with
+    every CUDA-graph bucket captured before anything is timed. Prefix caching off: the
+    runs reuse prompts, and a fully cached prompt would prefill differently."""
     from smollm3_triton import Runtime
+    from smollm3_triton.bench import model_cost
     quant, path = model_file
-    rt = Runtime.load(path, device="cuda", backend="torch", max_seq_len=MAX_SEQ_LEN)
-    yield rt
+    if quant != CONC_QUANT:
+        pytest.skip(f"the concurrency bench runs on {CONC_QUANT}")
+    rt = Runtime.load(path, device="cuda", backend="triton", max_seq_len=2048, max_num_seqs=max(CONCURRENCY),
+                      kv_cache_tokens=max(CONCURRENCY) * (CONC_CONTEXT + 64),
+                      enable_prefix_caching=False)   # every run prefills the same way
+    runner = getattr(rt.engine.runner, "__self__", None)
+    start = time.perf_counter()
+    runner.capture_all()
+    torch.cuda.synchronize()
+    print(f"\ncaptured buckets {runner.captured} in {time.perf_counter() - start:.1f} s")
+    yield quant, rt, model_cost(path, rt.config, rt.model.dtype), runner
     del rt
     torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("n", PREFILL)
-def test_prefill_eager_reference(benchmark, triton_rt, torch_rt, peaks, report_figure, n):
-    from smollm3_triton.bench import prefill_result
-    quant, _, cost = triton_rt
-    record(quant, once(benchmark, lambda: prefill_result(torch_rt.model, cost, peaks, "torch-eager", n, 1)),
-           report_figure)
+def concurrent_decode(rt, n: int, runner_fn=None, tokens: int = CONC_TOKENS) -> tuple[float, float, list[list[int]]]:
+    """n greedy requests of CONC_PROMPT random tokens: prefilled (untimed), then `tokens`
+    decode steps of all n timed -> (aggregate tok/s, seconds per step, tokens of each)."""
+    from smollm3_triton.bench import random_ids
+    from smollm3_triton.generation import SamplingParams
+    eng = rt.engine
+    saved = eng.runner
+    if runner_fn is not None:
+        eng.runner = runner_fn
+    try:
+        params = SamplingParams(max_new_tokens=tokens + 1, temperature=0.0, ignore_eos=True)
+        ids = [eng.add_request(random_ids(CONC_PROMPT, rt.config.vocab_size, seed=s).tolist(), params)
+               for s in range(n)]
+        got = {i: [] for i in ids}
+        while any(not got[i] for i in ids):            # prefill: every request has its first token
+            for out in eng.step():
+                got[out.request_id] += out.token_ids
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        steps = 0
+        while eng.has_unfinished():
+            for out in eng.step():
+                got[out.request_id] += out.token_ids
+            steps += 1
+        torch.cuda.synchronize()
+        secs = time.perf_counter() - start
+    finally:
+        eng.runner = saved
+    generated = sum(len(v) - 1 for v in got.values())
+    return generated / secs, secs / max(steps, 1), [got[i] for i in ids]
 
 
-@pytest.mark.parametrize("context", CONTEXTS)
-def test_decode_eager_reference(benchmark, triton_rt, torch_rt, peaks, report_figure, context):
-    from smollm3_triton.bench import decode_result
-    from smollm3_triton.cuda_graph import GraphDecoder
-    quant, _, cost = triton_rt
-    eager = GraphDecoder(torch_rt.model, use_graph=False)
-    record(quant, once(benchmark, lambda: decode_result(eager, cost, peaks, "torch-eager", context,
-                                                         EAGER_DECODE_TOKENS, 1)), report_figure)
+def record_concurrency(quant, n, engine, rate, step_s, cost, peaks, report_figure):
+    # A decode step reads the weights once for all n sequences plus each one's K/V.
+    nbytes = cost.weight_bytes + n * cost.kv_bytes_per_position * CONC_CONTEXT
+    roof = n * peaks.peak_gbps * 1e9 / nbytes if peaks.peak_gbps else None
+    row = dict(model=f"synthetic {SHAPE} {quant}", kind="concurrent-decode", engine=engine, concurrency=n,
+               context=CONC_CONTEXT, tok_per_s=rate, per_sequence_tok_per_s=rate / n, step_ms=step_s * 1e3,
+               gb_per_s=nbytes / step_s / 1e9, roofline_tok_per_s=roof,
+               fraction_of_roofline=rate / roof if roof else None)
+    RESULTS.setdefault("concurrency", []).append(row)
+    line = (f"{SHAPE} {quant:<6} decode {engine:<12} x{n:<3} ctx~{CONC_CONTEXT}  {rate:10.1f} tok/s aggregate  "
+            f"{rate / n:7.1f} per sequence  {step_s * 1e3:6.2f} ms/step  {row['gb_per_s']:7.1f} GB/s")
+    if roof:
+        line += f"  roofline {roof:9.1f} tok/s ({100 * rate / roof:.1f}%)"
+    report_figure(line)
+    out = results_path()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_e2e.json").write_text(json.dumps(RESULTS, indent=2))
+    table = ["| concurrent sequences | engine | aggregate tok/s | per sequence | ms/step | % of roofline |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in RESULTS["concurrency"]:
+        frac = f"{100 * r['fraction_of_roofline']:.1f}%" if r["fraction_of_roofline"] else "-"
+        table.append(f"| {r['concurrency']} | {r['engine']} | {r['tok_per_s']:,.0f} | "
+                     f"{r['per_sequence_tok_per_s']:,.1f} | {r['step_ms']:.2f} | {frac} |")
+    (out / "bench_concurrency.md").write_text("\n".join(table) + "\n")
+
+
+@pytest.mark.parametrize("n", CONCURRENCY)
+def test_decode_concurrent_graph(benchmark, engine_rt, peaks, report_figure, n):
+    """Aggregate decode tokens/s of n sequences decoding together (CUDA-graph buckets)."""
+    quant, rt, cost, runner = engine_rt
+    rate, step_s, _ = once(benchmark, lambda: concurrent_decode(rt, n))
+    benchmark.extra_info.update(tok_per_s=rate, step_ms=step_s * 1e3, concurrency=n)
+    record_concurrency(quant, n, "graph", rate, step_s, cost, peaks, report_figure)
+
+
+@pytest.mark.parametrize("n", [1, 64])
+def test_decode_concurrent_eager(benchmark, engine_rt, peaks, report_figure, n):
+    """The same steps on the same Triton kernels without graphs (model.forward)."""
+    quant, rt, cost, runner = engine_rt
+    rate, step_s, _ = once(benchmark, lambda: concurrent_decode(rt, n, rt.model.forward, tokens=16))
+    record_concurrency(quant, n, "triton-eager", rate, step_s, cost, peaks, report_figure)
+
+
+def test_graph_tokens_equal_eager_tokens(engine_rt):
+    """4 greedy sequences: the graph runner's tokens equal the eager forward's (same
+    kernels, same padding-free rows; graphs only replay them)."""
+    quant, rt, cost, runner = engine_rt
+    _, _, graph = concurrent_decode(rt, 4, tokens=16)
+    _, _, eager = concurrent_decode(rt, 4, rt.model.forward, tokens=16)
+    assert graph == eager
+    assert 4 in runner.captured

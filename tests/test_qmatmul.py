@@ -247,3 +247,35 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(UnsupportedModelError, match=r"expected uint8 data \[4, 144\]"):
         prepare_weight(QuantTensor(torch.zeros(4, 140, dtype=torch.uint8), GGMLType.Q4_K, (4, 256)))
 
+
+
+def test_rows_pick_the_gemv_or_the_tiled_path(monkeypatch):
+    """M = 1..GEMV_MAX_M (4): the GEMV kernel, one program decoding each weight tile once
+    for all M rows; M = 5..64 (batched decode) and beyond: tl.dot tiles of the GEMM kernel."""
+    from smollm3_triton.kernels import qmatmul as qm
+    assert qm.GEMV_MAX_M == 4
+    seen = []
+    real = qm._launch
+    monkeypatch.setattr(qm, "_launch", lambda x, y, p, col0, split, path, cfg: (seen.append((x.shape[0], path)),
+                                                                                real(x, y, p, col0, split, path, cfg)))
+    w = prepare_weight(random_weight(GGMLType.Q8_0, 16, 64, seed=6).to(DEVICE))
+    for m in (1, 2, 4, 5, 16, 64):
+        qmatmul_triton(make_x(m, 64, torch.float32).to(DEVICE), w)
+    assert seen == [(1, "gemv"), (2, "gemv"), (4, "gemv"), (5, "gemm"), (16, "gemm"), (64, "gemm")]
+
+
+def test_a_row_barely_depends_on_the_batch():
+    """Batch invariance of the Triton path, measured: row 0 computed alone (GEMV) and in
+    batches of 4 (GEMV), 8, 16 (16x64 tiles) and 64 rows (64x64 tiles). Different paths
+    sum in different orders, so rows agree to fp32 rounding, not bit for bit
+    (the torch reference is bit-identical from 16 rows down to 1)."""
+    qtype = GGMLType.Q4_K
+    w = prepare_weight(random_weight(qtype, 48, K_OF[qtype], seed=7).to(DEVICE))
+    x = make_x(64, K_OF[qtype], torch.float32, seed=8).to(DEVICE)
+    alone = qmatmul_triton(x[:1], w).double()
+    worst = 0.0
+    for m in (4, 8, 16, 64):
+        row = qmatmul_triton(x[:m], w)[:1].double()
+        worst = max(worst, ((row - alone).abs() / alone.abs().max()).max().item())
+    print(f"qmatmul row 0 alone vs in batches of 4..64: max diff {worst:.2e} of the row's largest value")
+    assert worst <= 1e-5

@@ -68,7 +68,7 @@ def _add_chat_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smollm3", description="SmolLM3 / SmolLM2 inference on Triton kernels.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,inspect,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,inspect,bench,perplexity}")
 
     gen = sub.add_parser("generate", help="one answer (or raw continuation) streamed to stdout",
                          description="Answer one prompt through the chat template (or continue it raw with "
@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
                                        "its roofline (bytes per token / device bandwidth).")
     _add_model_options(bench)
     add_bench_arguments(bench, model_options=False)
+
+    from .perplexity import add_perplexity_arguments
+    ppl = sub.add_parser("perplexity", help="perplexity and KL divergence of a text, as llama-perplexity",
+                         description="Perplexity of a text file in chunks of -c tokens (the second half of each "
+                                     "scored), and KL divergence against a base model, with llama-perplexity's "
+                                     "semantics and numbers.")
+    _add_model_options(ppl)
+    add_perplexity_arguments(ppl)
     return parser
 
 
@@ -118,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from .bench import run_bench
             return run_bench(args)
+        if args.command == "perplexity":
+            from .perplexity import run_perplexity_cli
+            return run_perplexity_cli(args, lambda **options: _load(args, **options))
         sampling = _sampling_kwargs(args)
         if args.command == "generate":
             return _generate(args, sampling)
@@ -146,7 +157,7 @@ def _sampling_kwargs(args) -> dict:
     return kwargs
 
 
-def _load(args):
+def _load(args, max_seq_len: int | None = None, **load_options):
     import torch
 
     from .errors import RequestError
@@ -162,7 +173,7 @@ def _load(args):
         if device.type not in ("cpu", "cuda"):
             raise RequestError(f"--device {args.device}: only cpu and cuda are supported")
     return Runtime.load(args.model, quant=args.quant, device=args.device, dtype=args.dtype,
-                        backend=args.backend, max_seq_len=args.max_seq_len)
+                        backend=args.backend, max_seq_len=max_seq_len or args.max_seq_len, **load_options)
 
 
 def _generate(args, sampling: dict) -> int:

@@ -1,0 +1,94 @@
+"""A deterministic English-like text for perplexity tests and the bench table (no downloads).
+
+Sentences from a small grammar drawn with a seeded RNG: the same (n_words, seed) always
+gives the same text, on every machine and Python version (random.Random is stable)."""
+from __future__ import annotations
+
+import random
+
+_SUBJECTS = ["The old miller", "A young doctor", "My neighbour", "The river", "Every student", "The council",
+             "Our teacher", "The small boat", "A tired farmer", "The library", "Her brother", "The train",
+             "The north wind", "A quiet child", "The market", "The baker on the corner"]
+_VERBS = ["walked to", "looked at", "wrote about", "built", "carried", "painted", "remembered", "followed",
+          "repaired", "sold", "visited", "described", "found", "opened", "crossed", "watched"]
+_OBJECTS = ["the bridge", "a letter", "the garden", "an old map", "the harbour", "the stone wall",
+            "a wooden chair", "the long road", "the village school", "a basket of apples", "the church tower",
+            "the evening news", "a broken clock", "the winter fields", "the station", "a red door"]
+_TAILS = ["before the rain began", "in the morning", "after dinner", "with great care", "for the first time",
+          "without a word", "near the old mill", "during the long summer", "while the bells rang",
+          "at the end of the week", "in spite of the cold", "as the sun went down"]
+_LINKS = ["Then", "Later", "After that", "Meanwhile", "In the end", "Soon", "The next day", "Once again"]
+
+
+def english_text(n_words: int = 2000, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    paragraphs, sentences, words = [], [], 0
+    while words < n_words:
+        s = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}"
+        if rng.random() < 0.6:
+            s += f" {rng.choice(_TAILS)}"
+        if rng.random() < 0.3:
+            s = f"{rng.choice(_LINKS)}, {s[0].lower()}{s[1:]}"
+        if rng.random() < 0.15:
+            s += f", and it took {rng.randint(2, 40)} minutes"
+        sentences.append(s + rng.choice([".", ".", ".", "!", "?"] if rng.random() < 0.1 else ["."]))
+        words += len(s.split())
+        if len(sentences) >= rng.randint(3, 7):
+            paragraphs.append(" ".join(sentences))
+            sentences = []
+    if sentences:
+        paragraphs.append(" ".join(sentences))
+    return "\n\n".join(paragraphs) + "\n"
+
+
+# ---------------------------------------------------------------- real weights, other quants
+
+def smollm2_f16(src, dst):
+    """The packaged SmolLM2-135M Q4_1 GGUF dequantized (gguf-py) and written as F16, as
+    convert_hf_to_gguf writes F16 (2-D weights F16, norms F32), every metadata key copied
+    but general.file_type. Real weights in a file llama.cpp can requantize to any type."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(dst), arch)
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, f.contents(), vtype, sub_type=sub)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    for t in reader.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        data = data.reshape([int(n) for n in reversed(t.shape)])
+        if data.ndim >= 2:
+            writer.add_tensor(t.name, data.astype(np.float16), raw_dtype=gguf.GGMLQuantizationType.F16)
+        else:
+            writer.add_tensor(t.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def llama_quantize(src, dst, ftype: str):
+    """`llama-quantize src dst FTYPE` through llama-cpp-python (q8_0, q4_k_m, q5_k_m, q6_k, q4_0)."""
+    import ctypes
+    import os
+
+    import llama_cpp
+
+    ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+              "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M, "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
+              "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftypes[ftype]
+    params.nthread = min(2, os.cpu_count() or 1)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {ftype}) returned {rc}")
+    return dst

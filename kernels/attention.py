@@ -38,12 +38,13 @@ def _gather_keys(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 
 def _attend_tiles(q: torch.Tensor, qpos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  tables: torch.Tensor, scale: float) -> torch.Tensor:
+                  tables: torch.Tensor) -> torch.Tensor:
     """Online softmax of query tiles over their sequences' key chunks.
 
-    q [B, Hkv, M, D] fp32 (M >= MIN_ROWS; rows are (query, head-in-group) pairs),
-    qpos [B, M] position of each row (-1: sees nothing), tables [B, max_blocks]
-    -> [B, Hkv, M, D] fp32."""
+    q [B, Hkv, M, D] fp32, already multiplied by the softmax scale (M >= MIN_ROWS; rows
+    are (query, head-in-group) pairs), qpos [B, M] position of each row (padding rows
+    repeat a real row's), tables [B, max_blocks] -> [B, Hkv, M, D] fp32. A chunk every
+    row sees whole skips the mask: masking nothing would change no bit."""
     B, hkv, M, D = q.shape
     bs = k_cache.shape[2]
     per_chunk = KEY_CHUNK // bs
@@ -59,24 +60,25 @@ def _attend_tiles(q: torch.Tensor, qpos: torch.Tensor, k_cache: torch.Tensor, v_
             if not active.numel():
                 continue
             sub = _attend_tiles_chunk(q[active], qpos[active], k_cache, v_cache, tables[active], start,
-                                      per_chunk, scale, m[active], l[active], acc[active])
+                                      per_chunk, m[active], l[active], acc[active])
             m[active], l[active], acc[active] = sub
         else:
-            m, l, acc = _attend_tiles_chunk(q, qpos, k_cache, v_cache, tables, start, per_chunk, scale, m, l, acc)
+            m, l, acc = _attend_tiles_chunk(q, qpos, k_cache, v_cache, tables, start, per_chunk, m, l, acc)
     return acc / torch.where(l > 0, l, 1.0)
 
 
-def _attend_tiles_chunk(q, qpos, k_cache, v_cache, tables, start, per_chunk, scale, m, l, acc):
+def _attend_tiles_chunk(q, qpos, k_cache, v_cache, tables, start, per_chunk, m, l, acc):
     first = start // k_cache.shape[2]
     blocks = tables[:, first:first + per_chunk]
     if blocks.shape[1] < per_chunk:                       # the table ends inside this chunk
         blocks = torch.nn.functional.pad(blocks, (0, per_chunk - blocks.shape[1]))
     k = _gather_keys(k_cache, blocks)                      # [B, Hkv, KEY_CHUNK, D]
     v = _gather_keys(v_cache, blocks)
-    s = (q @ k.transpose(-1, -2)) * scale                  # [B, Hkv, M, KEY_CHUNK]
-    key_pos = start + torch.arange(KEY_CHUNK, device=q.device)
-    visible = key_pos[None, None, :] <= qpos[:, :, None]   # [B, M, KEY_CHUNK]
-    s = s.masked_fill(~visible[:, None], float("-inf"))
+    s = q @ k.transpose(-1, -2)                            # [B, Hkv, M, KEY_CHUNK]; q is pre-scaled
+    if start + KEY_CHUNK - 1 > int(qpos.min()):            # some row sees only part of this chunk
+        key_pos = start + torch.arange(KEY_CHUNK, device=q.device)
+        visible = key_pos[None, None, :] <= qpos[:, :, None]   # [B, M, KEY_CHUNK]
+        s = s.masked_fill(~visible[:, None], float("-inf"))
     m_new = torch.maximum(m, s.amax(-1, keepdim=True))
     shift = torch.where(m_new == float("-inf"), 0.0, m_new)
     p = torch.exp(s - shift)
@@ -97,7 +99,7 @@ def attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.zeros((N, H, D), dtype=torch.float32, device=q.device)
     starts = query_start.tolist()
     lens = seq_lens.tolist()
-    qf = q.float()
+    qf = q.float() * scale
     # Sequences with one query (decodes) go together, one row tile each; longer ones
     # tile by tile. Both run the same _attend_tiles, so a row's result does not depend
     # on which way it went.
@@ -106,9 +108,9 @@ def attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         rows = torch.tensor([starts[b] for b in singles], device=q.device)
         tiles = qf[rows].view(len(singles), hkv, group, D)
         tiles = torch.nn.functional.pad(tiles, (0, 0, 0, max(MIN_ROWS - group, 0)))
-        qpos = torch.tensor([[lens[b] - 1] * group + [-1] * (tiles.shape[2] - group) for b in singles],
+        qpos = torch.tensor([[lens[b] - 1] * tiles.shape[2] for b in singles],
                             device=q.device)
-        o = _attend_tiles(tiles, qpos, k_cache, v_cache, block_tables[singles], scale)
+        o = _attend_tiles(tiles, qpos, k_cache, v_cache, block_tables[singles])
         out[rows] = o[:, :, :group].reshape(len(singles), H, D)
     for b in range(len(lens)):
         n_q = starts[b + 1] - starts[b]
@@ -121,8 +123,8 @@ def attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             pad = max(MIN_ROWS - r * group, 0)
             tile = torch.nn.functional.pad(tile, (0, 0, 0, pad))
             pos = lens[b] - n_q + t0 + torch.arange(r, device=q.device).repeat_interleave(group)
-            qpos = torch.cat([pos, pos.new_full((pad,), -1)])[None]
-            o = _attend_tiles(tile, qpos, k_cache, v_cache, block_tables[b:b + 1], scale)
+            qpos = torch.cat([pos, pos.new_full((pad,), int(pos[-1]))])[None]
+            o = _attend_tiles(tile, qpos, k_cache, v_cache, block_tables[b:b + 1])
             out[rows] = o[0, :, :r * group].view(hkv, r, group, D).permute(1, 0, 2, 3).reshape(r, H, D)
     return out.to(q.dtype)
 

@@ -23,6 +23,7 @@ Rooflines:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -168,42 +169,44 @@ def random_ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def prefill_seconds(model, n: int, rounds: int) -> list[float]:
-    """Seconds of each of `rounds` prefill passes over n tokens (after one warm-up pass)."""
-    ids = random_ids(n, model.config.vocab_size).to(model.device)
-    positions = torch.arange(n, device=model.device)
+def prefill_seconds(rt, n: int, rounds: int) -> list[float]:
+    """Seconds of each of `rounds` prefill passes over n tokens (after one warm-up pass):
+    one forward over the whole prompt in the engine's KV pool, the last token's logits."""
+    from .model import Batch
+    model = rt.model
+    ids = random_ids(n, model.config.vocab_size)
     out = []
-    with torch.inference_mode():
+    with rt.engine.exclusive(-(-n // rt.engine.block_size)) as blocks, torch.inference_mode():
+        batch = Batch.from_sequences([ids], blocks, rt.engine.block_size, model.device)
+        batch.logits_rows = batch.logits_rows[-1:]
         for r in range(rounds + 1):
             with Timer(model.device) as t:
-                model.forward(ids, positions, last_only=True)
+                model.forward(batch)
             if r:
                 out.append(t.seconds)
     return out
 
 
-def decode_seconds(decoder, context: int, n_tokens: int, rounds: int, params=None) -> list[float]:
-    """Seconds per token of `rounds` runs of n_tokens decode steps (step + sampler) from
-    position `context`, queued back to back with no host read (after warm-up steps)."""
+def decode_seconds(rt, context: int, n_tokens: int, rounds: int, params=None) -> list[float]:
+    """Seconds per token of `rounds` runs of n_tokens engine steps of one sequence after a
+    `context`-token prompt (its prefill is not timed; the first round is a warm-up)."""
     from .generation import SamplingParams
     params = params or SamplingParams(temperature=0.0)
-    model = decoder.model
-    if context + n_tokens + 4 > model.max_seq_len:
-        raise ValueError(f"context {context} + {n_tokens} tokens does not fit max_seq_len {model.max_seq_len}")
+    engine = rt.engine
+    if context + n_tokens + 4 > engine.max_seq_len:
+        raise ValueError(f"context {context} + {n_tokens} tokens does not fit max_seq_len {engine.max_seq_len}")
     out = []
-    with torch.inference_mode():
-        step = decoder.step_runner()
-        sample = decoder.sampler_runner(decoder.sampler.reset(params, []))
-        for r in range(rounds + 1):
-            decoder.position.fill_(context)
-            decoder.token.fill_(1)
-            count = 4 if r == 0 else n_tokens
-            with Timer(model.device) as t:
-                for _ in range(count):
-                    step()
-                    sample()
-            if r:
-                out.append(t.seconds / count)
+    for r in range(rounds + 1):
+        count = 4 if r == 0 else n_tokens
+        run = dataclasses.replace(params, max_new_tokens=count + 1, ignore_eos=True)
+        engine.add_request(random_ids(context, rt.config.vocab_size, seed=r).tolist(), run)
+        while not engine.step():          # the prefill, chunked: until the first token comes out
+            pass
+        with Timer(rt.model.device) as t:
+            for _ in range(count):
+                engine.step()
+        if r:
+            out.append(t.seconds / count)
     return out
 
 
@@ -236,8 +239,8 @@ class Result:
         return text
 
 
-def prefill_result(model, cost: ModelCost, peaks: DevicePeaks, engine: str, n: int, rounds: int) -> Result:
-    secs = prefill_seconds(model, n, rounds)
+def prefill_result(rt, cost: ModelCost, peaks: DevicePeaks, engine: str, n: int, rounds: int) -> Result:
+    secs = prefill_seconds(rt, n, rounds)
     rate = n / statistics.median(secs)
     flops = cost.prefill_flops(n)
     roof = peaks.peak_tflops * 1e12 / flops * n if peaks.peak_tflops else None
@@ -245,9 +248,9 @@ def prefill_result(model, cost: ModelCost, peaks: DevicePeaks, engine: str, n: i
                   tflops=flops / statistics.median(secs) / 1e12)
 
 
-def decode_result(decoder, cost: ModelCost, peaks: DevicePeaks, engine: str, context: int, n_tokens: int,
+def decode_result(rt, cost: ModelCost, peaks: DevicePeaks, engine: str, context: int, n_tokens: int,
                   rounds: int, params=None) -> Result:
-    secs = decode_seconds(decoder, context, n_tokens, rounds, params)
+    secs = decode_seconds(rt, context, n_tokens, rounds, params)
     rate = 1 / statistics.median(secs)
     nbytes = cost.decode_bytes(context)
     roof = peaks.peak_gbps * 1e9 / nbytes if peaks.peak_gbps else None
@@ -296,7 +299,6 @@ def _lengths(text: str, option: str) -> list[int]:
 def run_bench(args) -> int:
     """`smollm3 bench`: print (and optionally write as JSON) the figures of one model."""
     from . import Runtime, hub
-    from .cuda_graph import GraphDecoder
     from .errors import RequestError
 
     prefill, contexts = _lengths(args.prefill, "--prefill"), _lengths(args.contexts, "--contexts")
@@ -323,23 +325,21 @@ def run_bench(args) -> int:
     use_graph = device.type == "cuda" and backend == "triton"
     engine = "graph" if use_graph else f"{backend}-eager"
     for n in prefill:
-        emit(prefill_result(rt.model, cost, peaks, backend, n, args.rounds))
-    decoder = GraphDecoder(rt.model, use_graph=use_graph)
+        emit(prefill_result(rt, cost, peaks, backend, n, args.rounds))
     for ctx in contexts:
-        emit(decode_result(decoder, cost, peaks, engine, ctx, args.decode_tokens, args.rounds))
+        emit(decode_result(rt, cost, peaks, engine, ctx, args.decode_tokens, args.rounds))
     if use_graph:
-        eager = GraphDecoder(rt.model, use_graph=False)
-        emit(decode_result(eager, cost, peaks, "triton-eager", contexts[0], args.decode_tokens, args.rounds))
-    del rt, decoder
+        rt.engine.runner = rt.model.forward
+        emit(decode_result(rt, cost, peaks, "triton-eager", contexts[0], args.decode_tokens, args.rounds))
+    del rt
     if args.eager and backend != "torch":
         if device.type == "cuda":
             torch.cuda.empty_cache()
         ref = Runtime.load(path, device=device, dtype=args.dtype, backend="torch", max_seq_len=max_seq_len)
         for n in prefill:
-            emit(prefill_result(ref.model, cost, peaks, "torch-eager", n, 1))
-        ref_decoder = GraphDecoder(ref.model, use_graph=False)
+            emit(prefill_result(ref, cost, peaks, "torch-eager", n, 1))
         for ctx in contexts:
-            emit(decode_result(ref_decoder, cost, peaks, "torch-eager", ctx, args.eager_decode_tokens, 1))
+            emit(decode_result(ref, cost, peaks, "torch-eager", ctx, args.eager_decode_tokens, 1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": str(path), "device": asdict(peaks),

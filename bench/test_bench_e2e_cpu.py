@@ -99,18 +99,17 @@ def report(report_figure, what: str, engine: str, measured: list[tuple[float, fl
 
 @pytest.mark.benchmark(group="decode")
 def test_decode_ours(benchmark, runtime, prompts, report_figure):
-    from smollm3_triton.generation import SamplingParams, generate_tokens
+    from smollm3_triton.generation import SamplingParams
 
     chat, _ = prompts
-    params = SamplingParams(max_new_tokens=DECODE_TOKENS, temperature=0.0)
+    params = SamplingParams(max_new_tokens=DECODE_TOKENS, temperature=0.0, ignore_eos=True)
     measured, tokens = [], []
 
     def run():
         stamps, out = [], []
-        with torch.inference_mode():
-            for token in generate_tokens(runtime.model, chat, params, eos_ids=set()):
-                stamps.append(stamp())
-                out.append(token)
+        for token in runtime.generate_ids(chat, params):
+            stamps.append(stamp())
+            out.append(token)
         assert len(out) == DECODE_TOKENS
         measured.append(rates(DECODE_TOKENS - 1, stamps[0], stamps[-1]))
         tokens[:] = out
@@ -121,16 +120,19 @@ def test_decode_ours(benchmark, runtime, prompts, report_figure):
 
 @pytest.mark.benchmark(group="prefill")
 def test_prefill_ours(benchmark, runtime, prompts, report_figure):
+    from smollm3_triton.model import Batch
+
     _, long = prompts
-    ids = torch.tensor(long)
-    positions = torch.arange(len(long))
     measured = []
 
     def run():
-        start = stamp()
-        with torch.inference_mode():
-            runtime.model.forward(ids, positions, last_only=True)
-        measured.append(rates(PREFILL_TOKENS, start, stamp()))
+        with runtime.engine.exclusive(-(-len(long) // runtime.engine.block_size)) as blocks:
+            batch = Batch.from_sequences([torch.tensor(long)], blocks, runtime.engine.block_size, "cpu")
+            batch.logits_rows = batch.logits_rows[-1:]
+            start = stamp()
+            with torch.inference_mode():
+                runtime.model.forward(batch)
+            measured.append(rates(PREFILL_TOKENS, start, stamp()))
 
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     report(report_figure, "prefill", "ours", measured[1:], PREFILL_DETAIL)   # [0] is the warm-up round
@@ -171,3 +173,35 @@ def test_prefill_llama_cpp(benchmark, llama, prompts, report_figure):
 
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     report(report_figure, "prefill", "llama.cpp", measured[1:], PREFILL_DETAIL)
+
+
+# ---------------------------------------------------------------- concurrency (the engine)
+
+@pytest.mark.parametrize("concurrent", [1, 4, 16, 64])
+def test_aggregate_decode_vs_concurrency(runtime, prompts, report_figure, concurrent):
+    """Aggregate decode tokens/s of `concurrent` sequences decoding together (16 greedy
+    tokens each after the chat prompt; prefill steps excluded from the timing)."""
+    from smollm3_triton.engine import Engine
+    from smollm3_triton.generation import SamplingParams
+
+    chat, _ = prompts
+    n_new = 16
+    engine = Engine(runtime.model, runtime.tokenizer, runtime.eos_ids, max_num_seqs=64,
+                    max_num_batched_tokens=max(256, len(chat) * 2), kv_cache_tokens=64 * (len(chat) + n_new + 16))
+    params = SamplingParams(max_new_tokens=n_new, temperature=0.0, ignore_eos=True)
+    for i in range(concurrent):
+        engine.add_request(chat[:-1] + [chat[-1] if i == 0 else (chat[-1] + i) % 49152], params)
+    decode_tokens, decode_time = 0, 0.0
+    while engine.has_unfinished():
+        running_before = engine.stats().running
+        start = time.perf_counter()
+        outs = engine.step()
+        elapsed = time.perf_counter() - start
+        # A pure decode step: every sequence was running and each got one token.
+        if running_before == concurrent and len(outs) == concurrent and all(o.token_ids for o in outs):
+            decode_tokens += len(outs)
+            decode_time += elapsed
+    rate = decode_tokens / decode_time
+    report_figure(f"decode  x{concurrent:<3} ours    {rate:8.1f} tokens/s aggregate wall ({concurrent} sequences, "
+                  f"{n_new} greedy tokens each after a {len(chat)}-token prompt, pure decode steps only)")
+    print(f"\n{concurrent:>3} concurrent: {rate:8.1f} tok/s aggregate")

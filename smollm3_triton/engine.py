@@ -451,30 +451,6 @@ class AsyncEngine:
             if not finished:
                 self.engine.abort(request_id)
 
-    def check(self, n_prompt: int, params: SamplingParams) -> None:
-        """Refuse a request that could never fit: over max_seq_len, or over the whole pool."""
-        check_request(n_prompt, params, self.max_seq_len)
-        total = n_prompt + params.max_new_tokens
-        if -(-total // self.block_size) > self.pool.n_blocks:
-            raise RequestError(f"prompt ({n_prompt} tokens) + max_new_tokens ({params.max_new_tokens}) = "
-                               f"{total} tokens exceeds the whole KV cache of {self.kv_cache_tokens} tokens")
-
-    @contextlib.contextmanager
-    def exclusive(self, n_blocks: int):
-        """n_blocks taken from the pool for work outside the scheduler (Runtime.logits),
-        with no step being scheduled meanwhile; given back afterwards."""
-        with self._lock:
-            if n_blocks > self.pool.num_free:
-                raise RequestError(f"{n_blocks * self.block_size} tokens need more KV cache than the "
-                                   f"{self.pool.num_free * self.block_size} tokens free now "
-                                   f"(of {self.kv_cache_tokens}); load with a larger kv_cache_tokens")
-            blocks = [self.pool.allocate() for _ in range(n_blocks)]
-            try:
-                yield blocks
-            finally:
-                for b in blocks:
-                    self.pool.release(b)
-
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
         with self._wake:

@@ -320,3 +320,34 @@ def test_65536_token_prompt_on_the_cpu(tmp_path):
           f"KV cache {kv_bytes / 2**20:.0f} MiB, peak RSS growth {peak / 2**20:.0f} MiB "
           f"(goal: KV cache + < 1 GiB)")
     assert peak < kv_bytes + 2**30
+
+
+def test_async_engine_streams_and_cancellation_aborts(rt):
+    """AsyncEngine: concurrent async iterators get each request's own outputs (equal to the
+    synchronous engine's); closing an iterator early aborts its request and frees its blocks."""
+    import asyncio
+
+    from smollm3_triton.engine import AsyncEngine
+    prompts = random_prompts(4, [30, 5, 60, 12], seed=14)
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    expected = [run_alone(fresh_engine(rt, enable_prefix_caching=False), p, params)[0] for p in prompts]
+    engine = AsyncEngine(fresh_engine(rt, max_num_batched_tokens=32))
+
+    async def collect(p):
+        return [t async for out in engine.generate(p, params) for t in out.token_ids]
+
+    async def cancelled(p):
+        agen = engine.generate(p, SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True))
+        await agen.__anext__()
+        await agen.aclose()
+
+    async def main():
+        return await asyncio.gather(*(collect(p) for p in prompts), cancelled(prompts[0]))
+
+    try:
+        got = asyncio.run(asyncio.wait_for(main(), timeout=120))[:4]
+        assert got == expected
+        stats = engine.stats()
+        assert stats.running == stats.waiting == 0 and stats.free_blocks == stats.num_blocks
+    finally:
+        engine.shutdown()

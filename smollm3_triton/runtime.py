@@ -148,10 +148,18 @@ class Runtime:
         params = SamplingParams(**kwargs)
         return self._stream_ids(self._encode(self.render_chat(messages, thinking=thinking, tools=tools)), params)
 
-    def render_chat(self, messages: list[dict], *, thinking: bool | None = None, tools: list | None = None) -> str:
+    def render_chat(self, messages: list[dict], *, thinking: bool | None = None, tools: list | None = None,
+                    **template_kwargs) -> str:
         if not self.tokenizer.chat_template:
             raise RequestError(f"{self.source} carries no chat template; use generate() with a raw prompt")
-        return render_chat(self.tokenizer.chat_template, messages, thinking=thinking, tools=tools)
+        return render_chat(self.tokenizer.chat_template, messages, thinking=thinking, tools=tools,
+                           **template_kwargs)
+
+    def encode_chat(self, messages: list[dict], *, thinking: bool | None = None, tools: list | None = None,
+                    **template_kwargs) -> tuple[list[int], list]:
+        """The prompt ids of a conversation, and the embeddings that replace some of them
+        (engine.add_request's mm_embeds: images); the one entry point the server uses."""
+        return self._encode(self.render_chat(messages, thinking=thinking, tools=tools, **template_kwargs)), []
 
     def _encode(self, text: str) -> list[int]:
         if not isinstance(text, str):

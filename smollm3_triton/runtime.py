@@ -158,7 +158,9 @@ class Runtime:
     def encode_chat(self, messages: list[dict], *, thinking: bool | None = None, tools: list | None = None,
                     **template_kwargs) -> tuple[list[int], list]:
         """The prompt ids of a conversation, and the embeddings that replace some of them
-        (engine.add_request's mm_embeds: images); the one entry point the server uses."""
+        (engine.add_request's mm_embeds: images); the one entry point the server uses.
+        A message's content may be OpenAI content parts; text parts are joined."""
+        messages = [_flatten_text_parts(m, i) for i, m in enumerate(messages)]
         return self._encode(self.render_chat(messages, thinking=thinking, tools=tools, **template_kwargs)), []
 
     def _encode(self, text: str) -> list[int]:
@@ -210,6 +212,22 @@ class Runtime:
         piece = text.flush()
         if piece:
             yield piece
+
+
+def _flatten_text_parts(message, i: int):
+    """OpenAI content parts [{"type": "text", "text": ...}, ...] as the one string text
+    templates expect; any other part type is refused by name."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise RequestError(f"messages[{i}].content[{j}]: this model takes only text parts "
+                               f"({{'type': 'text', 'text': ...}}), got {kind!r}")
+        texts.append(part["text"])
+    return {**message, "content": "\n".join(texts)}
 
 
 def _chat_response(text: str) -> ChatResponse:

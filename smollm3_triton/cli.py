@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from collections import Counter
@@ -68,7 +69,7 @@ def _add_chat_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smollm3", description="SmolLM3 / SmolLM2 inference on Triton kernels.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,inspect,bench,perplexity}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,serve,inspect,bench,perplexity}")
 
     gen = sub.add_parser("generate", help="one answer (or raw continuation) streamed to stdout",
                          description="Answer one prompt through the chat template (or continue it raw with "
@@ -86,6 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat_options(chat)
     _add_model_options(chat)
     _add_sampling_options(chat)
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the batching engine",
+                         description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health, "
+                                     "/metrics, /tokenize and /detokenize, as llama-server and vLLM do.")
+    _add_model_options(srv)
+    g = srv.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    g.add_argument("--api-key", default=os.environ.get("SMOLLM3_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $SMOLLM3_API_KEY; none: open)")
+    g.add_argument("--served-model-name", metavar="NAME",
+                   help="the model name clients send and see (default: the --model argument)")
+    g.add_argument("--max-num-seqs", type=int, default=64, metavar="N", help="sequences decoded together")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512, metavar="N", help="tokens per engine step")
+    g.add_argument("--kv-cache-tokens", type=int, metavar="N",
+                   help="tokens in the paged KV cache (default: 90%% of free GPU memory; on CPU 2 x max-seq-len)")
+    g.add_argument("--max-waiting", type=int, default=256, metavar="N",
+                   help="sequences that may wait beyond the running batch before requests get 503")
 
     ins = sub.add_parser("inspect", help="architecture, config, tokenizer and tensors of a model file",
                          description="Print what a GGUF file or safetensors folder holds, without loading weights.")
@@ -129,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "perplexity":
             from .perplexity import run_perplexity_cli
             return run_perplexity_cli(args, lambda **options: _load(args, **options))
+        if args.command == "serve":
+            return _serve(args)
         sampling = _sampling_kwargs(args)
         if args.command == "generate":
             return _generate(args, sampling)
@@ -174,6 +195,22 @@ def _load(args, max_seq_len: int | None = None, **load_options):
             raise RequestError(f"--device {args.device}: only cpu and cuda are supported")
     return Runtime.load(args.model, quant=args.quant, device=args.device, dtype=args.dtype,
                         backend=args.backend, max_seq_len=max_seq_len or args.max_seq_len, **load_options)
+
+
+def _serve(args) -> int:
+    from .errors import RequestError
+    from .server import run_server
+
+    for name in ("port", "max_num_seqs", "max_num_batched_tokens", "kv_cache_tokens", "max_waiting"):
+        value = getattr(args, name)
+        if value is not None and (value < (0 if name == "max_waiting" else 1) or name == "port" and value > 65535):
+            raise RequestError(f"--{name.replace('_', '-')} {value} is out of range")
+    name = args.served_model_name or args.model or "SmolLM2-135M-Instruct"
+    return run_server(lambda: _load(args, max_num_seqs=args.max_num_seqs,
+                                    max_num_batched_tokens=args.max_num_batched_tokens,
+                                    kv_cache_tokens=args.kv_cache_tokens),
+                      host=args.host, port=args.port, served_model_name=name, api_key=args.api_key or None,
+                      max_waiting=args.max_waiting, describe=args.model or "the packaged SmolLM2-135M-Instruct")
 
 
 def _generate(args, sampling: dict) -> int:

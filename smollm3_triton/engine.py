@@ -425,17 +425,23 @@ class AsyncEngine:
             self.engine.abort(request_id)
             loop.call_soon_threadsafe(queue.put_nowait, error)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                       mm_embeds=None) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request until it finishes. Leaving the iterator early (a
-        cancelled task, a closed generator) aborts the request."""
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                 mm_embeds=None) -> AsyncIterator[RequestOutput]:
+        """Queue a request now (refused here with RequestError, before anything is sent to
+        a client) and return the async iterator of its outputs until it finishes. Leaving
+        the iterator early (a cancelled task, a closed generator) aborts the request; one
+        never iterated must be aborted by the caller."""
         if self._stopping:
             raise RequestError("the engine is shutting down")
         queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
         request_id = self.engine.add_request(prompt_ids, params, request_id, mm_embeds)
-        self._queues[request_id] = (asyncio.get_running_loop(), queue)
+        self._queues[request_id] = (loop, queue)
         with self._wake:
             self._wake.notify()
+        return self._outputs(request_id, queue)
+
+    async def _outputs(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while True:

@@ -16,6 +16,7 @@ from .errors import ModelFormatError, RequestError
 from .engine import Engine, RequestOutput, TextStream
 from .generation import SamplingParams, check_max_seq_len, check_token_ids
 from .model import Batch, Transformer
+from .perplexity import DEFAULT_CTX, KLDResult, PerplexityResult, kl_divergence, perplexity
 from .tokenizer import Tokenizer
 from .weights import dequantize_weights, load_gguf, load_safetensors_folder, to_device
 
@@ -119,6 +120,17 @@ class Runtime:
             out = self.model.forward(Batch.from_sequences(seqs, blocks, self.engine.block_size, self.model.device))
         parts = list(out.split([len(s) for s in seqs]))
         return parts if many else parts[0]
+
+    def perplexity(self, text: str, ctx: int = DEFAULT_CTX, **kwargs) -> PerplexityResult:
+        """llama-perplexity's PPL of `text` in chunks of ctx tokens, the chunks batched
+        through the engine (chunks, batch_size, kl_divergence_base, progress: see
+        perplexity.perplexity)."""
+        return perplexity(self, text, ctx, **kwargs)
+
+    def kl_divergence(self, base_file: str | os.PathLike, **kwargs) -> KLDResult:
+        """llama-perplexity --kl-divergence: this model against a base file written by
+        perplexity(kl_divergence_base=...) or by llama-perplexity itself."""
+        return kl_divergence(self, base_file, **kwargs)
 
     def stream(self, prompt: str, **kwargs) -> Iterator[str]:
         """Continue a raw prompt (no template, no BOS), yielding text as it is decoded."""

@@ -253,20 +253,41 @@ def quantize_log_probs(rows: torch.Tensor, targets: torch.Tensor, nv: int) -> tu
 
 
 @dataclass
+class _Moments:
+    """Sums of values and of their squares, in double as llama.cpp accumulates them."""
+    total: float = 0.0
+    total2: float = 0.0
+
+    def add(self, x: torch.Tensor, x2: torch.Tensor) -> None:
+        """x2: the squares as llama.cpp rounds them (a float32 product for float32 values)."""
+        self.total += float(x.double().sum())
+        self.total2 += float(x2.double().sum())
+
+    def mean_and_uncertainty(self, count: int) -> tuple[float, float]:
+        if count < 1:
+            return 0.0, 0.0
+        f = self.total / count
+        df = self.total2 / count - f * f
+        return f, (math.sqrt(df / (count - 1)) if df > 0 and count > 10 else 0.0)
+
+
+@dataclass
 class _KLDSums:
-    sum_nll: float = 0.0
-    sum_nll2: float = 0.0
-    sum_nll_base: float = 0.0
-    sum_nll_base2: float = 0.0
-    sum_nll_nll_base: float = 0.0
-    sum_kld: float = 0.0
-    sum_kld2: float = 0.0
-    sum_p_diff: float = 0.0
-    sum_p_diff2: float = 0.0
-    sum_p_diff4: float = 0.0
-    max_p_diff: float = 0.0
+    nll: _Moments = field(default_factory=_Moments)         # -log p_Q(token)
+    nll_base: _Moments = field(default_factory=_Moments)    # -log p_base(token)
+    kld: _Moments = field(default_factory=_Moments)
+    p_diff: _Moments = field(default_factory=_Moments)      # p_Q(token) - p_base(token)
+    p_diff2: _Moments = field(default_factory=_Moments)     # its square: RMS delta-p and its uncertainty
+    nll_nll_base: float = 0.0                               # for Cov(ln PPL(Q), ln PPL(base))
     n_same_top: int = 0
     count: int = 0
+
+    def nll_covariance(self) -> float:
+        """llama.cpp's covariance of the two mean NLLs (ln PPL(Q) and ln PPL(base))."""
+        n = self.count
+        if n < 10:
+            return 0.0
+        return (self.nll_nll_base / n - (self.nll.total / n) * (self.nll_base.total / n)) / (n - 1)
 
 
 def _kld_rows(rows: torch.Tensor, targets: torch.Tensor, base: np.ndarray, sums: _KLDSums):
@@ -292,35 +313,16 @@ def _kld_rows(rows: torch.Tensor, targets: torch.Tensor, base: np.ndarray, sums:
     imax_base = p_log_base.argmax(dim=-1)
     p_diff = torch.exp(-nll) - torch.exp(-nll_base)
 
-    nll_d, nllb_d, pd = nll.double(), nll_base.double(), p_diff.double()
-    sums.sum_nll += float(nll_d.sum())
-    sums.sum_nll2 += float((nll * nll).double().sum())
-    sums.sum_nll_base += float(nllb_d.sum())
-    sums.sum_nll_base2 += float((nll_base * nll_base).double().sum())
-    sums.sum_nll_nll_base += float((nll * nll_base).double().sum())
-    sums.sum_kld += float(kld.sum())
-    sums.sum_kld2 += float((kld * kld).sum())
-    sums.sum_p_diff += float(pd.sum())
-    sums.sum_p_diff2 += float((pd * pd).sum())
-    sums.sum_p_diff4 += float((pd ** 4).sum())
-    sums.max_p_diff = max(sums.max_p_diff, float(p_diff.abs().max()))
+    p_diff2 = (p_diff * p_diff).double()
+    sums.nll.add(nll, nll * nll)
+    sums.nll_base.add(nll_base, nll_base * nll_base)
+    sums.nll_nll_base += float((nll * nll_base).double().sum())
+    sums.kld.add(kld, kld * kld)
+    sums.p_diff.add(p_diff, p_diff2)
+    sums.p_diff2.add(p_diff2, p_diff2 * p_diff2)
     sums.n_same_top += int((imax == imax_base).sum())
     sums.count += n
     return kld.float().cpu().numpy(), p_diff.cpu().numpy()
-
-
-def _mean_and_uncertainty(total: float, total2: float, count: int) -> tuple[float, float]:
-    if count < 1:
-        return 0.0, 0.0
-    f = total / count
-    df = total2 / count - f * f
-    return f, (math.sqrt(df / (count - 1)) if df > 0 and count > 10 else 0.0)
-
-
-def _covariance(a: float, b: float, ab: float, count: int) -> float:
-    if count < 10:
-        return 0.0
-    return (ab / count - (a / count) * (b / count)) / (count - 1)
 
 
 def _percentile(sorted_values: np.ndarray, fraction: float) -> float:
@@ -595,18 +597,17 @@ def kl_divergence(rt, base_file: str | Path, *, chunks: int | None = None, batch
 
 
 def _chunk_row(chunk: int, s: _KLDSums) -> dict:
-    log_ppl = _mean_and_uncertainty(s.sum_nll, s.sum_nll2, s.count)
-    log_ppl_base = _mean_and_uncertainty(s.sum_nll_base, s.sum_nll_base2, s.count)
-    cov = _covariance(s.sum_nll, s.sum_nll_base, s.sum_nll_nll_base, s.count)
+    """The running figures llama-perplexity prints after each chunk."""
+    log_ppl = s.nll.mean_and_uncertainty(s.count)
+    log_ppl_base = s.nll_base.mean_and_uncertainty(s.count)
     ppl = math.exp(log_ppl[0])
-    ratio_unc = math.sqrt(max(log_ppl[1] ** 2 + log_ppl_base[1] ** 2 - 2 * cov, 0.0))
-    kld = _mean_and_uncertainty(s.sum_kld, s.sum_kld2, s.count)
-    mse = _mean_and_uncertainty(s.sum_p_diff2, s.sum_p_diff4, s.count)
+    ratio_unc = math.sqrt(max(log_ppl[1] ** 2 + log_ppl_base[1] ** 2 - 2 * s.nll_covariance(), 0.0))
+    mse = s.p_diff2.mean_and_uncertainty(s.count)
     rms = math.sqrt(mse[0])
     top = s.n_same_top / s.count
     top_unc = math.sqrt(top * (1 - top) / (s.count - 1)) if s.count > 1 else 0.0
     return {"chunk": chunk, "ppl": (ppl, ppl * log_ppl[1]),
-            "ln_ppl_ratio": (log_ppl[0] - log_ppl_base[0], ratio_unc), "kld": kld,
+            "ln_ppl_ratio": (log_ppl[0] - log_ppl_base[0], ratio_unc), "kld": s.kld.mean_and_uncertainty(s.count),
             "rms_delta_p": (rms, 0.5 / rms * mse[1] if rms > 0 else 0.0), "same_top_p": (top, top_unc)}
 
 
@@ -618,33 +619,29 @@ _DP_LOW = (("25.0", 0.250),) + _KLD_LOW
 
 def _kld_result(s: _KLDSums, kld_values, p_diff_values, chunk_rows, ctx, n_chunk, add_bos, base_path,
                 seconds) -> KLDResult:
-    log_ppl = _mean_and_uncertainty(s.sum_nll, s.sum_nll2, s.count)
-    log_ppl_base = _mean_and_uncertainty(s.sum_nll_base, s.sum_nll_base2, s.count)
-    ppl, ppl_base = math.exp(log_ppl[0]), math.exp(log_ppl_base[0])
-    ppl_unc, ppl_base_unc = ppl * log_ppl[1], ppl_base * log_ppl_base[1]
-    cov = _covariance(s.sum_nll, s.sum_nll_base, s.sum_nll_nll_base, s.count)
+    final = _chunk_row(n_chunk, s)
+    log_ppl = s.nll.mean_and_uncertainty(s.count)
+    log_ppl_base = s.nll_base.mean_and_uncertainty(s.count)
+    ppl, ppl_unc = final["ppl"]
+    ppl_base = math.exp(log_ppl_base[0])
+    ppl_base_unc = ppl_base * log_ppl_base[1]
+    cov = s.nll_covariance()
     denom = log_ppl[1] * log_ppl_base[1]
-    cor = cov / denom if denom > 0 else float("nan")
-    ratio = log_ppl[0] - log_ppl_base[0]
-    ratio_unc = math.sqrt(max(log_ppl[1] ** 2 + log_ppl_base[1] ** 2 - 2 * cov, 0.0))
-    ppl_cov = ppl * ppl_base * cov
-    diff_unc = math.sqrt(max(ppl_unc ** 2 + ppl_base_unc ** 2 - 2 * ppl_cov, 0.0))
+    ratio, ratio_unc = final["ln_ppl_ratio"]
+    diff_unc = math.sqrt(max(ppl_unc ** 2 + ppl_base_unc ** 2 - 2 * ppl * ppl_base * cov, 0.0))
     ks, ps = np.sort(kld_values), np.sort(p_diff_values)
     kp = {"max": float(ks[-1]), **{k: _percentile(ks, f) for k, f in _KLD_FRACTIONS}, "median": _median(ks),
           **{k: _percentile(ks, f) for k, f in _KLD_LOW}, "min": float(ks[0])}
     dp = {"max": float(ps[-1]), **{k: _percentile(ps, f) for k, f in _DP_FRACTIONS}, "median": _median(ps),
           **{k: _percentile(ps, f) for k, f in _DP_LOW}, "min": float(ps[0])}
-    mse = _mean_and_uncertainty(s.sum_p_diff2, s.sum_p_diff4, s.count)
-    rms = math.sqrt(mse[0])
-    top = s.n_same_top / s.count
     return KLDResult(
         ctx=ctx, n_chunks=n_chunk, n_scored=s.count, add_bos=add_bos, base_file=base_path,
-        ppl=(ppl, ppl_unc), ppl_base=(ppl_base, ppl_base_unc), cor_ln_ppl=cor,
+        ppl=(ppl, ppl_unc), ppl_base=(ppl_base, ppl_base_unc),
+        cor_ln_ppl=cov / denom if denom > 0 else float("nan"),
         ln_ppl_ratio=(ratio, ratio_unc), ppl_ratio=(math.exp(ratio), math.exp(ratio) * ratio_unc),
-        ppl_diff=(ppl - ppl_base, diff_unc), kld=_mean_and_uncertainty(s.sum_kld, s.sum_kld2, s.count),
-        kld_percentiles=kp, delta_p=_mean_and_uncertainty(s.sum_p_diff, s.sum_p_diff2, s.count),
-        delta_p_percentiles=dp, rms_delta_p=(rms, 0.5 / rms * mse[1] if rms > 0 else 0.0),
-        same_top_p=(top, math.sqrt(top * (1 - top) / (s.count - 1)) if s.count > 1 else 0.0),
+        ppl_diff=(ppl - ppl_base, diff_unc), kld=final["kld"], kld_percentiles=kp,
+        delta_p=s.p_diff.mean_and_uncertainty(s.count), delta_p_percentiles=dp,
+        rms_delta_p=final["rms_delta_p"], same_top_p=final["same_top_p"],
         chunks=chunk_rows, kld_values=kld_values, p_diff_values=p_diff_values, seconds=seconds)
 
 

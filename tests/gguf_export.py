@@ -381,18 +381,22 @@ def _write_unquantized_gguf(model, path: Path, ftype: str) -> None:
     writer.close()
 
 
-def quantize_with_llama_cpp(src: Path, dst: Path, ftype: str = "q4_k_m") -> None:
-    """`llama-quantize src dst Q4_K_M` through llama-cpp-python's bindings."""
+def quantize_with_llama_cpp(src: Path, dst: Path, ftype: str = "q4_k_m") -> Path:
+    """`llama-quantize src dst FTYPE` through llama-cpp-python's bindings (ftype: any of
+    llama.cpp's LLAMA_FTYPE_MOSTLY_* names, lower case: q8_0, q4_k_m, q6_k, ...)."""
     import llama_cpp
 
-    ftypes = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}
+    code = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}", None)
+    if code is None:
+        raise ValueError(f"llama.cpp has no file type {ftype!r}")
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftypes[ftype]
+    params.ftype = code
     params.nthread = min(2, os.cpu_count() or 1)
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise GGUFError(f"llama_model_quantize({src} -> {dst}, {ftype}) returned {rc}")
+    return dst
 
 
 def export_gguf(model, path, ftype: str, *, enforce_nope_layout: bool = True) -> Path:

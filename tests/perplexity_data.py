@@ -73,22 +73,3 @@ def smollm2_f16(src, dst):
     writer.close()
     return dst
 
-
-def llama_quantize(src, dst, ftype: str):
-    """`llama-quantize src dst FTYPE` through llama-cpp-python (q8_0, q4_k_m, q5_k_m, q6_k, q4_0)."""
-    import ctypes
-    import os
-
-    import llama_cpp
-
-    ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
-              "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M, "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
-              "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}
-    llama_cpp.llama_backend_init()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftypes[ftype]
-    params.nthread = min(2, os.cpu_count() or 1)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {ftype}) returned {rc}")
-    return dst

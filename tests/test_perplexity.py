@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import gguf_export
-from perplexity_data import english_text, llama_quantize, smollm2_f16
+from perplexity_data import english_text, smollm2_f16
 from smollm3_triton import Runtime
 from smollm3_triton import perplexity as P
 
@@ -134,7 +134,7 @@ def real_quants(tmp_path_factory, smollm2_path):
     quantized by llama.cpp to Q4_K_M."""
     d = tmp_path_factory.mktemp("real")
     f16 = smollm2_f16(smollm2_path, d / "smollm2-f16.gguf")
-    return {"f16": f16, "q4_k_m": llama_quantize(f16, d / "smollm2-q4_k_m.gguf", "q4_k_m")}
+    return {"f16": f16, "q4_k_m": gguf_export.quantize_with_llama_cpp(f16, d / "smollm2-q4_k_m.gguf", "q4_k_m")}
 
 
 # ---------------------------------------------------------------- perplexity vs llama.cpp
@@ -270,6 +270,41 @@ def test_cli_text_json_and_progress(smollm2_path, text, tmp_path, capsys):
     assert "perplexity [" not in err
 
 
+def test_runtime_methods_equal_the_cli(smollm2_path, tmp_path):
+    """Runtime.perplexity / Runtime.kl_divergence against `smollm3 perplexity --json` run as a
+    user runs it, each side reading the base file the other wrote."""
+    ctx, n_chunk = 64, 3
+    text = english_text(600, seed=3)
+    f = tmp_path / "text.txt"
+    f.write_text(text)
+    cli_base, py_base = tmp_path / "cli.kld", tmp_path / "py.kld"
+    r = run_cli("--model", smollm2_path, "-f", f, "-c", ctx, "--chunks", n_chunk, "--json", "--no-progress",
+                "--kl-divergence-base", cli_base)
+    assert r.returncode == 0, r.stderr
+    cli = json.loads(r.stdout)
+    rt = Runtime.load(smollm2_path, device="cpu", max_seq_len=ctx)
+    ours = rt.perplexity(text, ctx=ctx, chunks=n_chunk, kl_divergence_base=py_base)
+    assert (ours.n_chunks, ours.n_scored, ours.n_tokens) == (cli["n_chunks"], cli["n_scored"], cli["n_tokens"])
+    assert ours.ppl == pytest.approx(cli["ppl"], rel=1e-6)
+    assert ours.uncertainty == pytest.approx(cli["uncertainty"], rel=1e-5)
+    assert ours.running == pytest.approx(cli["running"], rel=1e-6)
+    a, b = P.read_base_file(py_base), P.read_base_file(cli_base)
+    assert np.array_equal(a.tokens, b.tokens)
+    assert np.abs(a.rows.astype(np.int64) - b.rows.astype(np.int64)).max() <= 1   # uint16 codes
+
+    r = run_cli("--model", smollm2_path, "--kl-divergence-base", py_base, "--kl-divergence", "--json",
+                "--no-progress")
+    assert r.returncode == 0, r.stderr
+    cli_kld = json.loads(r.stdout)
+    kld = rt.kl_divergence(cli_base)
+    assert cli_kld["mode"] == "kl-divergence" and kld.n_scored == cli_kld["n_scored"] == n_chunk * (ctx - 1 - ctx // 2)
+    # the model against its own log-probabilities: only the uint16 encoding's resolution is left
+    assert kld.same_top_p[0] == cli_kld["same_top_p"][0] == 1.0
+    assert kld.kld[0] == pytest.approx(cli_kld["kld"][0], rel=0.05, abs=1e-6) and kld.kld[0] < 1e-4
+    assert kld.ppl[0] == pytest.approx(ours.ppl, rel=1e-6)
+    assert kld.ppl_base[0] == pytest.approx(ours.ppl, rel=2e-3)
+
+
 def test_bad_text_files_get_one_clear_line(smollm2_path, tmp_path, capsys):
     from smollm3_triton.cli import main
 
@@ -306,9 +341,6 @@ def test_short_text_and_bad_arguments_in_python(smollm2_path):
         P.perplexity(rt, "abc\0def", 128)
     with pytest.raises(P.RequestError, match="longer than the context of 128"):
         P.perplexity(rt, "x " * 2000, 256)
-    if hasattr(Runtime, "perplexity"):
-        text = english_text(600, seed=3)
-        assert rt.perplexity(text, ctx=64).ppl == P.perplexity(rt, text, 64).ppl
 
 
 def test_base_file_refusals(tmp_path, smollm2_path):

@@ -290,7 +290,7 @@ def _gguf_tensor_type(name: str, data: np.ndarray, ftype: str):
     return _TENSOR_TYPE[ftype]
 
 
-def _write_metadata(writer: gguf.GGUFWriter, config, file_type) -> None:
+def _write_metadata(writer: gguf.GGUFWriter, config, file_type, tok: dict) -> None:
     hp = config.to_dict()
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(f"random-{config.model_type}")
@@ -327,7 +327,6 @@ def _write_metadata(writer: gguf.GGUFWriter, config, file_type) -> None:
     writer.add_rope_dimension_count(_head_dim(config))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    tok = smollm2_tokenizer()
     if len(tok["tokenizer.ggml.tokens"]) != config.vocab_size:
         raise UnsupportedModelError(
             f"vocab_size {config.vocab_size} != {len(tok['tokenizer.ggml.tokens'])} tokens of the SmolLM2 tokenizer")
@@ -347,14 +346,14 @@ def _check_nope_layout(config) -> None:
             f"rule (i + 1) % {LLAMA_CPP_NOPE_INTERVAL} != 0, i.e. {want}")
 
 
-def _write_unquantized_gguf(model, path: Path, ftype: str) -> None:
+def _write_unquantized_gguf(model, path: Path, ftype: str, tok: dict) -> None:
     config = model.config
     arch = _arch_of(config)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
 
     writer = gguf.GGUFWriter(str(path), arch)
-    _write_metadata(writer, config, _FILE_TYPE[ftype])
+    _write_metadata(writer, config, _FILE_TYPE[ftype], tok)
     state = model.state_dict()
     for hf_name, tensor in state.items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
@@ -399,24 +398,26 @@ def quantize_with_llama_cpp(src: Path, dst: Path, ftype: str = "q4_k_m") -> Path
     return dst
 
 
-def export_gguf(model, path, ftype: str, *, enforce_nope_layout: bool = True) -> Path:
+def export_gguf(model, path, ftype: str, *, enforce_nope_layout: bool = True, tokenizer: dict | None = None) -> Path:
     """Write `model` as llama.cpp's converter (f32/f16/q8_0) or quantizer (q4_k_m) would.
 
     A smollm3 model whose no_rope_layers differ from llama.cpp's fixed layout is
     refused unless `enforce_nope_layout=False`, which writes the file anyway,
     as convert_hf_to_gguf.py does, to show what llama.cpp then computes.
+    tokenizer: the `tokenizer.*` keys to write (default: the SmolLM2 tokenizer's).
     """
+    tok = smollm2_tokenizer() if tokenizer is None else tokenizer
     if ftype not in FTYPES:
         raise ValueError(f"ftype must be one of {FTYPES}, got {ftype!r}")
     if enforce_nope_layout:
         _check_nope_layout(model.config)
     path = Path(path)
     if ftype != "q4_k_m":
-        _write_unquantized_gguf(model, path, ftype)
+        _write_unquantized_gguf(model, path, ftype, tok)
         return path
     with tempfile.TemporaryDirectory() as tmp:
         f32 = Path(tmp) / "f32.gguf"
-        _write_unquantized_gguf(model, f32, "f32")
+        _write_unquantized_gguf(model, f32, "f32", tok)
         quantize_with_llama_cpp(f32, path, ftype)
     return path
 

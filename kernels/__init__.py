@@ -1,7 +1,8 @@
 """The model's compute ops, each a Triton kernel beside its plain-torch reference.
 
 `load_ops(backend)` returns the set the model calls: "torch" gives the
-references, "triton" the kernels (on CPU they run under TRITON_INTERPRET=1).
+references (the exact fp32 path), "triton" the kernels (on CPU they run under
+TRITON_INTERPRET=1), "cpu" the fast CPU path (kernels/cpu_fast.py: int4 weights).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .rms_norm import rms_norm_torch
 from .rope_qkv import rope_qkv_torch
 from .swiglu import gate_up_swiglu_torch
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("cpu", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -45,4 +46,7 @@ def load_ops(backend: str) -> Ops:
     if backend == "triton":
         from .triton_ops import TRITON_OPS
         return TRITON_OPS
+    if backend == "cpu":
+        from .cpu_fast import CPU_OPS
+        return CPU_OPS
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

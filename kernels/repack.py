@@ -115,37 +115,50 @@ class PackedTensor:
 
     def dequantize_rows(self, rows: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The matrix (or the selected rows) from the planes alone: the torch twin of the kernels' decoding."""
-        pick = (lambda p: p) if rows is None else (lambda p: None if p is None else p[rows])
-        q, qh, s, f = (pick(p) for p in self.planes)
         if self.qtype in FLOAT_DTYPES:
-            return q.to(dtype)
+            return (self.q if rows is None else self.q[rows]).to(dtype)
+        v = self.int_values(rows).float()
+        n, k = v.shape
+        mul, bias = self.affine(rows)
+        g = k // mul.shape[1]
+        return (v.view(n, -1, g) * mul.unsqueeze(-1) + bias.unsqueeze(-1)).view(n, k).to(dtype)
+
+    def int_values(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Quantized types: each element's integer quant [N, K] int32, before any offset
+        (Q8_0: signed; 4/5/6-bit types: 0 .. 2^bits - 1)."""
+        q, qh = (p if rows is None or p is None else p[rows] for p in (self.q, self.qh))
         n, k = q.shape[0], self.shape[1]
         if self.qtype == GGMLType.Q8_0:
-            v = q.view(torch.int8).float().view(n, k // 32, 32)
-            return (v * f.float().unsqueeze(-1)).view(n, k).to(dtype)
-        nib = torch.stack((q & 15, q >> 4), dim=-1).reshape(n, k).to(torch.int32)
+            return q.view(torch.int8).to(torch.int32)
+        v = torch.stack((q & 15, q >> 4), dim=-1).reshape(n, k).to(torch.int32)
         if qh is not None:
             bits = 1 if self.qtype in _FIVE_BIT else 2
             shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=q.device)
             h = (qh.view(torch.uint8).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-            nib = nib | (h.reshape(n, k).to(torch.int32) << 4)
-        v = nib.float().view(n, k // 32, 32)
+            v = v | (h.reshape(n, k).to(torch.int32) << 4)
+        return v
+
+    def affine(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mul, bias) fp32 [N, K / G] per sub-block of G elements (Q6_K: 16, the others: 32):
+        element = int_values * mul + bias. Each is a product of fp16 and small integers,
+        exact in fp32; so is bias + int * mul, whose exact value the GGUF value is."""
+        s, f = (p if rows is None or p is None else p[rows] for p in (self.s, self.f))
+        n, k, t = f.shape[0], self.shape[1], self.qtype
         f = f.float()
-        t = self.qtype
+        if t == GGMLType.Q8_0:
+            return f, torch.zeros_like(f)
         if t in (GGMLType.Q4_0, GGMLType.Q5_0):
-            w = (v - (8 if t == GGMLType.Q4_0 else 16)) * f.unsqueeze(-1)
-        elif t in (GGMLType.Q4_1, GGMLType.Q5_1):
+            return f, f * -(8 if t == GGMLType.Q4_0 else 16)
+        if t in (GGMLType.Q4_1, GGMLType.Q5_1):
             nb = k // 32
-            w = v * f[:, :nb].unsqueeze(-1) + f[:, nb:].unsqueeze(-1)
-        elif t == GGMLType.Q6_K:
-            sc = s.float().view(n, k // 256, 16) * f.unsqueeze(-1)
-            w = (v.reshape(n, k // 256, 16, 16) - 32) * sc.unsqueeze(-1)
-        else:  # Q4_K, Q5_K
-            nb, ns = k // 256, k // 32
-            d = (f[:, :nb].unsqueeze(-1) * s[:, :ns].float().view(n, nb, 8)).view(n, ns, 1)
-            dm = (f[:, nb:].unsqueeze(-1) * s[:, ns:].float().view(n, nb, 8)).view(n, ns, 1)
-            w = d * v - dm
-        return w.reshape(n, k).to(dtype)
+            return f[:, :nb], f[:, nb:]
+        if t == GGMLType.Q6_K:
+            mul = (s.float().view(n, k // 256, 16) * f.unsqueeze(-1)).view(n, k // 16)
+            return mul, mul * -32
+        nb, ns = k // 256, k // 32       # Q4_K, Q5_K
+        d = (f[:, :nb].unsqueeze(-1) * s[:, :ns].float().view(n, nb, 8)).view(n, ns)
+        dm = (f[:, nb:].unsqueeze(-1) * s[:, ns:].float().view(n, nb, 8)).view(n, ns)
+        return d, -dm
 
 
 @dataclass(frozen=True)

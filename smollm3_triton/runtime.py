@@ -54,13 +54,15 @@ class Runtime:
              dtype: torch.dtype | str | None = None, backend: str | None = None,
              max_seq_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
              kv_cache_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
-             enable_prefix_caching: bool = True) -> Runtime:
+             enable_prefix_caching: bool = True, threads: int | None = None) -> Runtime:
         """source: a hub repo id, a .gguf path, or a folder with config.json + safetensors
         (None: the packaged SmolLM2-135M-Instruct GGUF). The engine's knobs: max_num_seqs
         sequences run at once, max_num_batched_tokens per step (longer prompts are
         prefilled in chunks), kv_cache_tokens in the paged pool (default: on CUDA
         gpu_memory_utilization of the memory, on the CPU 2 * max_seq_len), and the
-        prefix cache."""
+        prefix cache. backend: "cpu" (the default on the CPU: 4-bit weights, bf16 matmul
+        inputs), "torch" (the exact fp32 reference) or "triton". threads: CPU threads
+        for torch (default: every core)."""
         path = hub.packaged_smollm2() if source is None else hub.resolve(source, quant)
         try:
             device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -69,7 +71,7 @@ class Runtime:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RequestError(f"device {str(device)!r} asked for, but CUDA is not available here")
         dtype = _dtype(dtype, device)
-        backend = backend or ("triton" if device.type == "cuda" else "torch")
+        backend = backend or ("triton" if device.type == "cuda" else "cpu")
         from .kernels import BACKENDS, load_ops
         if backend not in BACKENDS:
             raise RequestError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -77,6 +79,10 @@ class Runtime:
             # @triton.jit picks compiled or interpreted when the kernels are imported.
             raise RequestError("backend='triton' on the CPU needs TRITON_INTERPRET=1 set before "
                                "smollm3_triton is imported (it is set automatically without CUDA)")
+        if backend == "cpu" and device.type != "cpu":
+            raise RequestError(f"backend='cpu' runs on the CPU only, not on {device}")
+        if device.type == "cpu":
+            torch.set_num_threads(_threads(threads))
         ops = load_ops(backend)
 
         if path.is_dir():
@@ -101,6 +107,9 @@ class Runtime:
         elif backend == "triton":
             from .kernels.triton_ops import prepare_weights
             weights = prepare_weights(weights)
+        elif backend == "cpu":
+            from .kernels.cpu_fast import prepare_weights as prepare_cpu_weights
+            weights = prepare_cpu_weights(weights)
         model = Transformer(config, weights, ops, max_seq_len=max_seq_len, dtype=dtype, device=device)
         eos_ids |= {i for i in [tokenizer.eos_id, *map(tokenizer.token_to_id, END_TOKENS)] if i is not None}
         return cls(model, tokenizer, config, path, eos_ids, backend, max_num_seqs=max_num_seqs,
@@ -260,6 +269,14 @@ def _dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise RequestError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     return dtype
+
+
+def _threads(threads) -> int:
+    if threads is None:
+        return os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise RequestError(f"threads must be a positive integer, got {threads!r}")
+    return threads
 
 
 def _generation_config_eos(folder: Path) -> set[int]:

@@ -30,8 +30,13 @@ from .errors import ModelFormatError, UnsupportedModelError
 
 # GGUF architectures and HF model classes we run, mapped to our arch name.
 GGUF_ARCHES = {"llama": "llama", "smollm3": "smollm3"}
-HF_ARCHES = {"LlamaForCausalLM": "llama", "SmolLM3ForCausalLM": "smollm3"}
+# VLlama3ForCausalLM: the text_config of SmolVLM folders (a Llama); llama.cpp converts it as llama.
+HF_ARCHES = {"LlamaForCausalLM": "llama", "SmolLM3ForCausalLM": "smollm3", "VLlama3ForCausalLM": "llama"}
 HF_MODEL_TYPES = {"llama": "llama", "smollm3": "smollm3"}
+
+# Vision-language folders (SmolVLM): a vision encoder beside a text model configured by text_config.
+HF_VISION_ARCHES = ("Idefics3ForConditionalGeneration",)
+HF_VISION_MODEL_TYPES = ("idefics3",)
 
 # llama.cpp's smollm3 graph skips RoPE on every 4th layer; GGUF files carry no key for it.
 GGUF_SMOLLM3_NOPE_INTERVAL = 4
@@ -295,6 +300,25 @@ class ModelConfig:
                    max_position_embeddings=max_pos, use_rope=_hf_use_rope(f, arch, n_layers),
                    tie_word_embeddings=f.boolean("tie_word_embeddings", arch == "smollm3"),
                    rope_scaling=scaling)
+
+
+def is_hf_vision_language(cfg: dict) -> bool:
+    archs = cfg.get("architectures")
+    return cfg.get("model_type") in HF_VISION_MODEL_TYPES or (
+        isinstance(archs, list) and any(a in HF_VISION_ARCHES for a in archs))
+
+
+def hf_text_config(cfg: dict, source: str) -> tuple[dict, str]:
+    """The config.json object the text model is read from, and the name errors give it:
+    the file itself, or a SmolVLM folder's text_config, whose head is tied or not as the
+    outer model's tie_word_embeddings says (transformers ties the outer model's lm_head)."""
+    if not isinstance(cfg, dict) or not is_hf_vision_language(cfg):
+        return cfg, source
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise ModelFormatError(f"{source}: field text_config must be an object, got {_show(text)}")
+    tie = _Fields(cfg, source).boolean("tie_word_embeddings", False)
+    return {**text, "tie_word_embeddings": tie}, f"{source} text_config"
 
 
 def _hf_arch(f: _Fields) -> str:

@@ -376,9 +376,10 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------ synchronous use
-    def run(self, requests: list[tuple[list[int], SamplingParams]]) -> list[list[RequestOutput]]:
-        """Add every request, step until all finish; each request's outputs, in order."""
-        ids = [self.add_request(p, params) for p, params in requests]
+    def run(self, requests: list[tuple]) -> list[list[RequestOutput]]:
+        """Add every request, (prompt_ids, params) or (prompt_ids, params, mm_embeds), step
+        until all finish; each request's outputs, in order."""
+        ids = [self.add_request(p, params, None, *mm) for p, params, *mm in requests]
         outs: dict[str, list[RequestOutput]] = {i: [] for i in ids}
         while any(not o or not o[-1].finished for o in outs.values()):
             for out in self.step():

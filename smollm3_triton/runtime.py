@@ -18,6 +18,7 @@ from .generation import SamplingParams, check_max_seq_len, check_token_ids
 from .model import Batch, Transformer
 from .perplexity import DEFAULT_CTX, KLDResult, PerplexityResult, kl_divergence, perplexity
 from .tokenizer import Tokenizer
+from .vision import VisionModel, expand_images, load_vision, split_image_parts, template_takes_parts
 from .weights import dequantize_weights, load_gguf, load_safetensors_folder, to_device
 
 # A default context that fits comfortably; the KV cache is allocated for it up front.
@@ -39,8 +40,9 @@ class ChatResponse:
 
 class Runtime:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: ModelConfig, source: Path,
-                 eos_ids: set[int], backend: str = "torch", **engine_options):
+                 eos_ids: set[int], backend: str = "torch", vision: VisionModel | None = None, **engine_options):
         self.model, self.tokenizer, self.config, self.source = model, tokenizer, config, source
+        self.vision = vision           # SmolVLM's image encoder, or None for a text-only model
         self.eos_ids = eos_ids
         self.backend = backend
         self.engine = Engine(model, tokenizer, eos_ids, **engine_options)
@@ -54,15 +56,16 @@ class Runtime:
              dtype: torch.dtype | str | None = None, backend: str | None = None,
              max_seq_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
              kv_cache_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
-             enable_prefix_caching: bool = True, threads: int | None = None) -> Runtime:
+             enable_prefix_caching: bool = True,
+             mmproj: str | os.PathLike | None = None) -> Runtime:
         """source: a hub repo id, a .gguf path, or a folder with config.json + safetensors
         (None: the packaged SmolLM2-135M-Instruct GGUF). The engine's knobs: max_num_seqs
         sequences run at once, max_num_batched_tokens per step (longer prompts are
         prefilled in chunks), kv_cache_tokens in the paged pool (default: on CUDA
         gpu_memory_utilization of the memory, on the CPU 2 * max_seq_len), and the
-        prefix cache. backend: "cpu" (the default on the CPU: 4-bit weights, bf16 matmul
-        inputs), "torch" (the exact fp32 reference) or "triton". threads: CPU threads
-        for torch (default: every core)."""
+        prefix cache.
+        mmproj: llama.cpp's vision projector GGUF beside a text GGUF (SmolVLM); a SmolVLM
+        folder carries its vision side itself."""
         path = hub.packaged_smollm2() if source is None else hub.resolve(source, quant)
         try:
             device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -71,7 +74,7 @@ class Runtime:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RequestError(f"device {str(device)!r} asked for, but CUDA is not available here")
         dtype = _dtype(dtype, device)
-        backend = backend or ("triton" if device.type == "cuda" else "cpu")
+        backend = backend or ("triton" if device.type == "cuda" else "torch")
         from .kernels import BACKENDS, load_ops
         if backend not in BACKENDS:
             raise RequestError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -79,10 +82,6 @@ class Runtime:
             # @triton.jit picks compiled or interpreted when the kernels are imported.
             raise RequestError("backend='triton' on the CPU needs TRITON_INTERPRET=1 set before "
                                "smollm3_triton is imported (it is set automatically without CUDA)")
-        if backend == "cpu" and device.type != "cpu":
-            raise RequestError(f"backend='cpu' runs on the CPU only, not on {device}")
-        if device.type == "cpu":
-            torch.set_num_threads(_threads(threads))
         ops = load_ops(backend)
 
         if path.is_dir():
@@ -107,26 +106,32 @@ class Runtime:
         elif backend == "triton":
             from .kernels.triton_ops import prepare_weights
             weights = prepare_weights(weights)
-        elif backend == "cpu":
-            from .kernels.cpu_fast import prepare_weights as prepare_cpu_weights
-            weights = prepare_cpu_weights(weights)
         model = Transformer(config, weights, ops, max_seq_len=max_seq_len, dtype=dtype, device=device)
+        vision = load_vision(path, mmproj, config, tokenizer, device, dtype)
         eos_ids |= {i for i in [tokenizer.eos_id, *map(tokenizer.token_to_id, END_TOKENS)] if i is not None}
-        return cls(model, tokenizer, config, path, eos_ids, backend, max_num_seqs=max_num_seqs,
+        return cls(model, tokenizer, config, path, eos_ids, backend, vision, max_num_seqs=max_num_seqs,
                    max_num_batched_tokens=max_num_batched_tokens, kv_cache_tokens=kv_cache_tokens,
                    gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching)
 
     # ------------------------------------------------------------------ inference
-    def logits(self, token_ids):
+    def logits(self, token_ids, mm_embeds: list | None = None):
         """Logits [T, vocab] float32 of one forward pass over token_ids from position 0.
-        A list of sequences runs as one batch and gives a list of [T_i, vocab]."""
+        A list of sequences runs as one batch and gives a list of [T_i, vocab].
+        mm_embeds (one sequence): encode_chat's image rows, replacing those tokens' embeddings."""
         many = isinstance(token_ids, (list, tuple)) and bool(token_ids) and \
             all(isinstance(x, (list, tuple, torch.Tensor)) for x in token_ids)
         seqs = [check_token_ids(ids, self.config.vocab_size, self.model.max_seq_len)
                 for ids in (token_ids if many else [token_ids])]
         with self.engine.exclusive(sum(-(-len(s) // self.engine.block_size) for s in seqs)) as blocks, \
                 torch.inference_mode():
-            out = self.model.forward(Batch.from_sequences(seqs, blocks, self.engine.block_size, self.model.device))
+            batch = Batch.from_sequences(seqs, blocks, self.engine.block_size, self.model.device)
+            if mm_embeds:
+                if many:
+                    raise RequestError("mm_embeds go with one sequence, not a list of them")
+                batch.embeds = torch.cat([e for _, e, _ in mm_embeds])
+                batch.embed_rows = torch.tensor([off + k for off, e, _ in mm_embeds for k in range(e.shape[0])],
+                                                device=self.model.device)
+            out = self.model.forward(batch)
         parts = list(out.split([len(s) for s in seqs]))
         return parts if many else parts[0]
 
@@ -144,14 +149,14 @@ class Runtime:
     def stream(self, prompt: str, **kwargs) -> Iterator[str]:
         """Continue a raw prompt (no template, no BOS), yielding text as it is decoded."""
         params = SamplingParams(**kwargs)
-        return self._stream_ids(self._encode(prompt), params)
+        return self._stream_ids(self._encode(prompt), [], params)
 
     def generate(self, prompt: str | list[str], **kwargs) -> str | list[str]:
         """Continue a raw prompt; returns only the new text. temperature=0 is greedy.
         A list of prompts runs together (one batch) and gives a list of texts, in order."""
         if isinstance(prompt, list):
             params = SamplingParams(**kwargs)
-            return self._run_many([self._encode(p) for p in prompt], params)
+            return self._run_many([(self._encode(p), []) for p in prompt], params)
         return "".join(self.stream(prompt, **kwargs))
 
     def chat(self, messages: list[dict] | list[list[dict]], *, thinking: bool | None = None,
@@ -160,14 +165,14 @@ class Runtime:
         A list of conversations runs together and gives a list of responses, in order."""
         if messages and all(isinstance(m, list) for m in messages):
             params = SamplingParams(**kwargs)
-            prompts = [self._encode(self.render_chat(m, thinking=thinking, tools=tools)) for m in messages]
+            prompts = [self.encode_chat(m, thinking=thinking, tools=tools) for m in messages]
             return [_chat_response(text) for text in self._run_many(prompts, params)]
         return _chat_response("".join(self.stream_chat(messages, thinking=thinking, tools=tools, **kwargs)))
 
     def stream_chat(self, messages: list[dict], *, thinking: bool | None = None, tools: list | None = None,
                     **kwargs) -> Iterator[str]:
         params = SamplingParams(**kwargs)
-        return self._stream_ids(self._encode(self.render_chat(messages, thinking=thinking, tools=tools)), params)
+        return self._stream_ids(*self.encode_chat(messages, thinking=thinking, tools=tools), params)
 
     def render_chat(self, messages: list[dict], *, thinking: bool | None = None, tools: list | None = None,
                     **template_kwargs) -> str:
@@ -180,28 +185,34 @@ class Runtime:
                     **template_kwargs) -> tuple[list[int], list]:
         """The prompt ids of a conversation, and the embeddings that replace some of them
         (engine.add_request's mm_embeds: images); the one entry point the server uses.
-        A message's content may be OpenAI content parts; text parts are joined."""
-        messages = [_flatten_text_parts(m, i) for i, m in enumerate(messages)]
-        return self._encode(self.render_chat(messages, thinking=thinking, tools=tools, **template_kwargs)), []
+        A message's content may be OpenAI content parts: text parts are joined; image_url
+        parts (a data: URL or a local path) need a vision model and become its image tokens."""
+        if self.vision is None:
+            messages = [_flatten_text_parts(m, i) for i, m in enumerate(messages)]
+            return self._encode(self.render_chat(messages, thinking=thinking, tools=tools, **template_kwargs)), []
+        messages, urls = split_image_parts(messages, template_takes_parts(self.tokenizer.chat_template or ""))
+        text = self.render_chat(messages, thinking=thinking, tools=tools, **template_kwargs)
+        return expand_images(self.vision, text, urls, self._encode)
 
     def _encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise RequestError(f"prompt must be a string, got {type(text).__name__}")
         return self.tokenizer.encode(text)
 
-    def _stream_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
-        request_id = self.engine.add_request(prompt_ids, params)     # refused here, not at next()
+    def _stream_ids(self, prompt_ids: list[int], mm_embeds: list, params: SamplingParams) -> Iterator[str]:
+        request_id = self.engine.add_request(prompt_ids, params, mm_embeds=mm_embeds)  # refused here, not at next()
         return (out.text for out in self._outputs(request_id) if out.text)
 
-    def _run_many(self, prompts: list[list[int]], params: SamplingParams) -> list[str]:
-        for ids in prompts:
+    def _run_many(self, prompts: list[tuple[list[int], list]], params: SamplingParams) -> list[str]:
+        """prompts: (prompt ids, mm_embeds) each."""
+        for ids, _ in prompts:
             self.engine.check(len(ids), params)
-        results = self.engine.run([(ids, params) for ids in prompts])
+        results = self.engine.run([(ids, params, mm) for ids, mm in prompts])
         return ["".join(o.text for o in outs) for outs in results]
 
-    def generate_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
+    def generate_ids(self, prompt_ids: list[int], params: SamplingParams, mm_embeds: list | None = None) -> Iterator[int]:
         """New token ids, the end token included; the request is checked at the call."""
-        request_id = self.engine.add_request(prompt_ids, params)
+        request_id = self.engine.add_request(prompt_ids, params, mm_embeds=mm_embeds)
         return (t for out in self._outputs(request_id) for t in out.token_ids)
 
     def _outputs(self, request_id: str) -> Iterator[RequestOutput]:
@@ -269,14 +280,6 @@ def _dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise RequestError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     return dtype
-
-
-def _threads(threads) -> int:
-    if threads is None:
-        return os.cpu_count() or 1
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise RequestError(f"threads must be a positive integer, got {threads!r}")
-    return threads
 
 
 def _generation_config_eos(folder: Path) -> set[int]:

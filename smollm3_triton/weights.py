@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, hf_text_config, is_hf_vision_language
 from .errors import ModelFormatError, UnsupportedModelError
 from .quant import SUPPORTED_TYPES, GGMLType, QuantTensor, Weight, concat_rows, type_name
 
@@ -180,7 +180,9 @@ TORCH_TO_GGML = {torch.float32: GGMLType.F32, torch.float16: GGMLType.F16, torch
 # device memory is allocated.
 
 GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.")
-HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
+HF_LAYER_RE = re.compile(r"model\.(?:text_model\.)?layers\.(\d+)\.")
+HF_VLM_TEXT_PREFIX = "model.text_model."
+HF_VISION_PREFIXES = ("model.vision_model.", "model.connector.")
 # Buffers older transformers versions saved next to the weights; recomputed from the config.
 HF_HARMLESS_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -301,7 +303,10 @@ def load_safetensors_folder(folder: Path) -> tuple[ModelConfig, ModelWeights]:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise ModelFormatError(f"{folder}: config.json is missing")
-    config = ModelConfig.from_hf_config(read_json_object(cfg_path), str(cfg_path))
+    raw = read_json_object(cfg_path)
+    config = ModelConfig.from_hf_config(*hf_text_config(raw, str(cfg_path)))
+    # A SmolVLM folder: the text model under model.text_model., the vision side read by vision.py.
+    vision_prefixes = HF_VISION_PREFIXES if is_hf_vision_language(raw) else ()
     files, weight_map = _safetensors_files(folder)
 
     with ExitStack() as stack:
@@ -331,13 +336,16 @@ def load_safetensors_folder(folder: Path) -> tuple[ModelConfig, ModelWeights]:
                 raise ModelFormatError(f"{where[unlisted[0]]}: tensor {unlisted[0]} is not listed in {index_path}")
 
         names = dict(HF_NAMES)
+        if vision_prefixes:
+            names = {role: name.replace("model.", HF_VLM_TEXT_PREFIX, 1) for role, name in names.items()}
         if config.tie_word_embeddings:
             names["lm_head"] = None  # as transformers does: the head is the embedding, a stored copy is unused
         elif names["lm_head"] not in where:
             raise ModelFormatError(f"{folder}: tensor {names['lm_head']} is missing and {cfg_path} has "
                                    f"tie_word_embeddings false")
         expected = _expected_tensors(config, names)
-        found = {name: shape for name, (_, shape) in headers.items() if names["lm_head"] or name != HF_NAMES["lm_head"]}
+        found = {name: shape for name, (_, shape) in headers.items()
+                 if (names["lm_head"] or name != HF_NAMES["lm_head"]) and not name.startswith(vision_prefixes)}
         _check_tensor_table(found, expected, config.n_layers,
                             lambda name: str(where.get(name, folder)), HF_LAYER_RE, HF_HARMLESS_SUFFIXES)
         for name in expected:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
+import signal
 import threading
 import time
 import uuid
@@ -135,7 +135,9 @@ def create_app(load: Callable[[], object], *, served_model_name: str, api_key: s
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):
-        text = str(exc)
+        # The library's names for what the API calls max_tokens and the server's --max-seq-len.
+        text = str(exc).replace("max_new_tokens", "max_tokens").replace(
+            "load with a larger max_seq_len", "start the server with a larger --max-seq-len")
         code = "context_length_exceeded" if "context" in text or "KV cache" in text else None
         return _error_response(APIError(400, text, code=code))
 
@@ -742,5 +744,15 @@ def run_server(load: Callable[[], object], *, host: str, port: int, served_model
              " (API key required)" if api_key else "")
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30,
                             access_log=False)
-    uvicorn.Server(config).run()
+    # uvicorn handles the signal, shuts down gracefully, then re-raises it under the handler
+    # it found: this one records it, so that a requested stop exits 0.
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda s, _: received.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        log.info("stopped by %s", signal.Signals(received[-1]).name)
     return 0

@@ -307,8 +307,9 @@ def run_bench(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path = hub.packaged_smollm2() if args.model is None else hub.resolve(args.model, args.quant)
     max_seq_len = max([*prefill, *(c + max(args.decode_tokens, 4) + 4 for c in contexts)])
-    rt = Runtime.load(path, device=device, dtype=args.dtype, backend=args.backend, max_seq_len=max_seq_len)
-    backend = args.backend or ("triton" if device.type == "cuda" else "torch")
+    rt = Runtime.load(path, device=device, dtype=args.dtype, backend=args.backend, max_seq_len=max_seq_len,
+                      threads=args.threads)
+    backend = rt.backend
     cost = model_cost(path, rt.config, rt.model.dtype)
     peaks = device_peaks(device, args.peak_gbps, args.peak_tflops)
     print(f"model {path} on {peaks.name}: {cost.weight_bytes / 1e9:.3f} GB of weights read per token; "

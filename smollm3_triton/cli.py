@@ -41,8 +41,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="which GGUF of a hub repo or folder to use, e.g. q4_k_m, q8_0, f16")
     g.add_argument("--dtype", help="compute dtype: f32, bf16 or f16 (default: f32 on cpu, bf16 on cuda)")
     g.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
-    g.add_argument("--backend", choices=["torch", "triton"],
-                   help="kernels to run (default: triton on cuda, torch on cpu)")
+    g.add_argument("--backend", choices=["cpu", "torch", "triton"],
+                   help="kernels to run: cpu (4-bit weights, fast), torch (the exact fp32 reference), triton "
+                        "(default: triton on cuda, cpu on cpu)")
+    g.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: every core)")
     g.add_argument("--max-seq-len", type=int, metavar="N",
                    help="context length to allocate the KV cache for (default: the model's, at most 8192)")
 
@@ -194,7 +196,8 @@ def _load(args, max_seq_len: int | None = None, **load_options):
         if device.type not in ("cpu", "cuda"):
             raise RequestError(f"--device {args.device}: only cpu and cuda are supported")
     return Runtime.load(args.model, quant=args.quant, device=args.device, dtype=args.dtype,
-                        backend=args.backend, max_seq_len=max_seq_len or args.max_seq_len, **load_options)
+                        backend=args.backend, max_seq_len=max_seq_len or args.max_seq_len, threads=args.threads,
+                        **load_options)
 
 
 def _serve(args) -> int:

@@ -34,7 +34,7 @@ def smollm2_path() -> Path:
 def smollm2(smollm2_path):
     """The real SmolLM2-135M-Instruct runtime on the CPU torch path, loaded once."""
     from smollm3_triton import Runtime
-    return Runtime.load(smollm2_path, device="cpu", max_seq_len=1024)
+    return Runtime.load(smollm2_path, device="cpu", backend="torch", max_seq_len=1024)
 
 
 @pytest.fixture(scope="module")

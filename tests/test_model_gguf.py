@@ -42,7 +42,7 @@ def gguf_case(request, tmp_path_factory):
         pytest.importorskip("llama_cpp")
     path = tmp_path_factory.mktemp("gguf") / f"{kind}-{ftype}.gguf"
     export_gguf(random_hf_model(kind, seed=3, **overrides), path, ftype)
-    ours = Runtime.load(path, device="cpu", max_seq_len=64).logits(TOKENS).numpy()
+    ours = Runtime.load(path, device="cpu", backend="torch", max_seq_len=64).logits(TOKENS).numpy()
     return ftype, path, ours
 
 

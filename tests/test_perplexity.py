@@ -36,8 +36,9 @@ LLAMA_PERPLEXITY = os.environ.get("LLAMA_PERPLEXITY") or shutil.which("llama-per
 
 
 def run_cli(*args, timeout=300):
+    """`smollm3 perplexity` on the exact path (backend torch), the one the tests compare with."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
-    return subprocess.run([sys.executable, "-m", "smollm3_triton", "perplexity", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "smollm3_triton", "perplexity", "--backend", "torch", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -147,7 +148,7 @@ def test_perplexity_matches_llama_cpp(case, text, random_files, smollm2_path, tm
         path, ctx, n_chunk, text = smollm2_path, 128, 16, english_text(2000, seed=1)
     else:
         path, ctx, n_chunk = random_files[case], 128, 3
-    rt = Runtime.load(path, device="cpu", max_seq_len=ctx, kv_cache_tokens=4 * ctx)
+    rt = Runtime.load(path, device="cpu", backend="torch", max_seq_len=ctx, kv_cache_tokens=4 * ctx)
     ours = P.perplexity(rt, text, ctx, chunks=n_chunk, batch_size=4 * ctx)
     llm = LlamaCpp(path, ctx)
     try:
@@ -180,10 +181,10 @@ def test_perplexity_matches_llama_cpp(case, text, random_files, smollm2_path, tm
 def test_kld_q4_k_m_vs_f16_matches_llama_cpp(text, real_quants, tmp_path):
     ctx, n_chunk = 128, 3
     base_file = tmp_path / "f16.kld"
-    rt16 = Runtime.load(real_quants["f16"], device="cpu", max_seq_len=ctx, kv_cache_tokens=n_chunk * ctx)
+    rt16 = Runtime.load(real_quants["f16"], device="cpu", backend="torch", max_seq_len=ctx, kv_cache_tokens=n_chunk * ctx)
     base = P.perplexity(rt16, text, ctx, chunks=n_chunk, batch_size=n_chunk * ctx, kl_divergence_base=base_file)
     del rt16
-    rtq = Runtime.load(real_quants["q4_k_m"], device="cpu", max_seq_len=ctx, kv_cache_tokens=n_chunk * ctx)
+    rtq = Runtime.load(real_quants["q4_k_m"], device="cpu", backend="torch", max_seq_len=ctx, kv_cache_tokens=n_chunk * ctx)
     ours = P.kl_divergence(rtq, base_file, batch_size=n_chunk * ctx)
 
     first = ctx // 2
@@ -240,7 +241,7 @@ def test_chunk_alone_equals_chunk_in_batch(smollm2_path, text):
     """The same chunks scored one per forward call and three per call (one flat batch
     through the engine): bit-identical log-probabilities (fp32 logits)."""
     ctx = 128
-    rt = Runtime.load(smollm2_path, device="cpu", max_seq_len=ctx, kv_cache_tokens=3 * ctx)
+    rt = Runtime.load(smollm2_path, device="cpu", backend="torch", max_seq_len=ctx, kv_cache_tokens=3 * ctx)
     tokens, _ = P.tokenize(rt, text)
     fn = P.runtime_logits(rt)
     alone = P.perplexity_of_tokens(fn, tokens, ctx, bos_id=None, chunks=3, n_seq=1)
@@ -259,11 +260,11 @@ def test_cli_text_json_and_progress(smollm2_path, text, tmp_path, capsys):
     d = json.loads(r.stdout)
     assert d["mode"] == "perplexity" and d["n_chunks"] == 2 and d["n_scored"] == 2 * 63 and len(d["running"]) == 2
     assert "perplexity [" in r.stderr and "2/2 chunks" in r.stderr        # the progress bar
-    rt = Runtime.load(smollm2_path, device="cpu", max_seq_len=128)
+    rt = Runtime.load(smollm2_path, device="cpu", backend="torch", max_seq_len=128)
     assert d["ppl"] == pytest.approx(P.perplexity(rt, text, 128, chunks=2).ppl, rel=1e-6)
 
     from smollm3_triton.cli import main
-    assert main(["perplexity", "--model", str(smollm2_path), "-f", str(f), "-c", "128", "--chunks", "2",
+    assert main(["perplexity", "--backend", "torch", "--model", str(smollm2_path), "-f", str(f), "-c", "128", "--chunks", "2",
                  "--no-progress"]) == 0
     out, err = capsys.readouterr()
     assert re.match(r"\[1\][\d.]+,\[2\][\d.]+,\nFinal estimate: PPL = [\d.]+ \+/- [\d.]+", out), out
@@ -282,7 +283,7 @@ def test_runtime_methods_equal_the_cli(smollm2_path, tmp_path):
                 "--kl-divergence-base", cli_base)
     assert r.returncode == 0, r.stderr
     cli = json.loads(r.stdout)
-    rt = Runtime.load(smollm2_path, device="cpu", max_seq_len=ctx)
+    rt = Runtime.load(smollm2_path, device="cpu", backend="torch", max_seq_len=ctx)
     ours = rt.perplexity(text, ctx=ctx, chunks=n_chunk, kl_divergence_base=py_base)
     assert (ours.n_chunks, ours.n_scored, ours.n_tokens) == (cli["n_chunks"], cli["n_scored"], cli["n_tokens"])
     assert ours.ppl == pytest.approx(cli["ppl"], rel=1e-6)
@@ -309,7 +310,7 @@ def test_bad_text_files_get_one_clear_line(smollm2_path, tmp_path, capsys):
     from smollm3_triton.cli import main
 
     def error_of(*args):
-        assert main(["perplexity", "--model", str(smollm2_path), *map(str, args)]) == 1
+        assert main(["perplexity", "--backend", "torch", "--model", str(smollm2_path), *map(str, args)]) == 1
         lines = capsys.readouterr().err.strip().splitlines()
         assert lines[-1].startswith("error: ") and "Traceback" not in "".join(lines), lines
         return lines[-1]
@@ -331,7 +332,7 @@ def test_bad_text_files_get_one_clear_line(smollm2_path, tmp_path, capsys):
 
 
 def test_short_text_and_bad_arguments_in_python(smollm2_path):
-    rt = Runtime.load(smollm2_path, device="cpu", max_seq_len=128)
+    rt = Runtime.load(smollm2_path, device="cpu", backend="torch", max_seq_len=128)
     n = len(rt.tokenizer.encode("one two three " * 20))
     with pytest.raises(P.RequestError, match=f"tokenizes to only {n} tokens.*needs at least 256"):
         P.perplexity(rt, "one two three " * 20, 128)

@@ -1,0 +1,174 @@
+"""Load generator for an OpenAI-compatible server on this machine (loopback only).
+
+    python bench/serve_load.py --start ours --model PATH --clients 8 --requests 64 --max-tokens 64
+    python bench/serve_load.py --start llama --llama-server /path/to/llama-server --model PATH ...
+    python bench/serve_load.py --url http://127.0.0.1:8000 ...        # a server already running
+
+N clients each send streaming /v1/completions requests back to back (greedy, ignore_eos, a
+different prompt each) until --requests are done or --duration seconds pass. Reports
+requests/s, output tokens/s, time to first token and inter-token latency (p50 / p99), as
+JSON and as a markdown row. --start launches the server on a free loopback port, waits
+for /health, and stops it afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+async def one_request(http: httpx.AsyncClient, url: str, model: str | None, prompt: str, max_tokens: int) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+    if model:
+        body["model"] = model
+    start = time.perf_counter()
+    stamps: list[float] = []
+    async with http.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return {"error": r.status_code}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("choices") and event["choices"][0].get("text"):
+                stamps.append(time.perf_counter())
+    if not stamps:
+        return {"error": "no tokens"}
+    return {"ttft": stamps[0] - start, "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": len(stamps),
+            "latency": stamps[-1] - start}
+
+
+async def run_load(url: str, model: str | None, clients: int, requests: int, duration: float,
+                   max_tokens: int) -> dict:
+    results: list[dict] = []
+    counter = iter(range(requests))
+    deadline = time.monotonic() + duration
+
+    async def client(http):
+        for i in counter:
+            if time.monotonic() > deadline:
+                return
+            prompt = f"Request {i}: write a short story about the number {i * 37 % 1000} and a lighthouse."
+            results.append(await one_request(http, url, model, prompt, max_tokens))
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(duration + 60), limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    itl = [x for r in ok for x in r["itl"]]
+    return {"clients": clients, "requests": len(ok), "errors": len(results) - len(ok), "wall_s": wall,
+            "requests_per_s": len(ok) / wall, "output_tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+            "ttft_p50_ms": 1e3 * percentile([r["ttft"] for r in ok], 0.5),
+            "ttft_p99_ms": 1e3 * percentile([r["ttft"] for r in ok], 0.99),
+            "itl_p50_ms": 1e3 * percentile(itl, 0.5), "itl_p99_ms": 1e3 * percentile(itl, 0.99)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def started(kind: str, model: str, args) -> str:
+    """Launch `smollm3 serve` or llama-server on a free loopback port; yield its URL."""
+    port = _free_port()
+    if kind == "ours":
+        cmd = [sys.executable, "-m", "smollm3_triton", "serve", "--port", str(port),
+               "--max-num-seqs", str(max(args.clients, 1)), "--max-seq-len", str(args.ctx)]
+        if model:
+            cmd += ["--model", model]
+    else:
+        # -np slots of ctx tokens each (llama-server splits -c among them); continuous batching on.
+        cmd = [args.llama_server, "-m", model, "--host", "127.0.0.1", "--port", str(port),
+               "-np", str(args.clients), "-c", str(args.ctx * args.clients), "-t", str(args.threads),
+               "--no-webui"] if model else []
+        if not cmd:
+            raise SystemExit("--start llama needs --model (a .gguf file)")
+    log = open(args.log or os.devnull, "a")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"{kind} server exited with {proc.returncode}: {' '.join(cmd)}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{kind} server not healthy after 300 s")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="a running server (loopback only)")
+    p.add_argument("--start", choices=["ours", "llama"], help="launch this server for the run")
+    p.add_argument("--model", help="model for --start (ours: any source; llama: a .gguf)")
+    p.add_argument("--served-model-name", help="the model field to send (default: none)")
+    p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", "llama-server"))
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--requests", type=int, default=64, help="total requests (bounded)")
+    p.add_argument("--duration", type=float, default=120, help="stop sending after this many seconds")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--ctx", type=int, default=1024, help="context per sequence")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama-server threads")
+    p.add_argument("--log", help="append the server's output here")
+    p.add_argument("--json", type=Path, help="write the result here too")
+    args = p.parse_args(argv)
+    if args.clients < 1 or args.requests < 1 or args.duration <= 0:
+        p.error("--clients, --requests and --duration must be positive")
+    if (args.url is None) == (args.start is None):
+        p.error("give exactly one of --url and --start")
+    with contextlib.ExitStack() as stack:
+        url = args.url or stack.enter_context(started(args.start, args.model, args))
+        if urlparse(url).hostname not in LOOPBACK:
+            p.error(f"{url}: this load generator only talks to loopback addresses")
+        model = args.served_model_name or (args.model if args.start == "ours" else None)
+        result = asyncio.run(run_load(url.rstrip("/"), model, args.clients, args.requests, args.duration,
+                                      args.max_tokens))
+    result["server"] = args.start or url
+    print(json.dumps(result, indent=2))
+    print(f"| {result['server']} | {args.clients} | {result['requests']} | {result['requests_per_s']:.2f} | "
+          f"{result['output_tokens_per_s']:.1f} | {result['ttft_p50_ms']:.0f} / {result['ttft_p99_ms']:.0f} | "
+          f"{result['itl_p50_ms']:.1f} / {result['itl_p99_ms']:.1f} |")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0 if result["requests"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

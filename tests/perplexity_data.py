@@ -43,13 +43,17 @@ def english_text(n_words: int = 2000, seed: int = 0) -> str:
 
 # ---------------------------------------------------------------- real weights, other quants
 
-def smollm2_f16(src, dst):
-    """The packaged SmolLM2-135M Q4_1 GGUF dequantized (gguf-py) and written as F16, as
-    convert_hf_to_gguf writes F16 (2-D weights F16, norms F32), every metadata key copied
-    but general.file_type. Real weights in a file llama.cpp can requantize to any type."""
+def smollm2_float(src, dst, ftype: str = "f16"):
+    """The packaged SmolLM2-135M Q4_1 GGUF dequantized (gguf-py) and written as F16 or F32
+    (exact), as convert_hf_to_gguf writes them (2-D weights in ftype, norms F32), every
+    metadata key copied but general.file_type. Real weights in a file llama.cpp can
+    requantize to any type."""
     import gguf
     import numpy as np
 
+    dtypes = {"f16": (np.float16, gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+              "f32": (np.float32, gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32)}
+    dtype, tensor_type, file_type = dtypes[ftype]
     reader = gguf.GGUFReader(str(src))
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(str(dst), arch)
@@ -59,12 +63,12 @@ def smollm2_f16(src, dst):
         vtype = f.types[0]
         sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(name, f.contents(), vtype, sub_type=sub)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(file_type)
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         data = data.reshape([int(n) for n in reversed(t.shape)])
         if data.ndim >= 2:
-            writer.add_tensor(t.name, data.astype(np.float16), raw_dtype=gguf.GGMLQuantizationType.F16)
+            writer.add_tensor(t.name, data.astype(dtype), raw_dtype=tensor_type)
         else:
             writer.add_tensor(t.name, data)
     writer.write_header_to_file()
@@ -72,4 +76,3 @@ def smollm2_f16(src, dst):
     writer.write_tensors_to_file()
     writer.close()
     return dst
-

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import gguf_export
-from perplexity_data import english_text, smollm2_f16
+from perplexity_data import english_text, smollm2_float
 from smollm3_triton import Runtime
 from smollm3_triton import perplexity as P
 
@@ -134,7 +134,7 @@ def real_quants(tmp_path_factory, smollm2_path):
     """Real SmolLM2-135M weights as F16 (dequantized from the packaged Q4_1) and that F16
     quantized by llama.cpp to Q4_K_M."""
     d = tmp_path_factory.mktemp("real")
-    f16 = smollm2_f16(smollm2_path, d / "smollm2-f16.gguf")
+    f16 = smollm2_float(smollm2_path, d / "smollm2-f16.gguf", "f16")
     return {"f16": f16, "q4_k_m": gguf_export.quantize_with_llama_cpp(f16, d / "smollm2-q4_k_m.gguf", "q4_k_m")}
 
 

@@ -167,9 +167,11 @@ def decode_image(data: bytes, where: str = "image"):
             img.load()
     except RequestError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:    # Pillow's own, larger limit
+        raise RequestError(f"{where}: the image is over the limit of {MAX_IMAGE_PIXELS} pixels ({e})") from None
     except Image.UnidentifiedImageError:
         raise RequestError(f"{where}: not a {', '.join(FORMATS)} image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (OSError, SyntaxError, ValueError) as e:
         raise RequestError(f"{where}: the image data is damaged or truncated ({e})") from None
     return _to_rgb(img)
 

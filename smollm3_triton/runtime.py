@@ -25,7 +25,7 @@ from .weights import dequantize_weights, load_gguf, load_safetensors_folder, to_
 DEFAULT_MAX_SEQ_LEN = 8192
 
 # End-of-turn tokens looked up by name in the vocabulary, besides the file's EOS id.
-END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|end_of_text|>", "<|eot_id|>")
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<end_of_utterance>")
 
 
 @dataclass(frozen=True)

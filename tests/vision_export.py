@@ -41,8 +41,9 @@ SMOLVLM_CHAT_TEMPLATE = (
 
 
 def vlm_tokenizer() -> dict:
-    """The SmolLM2 GGUF tokenizer keys with IMAGE_TOKENS appended as CONTROL tokens."""
-    tok = dict(smollm2_tokenizer())
+    """The SmolLM2 GGUF tokenizer keys with IMAGE_TOKENS appended as CONTROL tokens, and
+    SmolVLM's chat template."""
+    tok = dict(smollm2_tokenizer(), **{"tokenizer.chat_template": SMOLVLM_CHAT_TEMPLATE})
     tok["tokenizer.ggml.tokens"] = list(tok["tokenizer.ggml.tokens"]) + IMAGE_TOKENS
     tok["tokenizer.ggml.token_type"] = list(tok["tokenizer.ggml.token_type"]) + \
         [int(gguf.TokenType.CONTROL)] * len(IMAGE_TOKENS)
@@ -66,14 +67,15 @@ def random_vlm(*, seed: int = 0, vision: dict | None = None, text: dict | None =
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
     tok = smollm2_tokenizer()
-    text_config = dict(model_type="llama", vocab_size=vocab_size(), hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                       max_position_embeddings=2048, rms_norm_eps=1e-5,
-                       rope_parameters={"rope_type": "default", "rope_theta": 100_000.0},
-                       bos_token_id=tok["tokenizer.ggml.bos_token_id"], eos_token_id=tok["tokenizer.ggml.eos_token_id"],
-                       pad_token_id=tok["tokenizer.ggml.padding_token_id"], **(text or {}))
-    vision_config = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                         image_size=64, patch_size=16, layer_norm_eps=1e-6, **(vision or {}))
+    text_config = {**dict(model_type="llama", vocab_size=vocab_size(), hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          max_position_embeddings=2048, rms_norm_eps=1e-5,
+                          rope_parameters={"rope_type": "default", "rope_theta": 100_000.0},
+                          bos_token_id=tok["tokenizer.ggml.bos_token_id"],
+                          eos_token_id=tok["tokenizer.ggml.eos_token_id"],
+                          pad_token_id=tok["tokenizer.ggml.padding_token_id"]), **(text or {})}
+    vision_config = {**dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=64, patch_size=16, layer_norm_eps=1e-6), **(vision or {})}
     config = Idefics3Config(text_config=text_config, vision_config=vision_config, scale_factor=scale_factor,
                             image_token_id=image_token_id(), tie_word_embeddings=tie_word_embeddings)
     config._attn_implementation = "eager"
@@ -93,10 +95,10 @@ def random_vlm(*, seed: int = 0, vision: dict | None = None, text: dict | None =
     return model
 
 
-def save_vlm_folder(model, folder, *, longest_edge: int = 128, do_image_splitting: bool = True,
-                    chat_template: str | None = None) -> Path:
+def save_vlm_folder(model, folder, *, longest_edge: int = 128, do_image_splitting: bool = True) -> Path:
     """config.json + model.safetensors (save_pretrained), the SmolLM2 tokenizer with
-    IMAGE_TOKENS added, and preprocessor_config.json as Idefics3's image processor saves it."""
+    IMAGE_TOKENS added and SmolVLM's chat template, and preprocessor_config.json as
+    Idefics3's image processor saves it."""
     from tokenizers import AddedToken, Tokenizer
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
@@ -106,11 +108,8 @@ def save_vlm_folder(model, folder, *, longest_edge: int = 128, do_image_splittin
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in IMAGE_TOKENS])
     tok.save(str(folder / "tokenizer.json"))
-    if chat_template is not None:
-        cfg_path = folder / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["chat_template"] = chat_template
-        cfg_path.write_text(json.dumps(cfg, indent=2))
+    cfg_path = folder / "tokenizer_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "chat_template": SMOLVLM_CHAT_TEMPLATE}))
     tile = model.config.vision_config.image_size
     Idefics3ImageProcessorPil(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile},
                               do_image_splitting=do_image_splitting).save_pretrained(folder)

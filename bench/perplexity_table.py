@@ -12,7 +12,7 @@ loses on those weights, and Q4_1 against F32 loses nothing (the same values).
 Text: tests/perplexity_data.english_text(3000, seed=0) (deterministic, no download), or
 -f FILE. The first --chunks chunks of -c tokens are scored, as llama-perplexity scores them.
 
-Ours: smollm3_triton on the CPU (torch backend, fp32), Runtime.perplexity on the base
+Ours: smollm3_triton on the CPU (--backend torch, the exact fp32 path, by default), Runtime.perplexity on the base
 (writing the base file), then Runtime.kl_divergence for each quant, all chunks in one batch.
 llama.cpp: the llama-perplexity binary (built from llama-cpp-python's sdist; path from
 --llama-perplexity, $LLAMA_PERPLEXITY or PATH; its columns are "-" without it), 2 threads,
@@ -23,9 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,20 +32,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from gguf_export import quantize_with_llama_cpp  # noqa: E402
-from perplexity_data import english_text, smollm2_float  # noqa: E402
+from perplexity_data import LLAMA_PERPLEXITY, english_text, run_llama_perplexity, smollm2_float  # noqa: E402
 from smollm3_triton import Runtime, hub  # noqa: E402
 from smollm3_triton.perplexity import read_text_file  # noqa: E402
 
 THREADS = min(2, os.cpu_count() or 1)
 QUANTS = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
-LLAMA_FIGURES = {  # llama-perplexity --kl-divergence's lines -> our KLDResult fields
-    "ppl": r"Mean PPL\(Q\)\s*:\s*([\d.]+)",
-    "kld": r"Mean\s+KLD:\s*([\d.]+)",
-    "rms_delta_p": r"RMS Δp\s*:\s*([\d.]+)",
-    "same_top_p": r"Same top p:\s*([\d.]+)",
-}
-
-
 def build_models(work: Path) -> dict[str, Path]:
     """{name: GGUF path}: the base f32 first, then the packaged q4_1 and every requantization."""
     src = hub.packaged_smollm2()
@@ -67,30 +56,15 @@ def build_models(work: Path) -> dict[str, Path]:
     return models
 
 
-def llama_perplexity(binary: str, model: Path, ctx: int, chunks: int, *args) -> str:
-    cmd = [binary, "-m", str(model), "-c", str(ctx), "--chunks", str(chunks), "-b", str(chunks * ctx),
-           "-t", str(THREADS), "-ctk", "f32", "-ctv", "f32", *map(str, args)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
-    return r.stdout + r.stderr
-
-
-def llama_figures(output: str) -> dict[str, float]:
-    """The KLD run's figures, delta-p and same-top as fractions like ours."""
-    found = {k: float(re.search(p, output).group(1)) for k, p in LLAMA_FIGURES.items()}
-    found["rms_delta_p"] /= 100
-    found["same_top_p"] /= 100
-    return found
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-c", "--ctx", type=int, default=512)
     p.add_argument("--chunks", type=int, default=4)
     p.add_argument("-f", "--file", help="text to score (default: the deterministic test text)")
+    p.add_argument("--backend", default="torch", choices=("torch", "cpu"),
+                   help="ours: torch (the exact fp32 reference, default) or cpu (int4-plane weights)")
     p.add_argument("--work", default="/tmp/smollm2-ppl-table", help="folder for the GGUF and base files")
-    p.add_argument("--llama-perplexity", default=os.environ.get("LLAMA_PERPLEXITY") or shutil.which("llama-perplexity"))
+    p.add_argument("--llama-perplexity", default=LLAMA_PERPLEXITY, help="the binary (default: $LLAMA_PERPLEXITY, PATH)")
     args = p.parse_args(argv)
     torch.set_num_threads(THREADS)
     work = Path(args.work)
@@ -101,7 +75,8 @@ def main(argv=None) -> int:
     models = build_models(work)
 
     def load(path):
-        return Runtime.load(path, device="cpu", max_seq_len=args.ctx, kv_cache_tokens=args.chunks * args.ctx)
+        return Runtime.load(path, device="cpu", backend=args.backend, max_seq_len=args.ctx,
+                            kv_cache_tokens=args.chunks * args.ctx)
 
     ours, theirs, seconds = {}, {}, {}
     t0 = time.perf_counter()
@@ -120,17 +95,18 @@ def main(argv=None) -> int:
 
     if args.llama_perplexity:
         lc_base = work / "llama-f32.kld"
-        out = llama_perplexity(args.llama_perplexity, models["f32"], args.ctx, args.chunks, "-f", text_file,
-                               "--kl-divergence-base", lc_base)
-        theirs["f32"] = {"ppl": float(re.search(r"Final estimate: PPL = ([\d.]+)", out).group(1))}
+        common = ("--chunks", args.chunks, "-b", args.chunks * args.ctx)
+        theirs["f32"] = run_llama_perplexity(args.llama_perplexity, models["f32"], args.ctx, *common, "-f", text_file,
+                                             "--kl-divergence-base", lc_base, threads=THREADS)
         for name, path in models.items():
             if name != "f32":
-                theirs[name] = llama_figures(llama_perplexity(args.llama_perplexity, path, args.ctx, args.chunks,
-                                                              "--kl-divergence-base", lc_base, "--kl-divergence"))
+                theirs[name] = run_llama_perplexity(args.llama_perplexity, path, args.ctx, *common,
+                                                    "--kl-divergence-base", lc_base, "--kl-divergence",
+                                                    threads=THREADS)
 
     print(f"SmolLM2-135M, {args.chunks} chunks of {args.ctx} tokens ({base.n_scored} scored) of "
           f"{args.file or 'english_text(3000, seed=0)'}; KLD against F32; {platform.machine()} "
-          f"{os.cpu_count()} cores, {THREADS} threads\n")
+          f"{os.cpu_count()} cores, {THREADS} threads, our backend {args.backend}\n")
     print("| file | MiB | PPL ours | PPL llama.cpp | ours/llama.cpp | KLD ours | KLD llama.cpp "
           "| same top ours | same top llama.cpp | RMS Δp ours | RMS Δp llama.cpp | ours s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

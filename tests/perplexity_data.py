@@ -1,10 +1,16 @@
-"""A deterministic English-like text for perplexity tests and the bench table (no downloads).
+"""Shared by tests/test_perplexity.py and bench/perplexity_table.py: a deterministic
+English-like text (no downloads), real-weight GGUF files in other types, and a runner
+for llama.cpp's own llama-perplexity binary.
 
-Sentences from a small grammar drawn with a seeded RNG: the same (n_words, seed) always
-gives the same text, on every machine and Python version (random.Random is stable)."""
+The text: sentences from a small grammar drawn with a seeded RNG: the same (n_words, seed)
+always gives the same text, on every machine and Python version (random.Random is stable)."""
 from __future__ import annotations
 
+import os
 import random
+import re
+import shutil
+import subprocess
 
 _SUBJECTS = ["The old miller", "A young doctor", "My neighbour", "The river", "Every student", "The council",
              "Our teacher", "The small boat", "A tired farmer", "The library", "Her brother", "The train",
@@ -76,3 +82,30 @@ def smollm2_float(src, dst, ftype: str = "f16"):
     writer.write_tensors_to_file()
     writer.close()
     return dst
+
+
+# ---------------------------------------------------------------- the llama-perplexity binary
+
+# Built from llama-cpp-python's sdist (vendor/llama.cpp, cmake --target llama-perplexity).
+LLAMA_PERPLEXITY = os.environ.get("LLAMA_PERPLEXITY") or shutil.which("llama-perplexity")
+
+_KLD_FIGURES = {"ppl": r"Mean PPL\(Q\)\s*:\s*([\d.]+)", "kld": r"Mean\s+KLD:\s*(-?[\d.]+)",
+                "rms_delta_p": r"RMS Δp\s*:\s*([\d.]+) ±", "same_top_p": r"Same top p:\s*([\d.]+) ±"}
+
+
+def run_llama_perplexity(binary, model, ctx: int, *args, threads: int = 2) -> dict[str, float]:
+    """llama-perplexity -m model -c ctx ARGS with an F32 KV cache (as ours) -> its printed
+    figures: "ppl" (the final estimate, or Mean PPL(Q) with --kl-divergence), and with
+    --kl-divergence "kld", "rms_delta_p" and "same_top_p" (fractions, not %)."""
+    cmd = [str(binary), "-m", str(model), "-c", str(ctx), "-t", str(threads), "-ctk", "f32", "-ctv", "f32",
+           *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    out = r.stdout + r.stderr
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {r.returncode}:\n{out[-2000:]}")
+    if "--kl-divergence" not in args:
+        return {"ppl": float(re.search(r"Final estimate: PPL = ([\d.]+)", out).group(1))}
+    found = {k: float(re.search(pattern, out).group(1)) for k, pattern in _KLD_FIGURES.items()}
+    found["rms_delta_p"] /= 100
+    found["same_top_p"] /= 100
+    return found

@@ -27,12 +27,11 @@ import numpy as np
 import pytest
 
 import gguf_export
-from perplexity_data import english_text, smollm2_float
+from perplexity_data import LLAMA_PERPLEXITY, english_text, run_llama_perplexity, smollm2_float
 from smollm3_triton import Runtime
 from smollm3_triton import perplexity as P
 
 llama_cpp = pytest.importorskip("llama_cpp")
-LLAMA_PERPLEXITY = os.environ.get("LLAMA_PERPLEXITY") or shutil.which("llama-perplexity")
 
 
 def run_cli(*args, timeout=300):
@@ -166,14 +165,6 @@ def test_perplexity_matches_llama_cpp(case, text, random_files, smollm2_path, tm
     assert ours.running[-1] == pytest.approx(ours.ppl)
     if case == "f32":
         assert abs(ours.ppl / ppl - 1) < 1e-4
-    if case == "real-q4_1" and LLAMA_PERPLEXITY is not None:
-        f = tmp_path / "text.txt"
-        f.write_text(text)
-        r = subprocess.run(list(map(str, [LLAMA_PERPLEXITY, "-m", path, "-f", f, "-c", ctx, "--chunks", n_chunk,
-                                          "-b", 4 * ctx, "-t", "2"])), capture_output=True, text=True, timeout=300)
-        theirs = float(re.search(r"Final estimate: PPL = ([\d.]+)", r.stdout + r.stderr).group(1))
-        print(f"llama-perplexity {theirs:.4f}, ours {ours.ppl:.4f} ({100 * (ours.ppl / theirs - 1):+.3f}%)")
-        assert abs(ours.ppl / theirs - 1) < 0.005
 
 
 # ---------------------------------------------------------------- KLD vs llama.cpp
@@ -214,25 +205,58 @@ def test_kld_q4_k_m_vs_f16_matches_llama_cpp(text, real_quants, tmp_path):
     assert kp["max"] == pytest.approx(float(ours.kld_values.max()))
     assert 0 < ours.rms_delta_p[0] < 1
 
-    if LLAMA_PERPLEXITY is not None:
-        # The real binary (F32 KV cache, as the oracle above; its default F16 cache adds
-        # another ~3% to its KLD): its base file read by us, and its printed mean KLD.
-        f = tmp_path / "text.txt"
-        f.write_text(text)
-        lc_base = tmp_path / "lc.kld"
-        subprocess.run(list(map(str, [LLAMA_PERPLEXITY, "-m", real_quants["f16"], "-f", f, "-c", ctx, "--chunks",
-                                      n_chunk, "-t", "2", "-ctk", "f32", "-ctv", "f32", "--kl-divergence-base", lc_base])),
-                       capture_output=True, timeout=300, check=True)
-        r = subprocess.run(list(map(str, [LLAMA_PERPLEXITY, "-m", real_quants["q4_k_m"], "-c", ctx, "-t", "2", "-ctk", "f32", "-ctv", "f32",
-                                          "--kl-divergence-base", lc_base, "--kl-divergence"])),
-                           capture_output=True, text=True, timeout=300, check=True)
-        theirs = float(re.search(r"Mean    KLD:\s+([\d.]+)", r.stdout + r.stderr).group(1))
-        from_theirs = P.kl_divergence(rtq, lc_base, batch_size=n_chunk * ctx)
-        assert lc_base.stat().st_size == base_file.stat().st_size
-        assert np.array_equal(P.read_base_file(lc_base).tokens, P.read_base_file(base_file).tokens)
-        print(f"llama-perplexity mean KLD {theirs:.5f}; ours on its base file {from_theirs.kld[0]:.5f}")
-        assert abs(ours.kld[0] / theirs - 1) < 0.10
-        assert from_theirs.kld[0] == pytest.approx(ours.kld[0], rel=0.02)
+
+
+# ---------------------------------------------------------------- the llama-perplexity binary
+
+needs_binary = pytest.mark.skipif(LLAMA_PERPLEXITY is None, reason="no llama-perplexity binary: set "
+                                  "LLAMA_PERPLEXITY=path (built from llama-cpp-python's sdist with cmake)")
+
+
+@needs_binary
+@pytest.mark.parametrize("case", ["real-q4_1", "real-f16"])
+def test_perplexity_matches_llama_perplexity_binary(case, smollm2_path, real_quants, tmp_path):
+    """The PPL llama-perplexity prints (F32 KV cache) on the same file and text file."""
+    path = smollm2_path if case == "real-q4_1" else real_quants["f16"]
+    ctx, n_chunk, text = 128, 16, english_text(2000, seed=1)
+    f = tmp_path / "text.txt"
+    f.write_text(text)
+    theirs = run_llama_perplexity(LLAMA_PERPLEXITY, path, ctx, "-f", f, "--chunks", n_chunk, "-b", 4 * ctx)["ppl"]
+    rt = Runtime.load(path, device="cpu", backend="torch", max_seq_len=ctx, kv_cache_tokens=4 * ctx)
+    ours = rt.perplexity(text, ctx, chunks=n_chunk, batch_size=4 * ctx)
+    print(f"{case}: PPL ours {ours.ppl:.4f}, llama-perplexity {theirs:.4f} ({100 * (ours.ppl / theirs - 1):+.3f}%)")
+    assert abs(ours.ppl / theirs - 1) < 0.005
+
+
+@needs_binary
+def test_kld_matches_llama_perplexity_binary(text, real_quants, tmp_path):
+    """KLD(F16 || Q4_K_M) as llama-perplexity prints it, and each side's base file read by the other."""
+    ctx, n_chunk = 128, 3
+    f = tmp_path / "text.txt"
+    f.write_text(text)
+    lc_base, our_base = tmp_path / "llama.kld", tmp_path / "ours.kld"
+    run_llama_perplexity(LLAMA_PERPLEXITY, real_quants["f16"], ctx, "-f", f, "--chunks", n_chunk,
+                         "--kl-divergence-base", lc_base)
+    theirs = run_llama_perplexity(LLAMA_PERPLEXITY, real_quants["q4_k_m"], ctx, "--kl-divergence-base", lc_base,
+                                  "--kl-divergence")
+    Runtime.load(real_quants["f16"], device="cpu", backend="torch", max_seq_len=ctx, kv_cache_tokens=n_chunk * ctx).perplexity(
+        text, ctx, chunks=n_chunk, batch_size=n_chunk * ctx, kl_divergence_base=our_base)
+    rtq = Runtime.load(real_quants["q4_k_m"], device="cpu", backend="torch", max_seq_len=ctx, kv_cache_tokens=n_chunk * ctx)
+    ours = rtq.kl_divergence(our_base, batch_size=n_chunk * ctx)
+    ours_on_theirs = rtq.kl_divergence(lc_base, batch_size=n_chunk * ctx)
+    theirs_on_ours = run_llama_perplexity(LLAMA_PERPLEXITY, real_quants["q4_k_m"], ctx, "--kl-divergence-base",
+                                          our_base, "--kl-divergence")
+    print(f"KLD(F16 || Q4_K_M): ours {ours.kld[0]:.5f}, llama-perplexity {theirs['kld']:.5f}; on the other's base "
+          f"file: ours {ours_on_theirs.kld[0]:.5f}, llama-perplexity {theirs_on_ours['kld']:.5f}; same top "
+          f"{ours.same_top_p[0]:.3f} vs {theirs['same_top_p']:.3f}; RMS dp {ours.rms_delta_p[0]:.4f} vs "
+          f"{theirs['rms_delta_p']:.4f}; PPL(Q) {ours.ppl[0]:.4f} vs {theirs['ppl']:.4f}")
+    assert lc_base.stat().st_size == our_base.stat().st_size
+    assert np.array_equal(P.read_base_file(lc_base).tokens, P.read_base_file(our_base).tokens)
+    assert abs(ours.kld[0] / theirs["kld"] - 1) < 0.10
+    assert ours_on_theirs.kld[0] == pytest.approx(ours.kld[0], rel=0.02)
+    assert theirs_on_ours["kld"] == pytest.approx(theirs["kld"], rel=0.02)
+    assert abs(ours.same_top_p[0] - theirs["same_top_p"]) < 0.05
+    assert abs(ours.ppl[0] / theirs["ppl"] - 1) < 0.005
 
 
 # ---------------------------------------------------------------- batching

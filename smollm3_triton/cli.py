@@ -47,6 +47,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: every core)")
     g.add_argument("--max-seq-len", type=int, metavar="N",
                    help="context length to allocate the KV cache for (default: the model's, at most 8192)")
+    g.add_argument("--mmproj", metavar="FILE",
+                   help="llama.cpp's vision projector GGUF (mmproj-*.gguf) for a SmolVLM text GGUF")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -67,6 +69,9 @@ def _add_chat_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", metavar="TEXT", help="system message")
     p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="reasoning on or off (default: the chat template's default)")
+    p.add_argument("--image", action="append", metavar="FILE",
+                   help="a PNG, JPEG or WebP image put before the (first) message; repeatable; needs a SmolVLM "
+                        "model (a folder, or a text GGUF with --mmproj)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,7 +200,7 @@ def _load(args, max_seq_len: int | None = None, **load_options):
             raise RequestError(f"--device {args.device}: CUDA is not available on this machine")
         if device.type not in ("cpu", "cuda"):
             raise RequestError(f"--device {args.device}: only cpu and cuda are supported")
-    return Runtime.load(args.model, quant=args.quant, device=args.device, dtype=args.dtype,
+    return Runtime.load(args.model, quant=args.quant, mmproj=args.mmproj, device=args.device, dtype=args.dtype,
                         backend=args.backend, max_seq_len=max_seq_len or args.max_seq_len, threads=args.threads,
                         **load_options)
 
@@ -224,17 +229,24 @@ def _generate(args, sampling: dict) -> int:
         if sys.stdin is None or sys.stdin.isatty():
             raise RequestError("no prompt: pass --prompt TEXT or pipe the prompt on stdin")
         prompt = sys.stdin.read()
-    if args.no_chat_template and (args.system is not None or args.thinking is not None):
-        raise RequestError("--system and --thinking need the chat template; drop --no-chat-template")
+    if args.no_chat_template and (args.system is not None or args.thinking is not None or args.image):
+        raise RequestError("--system, --thinking and --image need the chat template; drop --no-chat-template")
     rt = _load(args)
     if args.no_chat_template:
-        text = prompt
+        ids, mm_embeds = rt.tokenizer.encode(prompt), []
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
-        messages.append({"role": "user", "content": prompt})
-        text = rt.render_chat(messages, thinking=args.thinking)
-    _run_turn(rt, text, args.max_new_tokens, sampling)
+        messages.append({"role": "user", "content": _user_content(prompt, args.image)})
+        ids, mm_embeds = rt.encode_chat(messages, thinking=args.thinking)
+    _run_turn(rt, ids, mm_embeds, args.max_new_tokens, sampling)
     return 0
+
+
+def _user_content(text: str, images: list[str] | None):
+    """A message's content: the text alone, or content parts with the images first."""
+    if not images:
+        return text
+    return [*({"type": "image_url", "image_url": {"url": path}} for path in images), {"type": "text", "text": text}]
 
 
 def _chat(args, sampling: dict) -> int:
@@ -247,18 +259,20 @@ def _chat(args, sampling: dict) -> int:
     if interactive:
         print(f"{rt.source.name}: one line per message; /exit or Ctrl-D quits.", file=sys.stderr)
     failed = False
+    images = args.image
     for line in _user_lines(args.prompt, interactive):
         if line in ("/exit", "/quit"):
             break
-        turn = history + [{"role": "user", "content": line}]
+        turn = history + [{"role": "user", "content": _user_content(line, images)}]
         try:
-            text = _run_turn(rt, rt.render_chat(turn, thinking=args.thinking), args.max_new_tokens, sampling)
+            text = _run_turn(rt, *rt.encode_chat(turn, thinking=args.thinking), args.max_new_tokens, sampling)
         except SmolLMError as e:    # e.g. the conversation outgrew the context: say so, keep the REPL
             print(f"error: {e}", file=sys.stderr)
             failed = True
             continue
         # Templates drop earlier turns' reasoning themselves; keep the answer only, as they expect.
         history = turn + [{"role": "assistant", "content": split_reasoning(text)[1]}]
+        images = None       # the images go with the first message, which the history keeps
     return 1 if failed else 0
 
 
@@ -300,18 +314,18 @@ class _TimedTokens:
             yield token
 
 
-def _run_turn(rt, text: str, max_new_tokens: int | None, sampling: dict) -> str:
-    """Stream the model's continuation of `text` to stdout, then timings to stderr; returns the text."""
+def _run_turn(rt, ids: list[int], mm_embeds: list, max_new_tokens: int | None, sampling: dict) -> str:
+    """Stream the model's continuation of the prompt `ids` (mm_embeds: its image rows) to
+    stdout, then timings to stderr; returns the text."""
     from .generation import SamplingParams
 
-    ids = rt.tokenizer.encode(text)
     if max_new_tokens is None:
         room = rt.model.max_seq_len - len(ids)
         # With no room left, ask for the default anyway: generate_tokens then refuses
         # with both numbers in the message.
         max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, room) if room > 0 else DEFAULT_MAX_NEW_TOKENS
     params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
-    timed = _TimedTokens(rt.generate_ids(ids, params))
+    timed = _TimedTokens(rt.generate_ids(ids, params, mm_embeds))
     pieces = []
     for piece in rt.detokenize(iter(timed), params.stop):
         pieces.append(piece)
@@ -372,6 +386,7 @@ def _inspect_gguf(path: Path) -> int:
     from .config import ModelConfig
     from .gguf_file import GGUFFile
     from .quant import SUPPORTED_TYPES, type_name
+    from .vision import VisionConfig
 
     with GGUFFile(path) as g:
         md = g.metadata
@@ -380,13 +395,17 @@ def _inspect_gguf(path: Path) -> int:
         print(f"architecture: {md.get('general.architecture')}")
         if md.get("general.name") is not None:
             print(f"name: {md['general.name']}")
-        problem = None
+        problem = config = None
         try:
-            config = ModelConfig.from_gguf_metadata(md, str(path))
+            if md.get("general.architecture") == "clip":      # an mmproj: a vision side, no text model
+                config = None
+                _print_vision(VisionConfig.from_mmproj_metadata(md, str(path)))
+            else:
+                config = ModelConfig.from_gguf_metadata(md, str(path))
         except SmolLMError as e:
             problem = e
             print(f"config: cannot be built: {e}")
-        else:
+        if config is not None:
             # As the loader decides: no output.weight means the head is the embedding.
             config = dataclasses.replace(config, tie_word_embeddings="output.weight" not in g.tensors)
             _print_config(config)
@@ -398,6 +417,13 @@ def _inspect_gguf(path: Path) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_vision(vision) -> None:
+    print("vision:")
+    for f in dataclasses.fields(vision):
+        print(f"  {f.name}: {getattr(vision, f.name)}")
+    print(f"  tokens_per_tile: {vision.tokens_per_tile}")
 
 
 def _print_gguf_tokenizer(md: dict) -> None:
@@ -426,7 +452,7 @@ def _inspect_folder(path: Path) -> int:
 
     from safetensors import safe_open
 
-    from .config import ModelConfig
+    from .config import ModelConfig, hf_text_config, is_hf_vision_language
     from .errors import ModelFormatError
     from .tokenizer import Tokenizer
 
@@ -440,8 +466,12 @@ def _inspect_folder(path: Path) -> int:
     files = sorted(path.glob("*.safetensors"))
     print(f"folder: {path} ({len(files)} safetensors files)")
     print(f"architecture: {', '.join(cfg.get('architectures') or []) or cfg.get('model_type')}")
-    config = ModelConfig.from_hf_config(cfg, str(cfg_path))
+    config = ModelConfig.from_hf_config(*hf_text_config(cfg, str(cfg_path)))
     _print_config(config)
+    if is_hf_vision_language(cfg):
+        from .vision import VisionConfig
+
+        _print_vision(VisionConfig.from_hf_config(cfg, config.hidden_size, str(cfg_path)))
     if (path / "tokenizer.json").is_file():
         tok = Tokenizer.from_hf_folder(path)
 

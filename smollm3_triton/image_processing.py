@@ -152,7 +152,10 @@ def image_bytes(url: str, where: str) -> bytes:
 
 def decode_image(data: bytes, where: str = "image"):
     """A fully decoded RGB PIL image, or a RequestError saying what is wrong with the data."""
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError:
+        raise RequestError("images need Pillow: pip install pillow (or smollm3-triton[vision])") from None
 
     if len(data) > MAX_IMAGE_BYTES:
         raise RequestError(f"{where}: {len(data)} bytes, over the {MAX_IMAGE_BYTES}-byte image limit")

@@ -75,7 +75,7 @@ class VisionConfig:
         return self
 
     @classmethod
-    def from_hf_config(cls, cfg: dict, text: ModelConfig, source: str) -> VisionConfig:
+    def from_hf_config(cls, cfg: dict, text_hidden_size: int, source: str) -> VisionConfig:
         """From an Idefics3 / SmolVLM config.json (the whole object)."""
         vision = cfg.get("vision_config")
         if not isinstance(vision, dict):
@@ -96,11 +96,12 @@ class VisionConfig:
                    patch_size=v.integer("patch_size", d["patch_size"]),
                    layer_norm_eps=v.number("layer_norm_eps", d["layer_norm_eps"]),
                    scale_factor=_Fields(cfg, source).integer("scale_factor", HF_SCALE_FACTOR_DEFAULT),
-                   text_hidden_size=text.hidden_size).check(source)
+                   text_hidden_size=text_hidden_size).check(source)
 
     @classmethod
-    def from_mmproj_metadata(cls, md: dict, text: ModelConfig, source: str) -> VisionConfig:
-        """From llama.cpp's mmproj GGUF (clip.* keys), checked against the text model it serves."""
+    def from_mmproj_metadata(cls, md: dict, source: str, text_hidden_size: int | None = None) -> VisionConfig:
+        """From llama.cpp's mmproj GGUF (clip.* keys), checked against the width of the text
+        model it serves when that is given."""
         c = _Fields(md, source, prefix="clip.", kind="metadata key")
         projector = c.string("projector_type")
         if projector != MMPROJ_PROJECTOR:
@@ -112,9 +113,9 @@ class VisionConfig:
             raise c.fail("use_gelu", "is not true: idefics3's encoder uses GELU", UnsupportedModelError)
         v = _Fields(md, source, prefix="clip.vision.", kind="metadata key")
         projection = v.integer("projection_dim")
-        if projection != text.hidden_size:
+        if text_hidden_size is not None and projection != text_hidden_size:
             raise v.fail("projection_dim", f"{projection} differs from the text model's embedding length "
-                                           f"{text.hidden_size}: this mmproj belongs to another model")
+                                           f"{text_hidden_size}: this mmproj belongs to another model")
         return cls(hidden_size=v.integer("embedding_length"), intermediate_size=v.integer("feed_forward_length"),
                    n_layers=v.integer("block_count", hi=1024), n_heads=v.integer("attention.head_count"),
                    image_size=v.integer("image_size", hi=4096), patch_size=v.integer("patch_size"),
@@ -301,7 +302,7 @@ def load_hf_vision(folder: Path, cfg: dict, text: ModelConfig) -> tuple[VisionCo
     from safetensors import safe_open
 
     source = str(folder / "config.json")
-    config = VisionConfig.from_hf_config(cfg, text, source)
+    config = VisionConfig.from_hf_config(cfg, text.hidden_size, source)
     image_token_id = _Fields(cfg, source).integer("image_token_id", lo=0)
     if image_token_id >= text.vocab_size:
         raise ModelFormatError(f"{source}: image_token_id {image_token_id} is outside the vocabulary "
@@ -333,7 +334,7 @@ def load_mmproj(path: Path, text: ModelConfig) -> tuple[VisionConfig, VisionWeig
         arch = md.get("general.architecture")
         if arch != "clip":
             raise ModelFormatError(f"{source}: general.architecture is {_show(arch)}; an mmproj file is 'clip'")
-        config = VisionConfig.from_mmproj_metadata(md, text, source)
+        config = VisionConfig.from_mmproj_metadata(md, source, text.hidden_size)
         v = _Fields(md, source, prefix="clip.vision.", kind="metadata key")
         longest = v.integer("preproc_image_size", 4 * config.image_size, hi=4096)
         processor = ImageProcessorConfig.from_preprocessor_config(

@@ -363,3 +363,29 @@ def test_image_from_a_local_path(rt, tmp_path):
 def test_placeholder_in_text_is_refused(rt):
     with pytest.raises(RequestError, match="placeholders for 1 images"):
         rt.encode_chat(user_turn(data_url(encoded(random_image(64, 64))), text="a literal <image> here"))
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_cli_generate_with_image(rt, folder, pair, tmp_path, capsys):
+    from smollm3_triton.cli import main
+
+    path = tmp_path / "cat.png"
+    random_image(90, 150, seed=12).save(path)
+    expected = rt.chat(user_turn(str(path), text="Describe it."), max_new_tokens=5, temperature=0).text
+    common = ["--backend", "torch", "--image", str(path), "-p", "Describe it.", "-n", "5", "--temperature", "0"]
+    for model in (["--model", str(folder)], ["--model", str(pair[0]), "--mmproj", str(pair[1])]):
+        assert main(["generate", *model, *common]) == 0
+        assert capsys.readouterr().out == expected + "\n"
+    assert main(["generate", "--model", str(folder), "--backend", "torch", "--image", str(tmp_path / "none.png"),
+                 "-p", "x", "-n", "2"]) == 1
+    assert "none.png does not exist" in capsys.readouterr().err
+
+
+def test_cli_inspect_shows_the_vision_side(folder, pair, capsys):
+    from smollm3_triton.cli import main
+
+    for source in (folder, pair[1]):
+        assert main(["inspect", str(source)]) == 0
+        out = capsys.readouterr().out
+        assert "vision:\n  hidden_size: 32\n" in out and "  tokens_per_tile: 4\n" in out, out

@@ -38,7 +38,6 @@ from . import Ops
 from .qmatmul import qmatmul_torch
 from .repack import prepare_weight
 from .rms_norm import rms_norm_torch
-from .rope_qkv import rope_write_torch
 
 GROUP = 32
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
@@ -140,19 +139,122 @@ def gate_up_swiglu_cpu(x: torch.Tensor, w_gate_up: CpuWeight) -> torch.Tensor:
     return (F.silu(gate) * up).to(x.dtype)
 
 
+class _PerStep:
+    """Tables every layer of one forward shares (RoPE rows, KV slots, attention plans),
+    built at the first layer and reused while the step's tensors are the same objects
+    holding the same values (a copy is kept to compare: inference tensors carry no
+    version counter). `consts` (the RoPE tables, the block size) match by identity or
+    equality. One entry: a forward runs its layers in order."""
+
+    def __init__(self, build):
+        self.build, self.entry = build, None
+
+    def __call__(self, step: tuple[torch.Tensor, ...], *consts):
+        entry = self.entry          # read once: another thread may replace it meanwhile
+        if entry is not None and all(a is b and torch.equal(c, b) for a, c, b in zip(*entry[0], step)) and \
+                all(x is y or (not isinstance(x, torch.Tensor) and x == y) for x, y in zip(entry[1], consts)):
+            return entry[2]
+        value = self.build(*step, *consts)
+        self.entry = ((step, tuple(t.clone() for t in step)), consts, value)
+        return value
+
+
+@dataclass(frozen=True)
+class _RopeRows:
+    cos: torch.Tensor            # [T, 1, D]: the table's row at each token's position, both halves
+    sin: torch.Tensor
+    blocks: torch.Tensor         # KV slots to write: block, offset in block, token row (None: every row)
+    offsets: torch.Tensor
+    rows: torch.Tensor | None
+
+
+def _rope_rows(positions, slot_mapping, cos, sin, block_size) -> _RopeRows:
+    c, s = cos[positions], sin[positions]
+    keep = slot_mapping >= 0
+    rows = None if bool(keep.all()) else keep.nonzero().flatten()
+    slots = slot_mapping if rows is None else slot_mapping[rows]
+    return _RopeRows(torch.cat((c, c), -1)[:, None], torch.cat((s, s), -1)[:, None],
+                     slots // block_size, slots % block_size, rows)
+
+
+_rope_step = _PerStep(_rope_rows)
+
+
 def rope_qkv_cpu(x: torch.Tensor, w_qkv: CpuWeight, positions: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                  n_heads: int, n_kv_heads: int, head_dim: int, use_rope: bool) -> torch.Tensor:
-    return rope_write_torch(qmatmul_cpu(x, w_qkv), positions, cos, sin, k_cache, v_cache, slot_mapping,
-                            n_heads, n_kv_heads, head_dim, use_rope)
+    """rope_qkv_torch's contract. Q and K heads rotate together, as
+    x * cos + rotate_half(x) * sin, which is the reference's x1 c - x2 s, x2 c + x1 s
+    operation for operation (bit-identical)."""
+    T = x.shape[0]
+    qkv = qmatmul_cpu(x, w_qkv)
+    k_end = (n_heads + n_kv_heads) * head_dim
+    t = _rope_step((positions, slot_mapping), cos, sin, k_cache.shape[2])
+    qk = qkv[:, :k_end].view(T, n_heads + n_kv_heads, head_dim)
+    if use_rope:
+        half = head_dim // 2
+        qk = qk * t.cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * t.sin
+    k, v = qk[:, n_heads:], qkv[:, k_end:].view(T, n_kv_heads, head_dim)
+    if t.rows is not None:
+        k, v = k[t.rows], v[t.rows]
+    k_cache[t.blocks, :, t.offsets] = k.to(k_cache.dtype)
+    v_cache[t.blocks, :, t.offsets] = v.to(v_cache.dtype)
+    return qk[:, :n_heads]
 
 
-def _keys(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """cache [n_blocks, Hkv, bs, D], tables [B, n] -> [B, Hkv, n * bs, D]: one gather, the
+def _keys(cache: torch.Tensor, tables: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """cache [n_blocks, Hkv, bs, D], tables [B, n] -> [B, Hkv, n_keys, D]: one gather, the
     result a view of it."""
     g = cache.transpose(0, 1)[:, tables]                  # [Hkv, B, n, bs, D], contiguous
     hkv, b, n, bs, d = g.shape
-    return g.transpose(0, 1).reshape(b, hkv, n * bs, d)
+    return g.transpose(0, 1).reshape(b, hkv, n * bs, d)[:, :, :n_keys]
+
+
+@dataclass(frozen=True)
+class _Decodes:
+    """The sequences with one query this step, attended together."""
+    rows: torch.Tensor | None    # their query rows (None: rows 0..B-1 are the whole step, in order)
+    tables: torch.Tensor         # [B, blocks of the longest]
+    n_keys: int                  # the longest context
+    mask: torch.Tensor | None    # [B, 1, 1, n_keys]: keys within each one's context (None: all are)
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    """One sequence with several queries: its keys, and its query tiles with their causal masks."""
+    tables: torch.Tensor         # [1, blocks]
+    n_keys: int
+    tiles: tuple[tuple[slice, torch.Tensor], ...]   # (rows, mask [rows * group, n_keys])
+
+
+def _attention_plan(query_start, seq_lens, block_tables, block_size: int, group: int):
+    starts, lens = query_start.tolist(), seq_lens.tolist()
+    singles = [b for b in range(len(lens)) if starts[b + 1] - starts[b] == 1 and lens[b] > 0]
+    decodes = None
+    if singles:
+        n_keys = max(lens[b] for b in singles)
+        in_order = singles == list(range(len(lens))) and starts[-1] == len(lens)
+        mask = None
+        if any(lens[b] < n_keys for b in singles):
+            mask = (torch.arange(n_keys) < seq_lens[singles, None])[:, None, None, :]
+        decodes = _Decodes(None if in_order else torch.tensor([starts[b] for b in singles]),
+                           block_tables[singles, :-(-n_keys // block_size)], n_keys, mask)
+    prompts = []
+    for b in range(len(lens)):
+        n_q = starts[b + 1] - starts[b]
+        if n_q <= 1 or lens[b] == 0:
+            continue
+        key_pos = torch.arange(lens[b])
+        tiles = []
+        for t0 in range(0, n_q, QUERY_TILE):
+            r = min(QUERY_TILE, n_q - t0)
+            pos = lens[b] - n_q + t0 + torch.arange(r).repeat_interleave(group)
+            tiles.append((slice(starts[b] + t0, starts[b] + t0 + r), key_pos[None, :] <= pos[:, None]))
+        prompts.append(_Prompt(block_tables[b:b + 1, :-(-lens[b] // block_size)], lens[b], tuple(tiles)))
+    return decodes, tuple(prompts)
+
+
+_attention_step = _PerStep(_attention_plan)
 
 
 def attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_start: torch.Tensor,
@@ -162,37 +264,33 @@ def attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     folded into the query rows ([B, Hkv, rows * group, D]), so keys are read once per
     group; every sequence's keys end at its own length (masked beyond)."""
     N, H, D = q.shape
-    hkv, bs = k_cache.shape[1], k_cache.shape[2]
+    hkv = k_cache.shape[1]
     group = H // hkv
+    decodes, prompts = _attention_step((query_start, seq_lens, block_tables), k_cache.shape[2], group)
+    if decodes is not None and decodes.rows is None:        # a pure decode step
+        return _attend_decodes(q, k_cache, v_cache, decodes, scale).to(q.dtype)
     out = torch.zeros_like(q)
-    starts, lens = query_start.tolist(), seq_lens.tolist()
-    singles = [b for b in range(len(lens)) if starts[b + 1] - starts[b] == 1 and lens[b] > 0]
-    if singles:
-        rows = torch.tensor([starts[b] for b in singles])
-        n_blocks = -(-max(lens[b] for b in singles) // bs)
-        k = _keys(k_cache, block_tables[singles, :n_blocks])
-        v = _keys(v_cache, block_tables[singles, :n_blocks])
-        visible = torch.arange(n_blocks * bs) < seq_lens[singles, None].to(torch.int64)
-        o = F.scaled_dot_product_attention(q[rows].view(len(singles), hkv, group, D).to(k.dtype), k, v,
-                                           attn_mask=visible[:, None, None, :], scale=scale)
-        out[rows] = o.reshape(len(singles), H, D).to(q.dtype)
-    for b in range(len(lens)):
-        n_q = starts[b + 1] - starts[b]
-        if n_q <= 1 or lens[b] == 0:
-            continue
-        n_blocks = -(-lens[b] // bs)
-        k = _keys(k_cache, block_tables[b:b + 1, :n_blocks])
-        v = _keys(v_cache, block_tables[b:b + 1, :n_blocks])
-        key_pos = torch.arange(n_blocks * bs)
-        for t0 in range(0, n_q, QUERY_TILE):
-            r = min(QUERY_TILE, n_q - t0)
-            rows = slice(starts[b] + t0, starts[b] + t0 + r)
+    if decodes is not None:
+        out[decodes.rows] = _attend_decodes(q[decodes.rows], k_cache, v_cache, decodes, scale).to(q.dtype)
+    for p in prompts:
+        k, v = _keys(k_cache, p.tables, p.n_keys), _keys(v_cache, p.tables, p.n_keys)
+        for rows, mask in p.tiles:
+            r = rows.stop - rows.start
             tile = q[rows].view(r, hkv, group, D).permute(1, 0, 2, 3).reshape(1, hkv, r * group, D)
-            pos = lens[b] - n_q + t0 + torch.arange(r).repeat_interleave(group)
-            o = F.scaled_dot_product_attention(tile.to(k.dtype), k, v, attn_mask=key_pos[None, :] <= pos[:, None],
-                                               scale=scale)
+            o = F.scaled_dot_product_attention(tile.to(k.dtype), k, v, attn_mask=mask, scale=scale)
             out[rows] = o[0].view(hkv, r, group, D).permute(1, 0, 2, 3).reshape(r, H, D).to(q.dtype)
     return out
+
+
+def _attend_decodes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: _Decodes,
+                    scale: float) -> torch.Tensor:
+    """q [B, H, D] of one-query sequences -> [B, H, D] in the cache's dtype."""
+    B, H, D = q.shape
+    hkv = k_cache.shape[1]
+    k, v = _keys(k_cache, d.tables, d.n_keys), _keys(v_cache, d.tables, d.n_keys)
+    o = F.scaled_dot_product_attention(q.reshape(B, hkv, H // hkv, D).to(k.dtype), k, v, attn_mask=d.mask,
+                                       scale=scale)
+    return o.reshape(B, H, D)
 
 
 CPU_OPS = Ops(qmatmul=qmatmul_cpu, gate_up_swiglu=gate_up_swiglu_cpu, rope_qkv=rope_qkv_cpu,

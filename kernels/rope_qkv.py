@@ -55,15 +55,8 @@ def rope_qkv_torch(x: torch.Tensor, w_qkv: Weight, positions: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                    n_heads: int, n_kv_heads: int, head_dim: int, use_rope: bool) -> torch.Tensor:
-    return rope_write_torch(qmatmul_torch(x, w_qkv), positions, cos, sin, k_cache, v_cache, slot_mapping,
-                            n_heads, n_kv_heads, head_dim, use_rope)
-
-
-def rope_write_torch(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                     n_heads: int, n_kv_heads: int, head_dim: int, use_rope: bool) -> torch.Tensor:
-    """The part of rope_qkv after the projection: qkv [T, (H + 2 Hkv) D] -> q; K/V into the cache."""
-    T = qkv.shape[0]
+    T = x.shape[0]
+    qkv = qmatmul_torch(x, w_qkv)
     q_end, k_end = n_heads * head_dim, (n_heads + n_kv_heads) * head_dim
     q = qkv[:, :q_end].view(T, n_heads, head_dim)
     k = qkv[:, q_end:k_end].view(T, n_kv_heads, head_dim)

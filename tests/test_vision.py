@@ -272,20 +272,48 @@ def test_text_model_refuses_images(pair):
 
 
 @pytest.mark.llama_cpp
-def test_llama_cpp_loads_the_pair(pair):
+def test_llama_cpp_runs_the_pair(vlm, tmp_path):
+    """llama.cpp (libmtmd through llama-cpp-python) loads our pair and its image embeddings
+    equal ours. A tile-sized image with preproc_image_size = tile: transformers keeps it one
+    tile, llama.cpp makes it one slice + the overview, both the unresized pixels."""
+    import ctypes
+
     llama_cpp = pytest.importorskip("llama_cpp")
     mtmd = pytest.importorskip("llama_cpp.mtmd_cpp", reason="this llama-cpp-python has no mtmd bindings")
-    text_gguf, mmproj = pair
-    llm = llama_cpp.Llama(str(text_gguf), n_ctx=256, n_threads=2, verbose=False)
+    text_gguf, mmproj = V.export_pair(vlm, tmp_path, longest_edge=64)
+    ours_rt = Runtime.load(text_gguf, mmproj=mmproj, device="cpu", backend="torch", max_seq_len=128)
+    pixels = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    ours = ours_rt.vision.features(preprocess(Image.fromarray(pixels), ours_rt.vision.processor))
+
+    llm = llama_cpp.Llama(str(text_gguf), n_ctx=128, n_threads=2, verbose=False)
     params = mtmd.mtmd_context_params_default()
-    params.use_gpu = False
-    params.n_threads = 2
+    params.use_gpu, params.n_threads, params.warmup = False, 2, False
     ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llm.model, params)
     assert ctx, "mtmd_init_from_file refused the mmproj"
+    bitmap = mtmd.mtmd_bitmap_init(64, 64, (ctypes.c_uint8 * pixels.size).from_buffer_copy(pixels.tobytes()))
+    chunks = mtmd.mtmd_input_chunks_init()
     try:
         assert mtmd.mtmd_support_vision(ctx)
+        marker = mtmd.mtmd_default_marker()
+        text = mtmd.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
+        assert mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+        images = []
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                assert mtmd.mtmd_encode_chunk(ctx, chunk) == 0
+                out = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(n * 64,))
+                images.append(torch.from_numpy(out.copy()).view(n, 64))
     finally:
+        mtmd.mtmd_input_chunks_free(chunks)
+        mtmd.mtmd_bitmap_free(bitmap)
         mtmd.mtmd_free(ctx)
+    assert len(images) == 2                        # the slice and the overview
+    errs = [rel_err(ours, theirs) for theirs in images]
+    print(f"llama.cpp mtmd image embeddings vs ours: max rel error {max(errs):.2e}")
+    # ggml's CPU GELU reads an fp16 table: a few 1e-4 relative
+    assert max(errs) <= 1e-3
 
 
 # ---------------------------------------------------------------- prefix cache with images
@@ -389,3 +417,70 @@ def test_cli_inspect_shows_the_vision_side(folder, pair, capsys):
         assert main(["inspect", str(source)]) == 0
         out = capsys.readouterr().out
         assert "vision:\n  hidden_size: 32\n" in out and "  tokens_per_tile: 4\n" in out, out
+
+
+# ---------------------------------------------------------------- server
+
+def test_server_chat_takes_image_parts(rt, folder):
+    """The OpenAI chat endpoint with an image_url part answers as Runtime.chat does."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from serve_util import running_server
+
+    url = data_url(encoded(random_image(90, 150, seed=13)))
+    expected = rt.chat(user_turn(url), max_new_tokens=6, temperature=0).text
+    load = lambda: Runtime.load(folder, device="cpu", backend="torch", max_seq_len=512)  # noqa: E731
+    with running_server(load) as (base, _):
+        body = {"model": "tiny", "messages": user_turn(url), "max_tokens": 6, "temperature": 0}
+        reply = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] == expected
+        bad = httpx.post(f"{base}/v1/chat/completions", timeout=120,
+                         json={**body, "messages": user_turn(data_url(b"not an image"))})
+        assert bad.status_code == 400 and "not a PNG, JPEG, WEBP image" in bad.text, bad.text
+
+
+def test_folder_refusals(vlm, tmp_path):
+    """Inconsistent SmolVLM folders are refused by name before any image is seen."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = V.save_vlm_folder(vlm, tmp_path / "base")
+
+    def variant(name, edit_json=None, edit_tensors=None):
+        folder = tmp_path / name
+        shutil.copytree(base, folder)
+        if edit_json:
+            file, change = edit_json
+            data = json.loads((folder / file).read_text())
+            change(data)
+            (folder / file).write_text(json.dumps(data))
+        if edit_tensors:
+            tensors = load_file(folder / "model.safetensors")
+            edit_tensors(tensors)
+            save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        return folder
+
+    cases = [
+        (variant("tile", ("preprocessor_config.json", lambda d: d.update(max_image_size={"longest_edge": 32}))),
+         ModelFormatError, "max_image_size longest_edge 32 differs from the vision encoder's image_size 64"),
+        (variant("resample", ("preprocessor_config.json", lambda d: d.update(resample=3))),
+         UnsupportedModelError, "resample"),
+        (variant("token", ("config.json", lambda d: d.update(image_token_id=5))),
+         ModelFormatError, "image_token_id 5 is not the tokenizer's <image> token"),
+        (variant("act", ("config.json", lambda d: d["vision_config"].update(hidden_act="relu"))),
+         UnsupportedModelError, "vision_config.hidden_act"),
+        (variant("scale", ("config.json", lambda d: d.update(scale_factor=3))),
+         ModelFormatError, "do not divide by the scale_factor 3"),
+        (variant("missing", edit_tensors=lambda t: t.pop("model.vision_model.post_layernorm.bias")),
+         ModelFormatError, "vision tensor model.vision_model.post_layernorm.bias is missing"),
+        (variant("extra", edit_tensors=lambda t: t.update({"model.vision_model.encoder.layers.2.mlp.fc1.bias":
+                                                             torch.zeros(48)})),
+         ModelFormatError, "unexpected vision tensor model.vision_model.encoder.layers.2.mlp.fc1.bias"),
+    ]
+    for folder, error, match in cases:
+        with pytest.raises(error, match=match):
+            Runtime.load(folder, device="cpu", backend="torch", max_seq_len=64)

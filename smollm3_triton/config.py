@@ -35,8 +35,9 @@ HF_ARCHES = {"LlamaForCausalLM": "llama", "SmolLM3ForCausalLM": "smollm3", "VLla
 HF_MODEL_TYPES = {"llama": "llama", "smollm3": "smollm3"}
 
 # Vision-language folders (SmolVLM): a vision encoder beside a text model configured by text_config.
-HF_VISION_ARCHES = ("Idefics3ForConditionalGeneration",)
-HF_VISION_MODEL_TYPES = ("idefics3",)
+# SmolVLM-256M/500M/2.2B are Idefics3 classes, SmolVLM2 its SmolVLM twin (same tensors, same processor).
+HF_VISION_ARCHES = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+HF_VISION_MODEL_TYPES = ("idefics3", "smolvlm")
 
 # llama.cpp's smollm3 graph skips RoPE on every 4th layer; GGUF files carry no key for it.
 GGUF_SMOLLM3_NOPE_INTERVAL = 4

@@ -174,6 +174,27 @@ def test_logits_and_greedy_tokens_match_transformers(rt, vlm, processor):
         rt.tokenizer.decode(tokens)
 
 
+def test_smolvlm2_class_matches_transformers(vlm, processor, tmp_path):
+    """SmolVLMForConditionalGeneration (SmolVLM2): the same tensors under model_type smolvlm.
+    Its processor expands `<image>` with the same code as Idefics3's (SmolVLMProcessor itself
+    needs num2words for video), so the prompt ids come from the Idefics3 processor and the
+    pixels from SmolVLM's image processor."""
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    smolvlm = V.as_smolvlm(vlm)
+    folder = V.save_vlm_folder(smolvlm, tmp_path)
+    runtime = Runtime.load(folder, device="cpu", backend="torch", max_seq_len=256, kv_cache_tokens=256)
+    img = random_image(100, 70, seed=14)
+    ids, mm = runtime.encode_chat(user_turn(data_url(encoded(img))))
+    pixels = SmolVLMImageProcessorPil.from_pretrained(folder)([[img]], return_tensors="pt")
+    ref_inputs = hf_inputs(processor, [img], hf_turn())
+    assert ids == ref_inputs["input_ids"][0].tolist()
+    with torch.no_grad():
+        ref = smolvlm(input_ids=ref_inputs["input_ids"], attention_mask=ref_inputs["attention_mask"],
+                      pixel_values=pixels["pixel_values"], pixel_attention_mask=pixels["pixel_attention_mask"]).logits[0]
+    assert rel_err(runtime.logits(ids, mm), ref) <= 1e-4
+
+
 def test_two_images_in_one_prompt(rt, vlm, processor):
     a, b = random_image(90, 150, seed=2), random_image(64, 64, seed=3)
     turn = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(encoded(a))}},

@@ -95,6 +95,21 @@ def random_vlm(*, seed: int = 0, vision: dict | None = None, text: dict | None =
     return model
 
 
+def as_smolvlm(model):
+    """The same weights as transformers' SmolVLMForConditionalGeneration (SmolVLM2's class)."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    c = model.config
+    config = SmolVLMConfig(text_config=c.text_config.to_dict(),
+                           vision_config={**c.vision_config.to_dict(), "model_type": "smolvlm_vision"},
+                           scale_factor=c.scale_factor, image_token_id=c.image_token_id,
+                           tie_word_embeddings=c.tie_word_embeddings)
+    config._attn_implementation = "eager"
+    smolvlm = SmolVLMForConditionalGeneration(config).eval()
+    smolvlm.load_state_dict(model.state_dict())
+    return smolvlm
+
+
 def save_vlm_folder(model, folder, *, longest_edge: int = 128, do_image_splitting: bool = True) -> Path:
     """config.json + model.safetensors (save_pretrained), the SmolLM2 tokenizer with
     IMAGE_TOKENS added and SmolVLM's chat template, and preprocessor_config.json as

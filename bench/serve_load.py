@@ -102,6 +102,8 @@ def started(kind: str, model: str, args) -> str:
                "--max-num-seqs", str(max(args.clients, 1)), "--max-seq-len", str(args.ctx)]
         if model:
             cmd += ["--model", model]
+        if args.replicas > 1:
+            cmd += ["--replicas", str(args.replicas)]
     else:
         # -np slots of ctx tokens each (llama-server splits -c among them); continuous batching on.
         cmd = [args.llama_server, "-m", model, "--host", "127.0.0.1", "--port", str(port),
@@ -140,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="model for --start (ours: any source; llama: a .gguf)")
     p.add_argument("--served-model-name", help="the model field to send (default: none)")
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", "llama-server"))
+    p.add_argument("--replicas", type=int, default=1, help="ours: engines behind the endpoint (Ray Serve)")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=64, help="total requests (bounded)")
     p.add_argument("--duration", type=float, default=120, help="stop sending after this many seconds")
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
         model = args.served_model_name or (args.model if args.start == "ours" else None)
         result = asyncio.run(run_load(url.rstrip("/"), model, args.clients, args.requests, args.duration,
                                       args.max_tokens))
-    result["server"] = args.start or url
+    result["server"] = (f"{args.start} x{args.replicas}" if args.replicas > 1 else args.start) or url
     print(json.dumps(result, indent=2))
     print(f"| {result['server']} | {args.clients} | {result['requests']} | {result['requests_per_s']:.2f} | "
           f"{result['output_tokens_per_s']:.1f} | {result['ttft_p50_ms']:.0f} / {result['ttft_p99_ms']:.0f} | "

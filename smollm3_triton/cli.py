@@ -112,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens in the paged KV cache (default: 90%% of free GPU memory; on CPU 2 x max-seq-len)")
     g.add_argument("--max-waiting", type=int, default=256, metavar="N",
                    help="sequences that may wait beyond the running batch before requests get 503")
+    r = srv.add_argument_group("replicas on Ray Serve (pip install -e '.[ray]')")
+    r.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="engines behind one endpoint, each its own process (and GPU on CUDA); "
+                        "above 1 a local Ray instance runs them (or the cluster $RAY_ADDRESS names)")
+    r.add_argument("--min-replicas", type=int, metavar="N", help="autoscale from this many replicas")
+    r.add_argument("--max-replicas", type=int, metavar="N", help="autoscale up to this many replicas")
+    r.add_argument("--target-ongoing-requests", type=float, metavar="X",
+                   help="autoscaling target of requests in flight per replica")
 
     ins = sub.add_parser("inspect", help="architecture, config, tokenizer and tensors of a model file",
                          description="Print what a GGUF file or safetensors folder holds, without loading weights.")
@@ -209,11 +217,22 @@ def _serve(args) -> int:
     from .errors import RequestError
     from .server import run_server
 
-    for name in ("port", "max_num_seqs", "max_num_batched_tokens", "kv_cache_tokens", "max_waiting"):
+    for name in ("port", "max_num_seqs", "max_num_batched_tokens", "kv_cache_tokens", "max_waiting", "replicas",
+                 "min_replicas", "max_replicas"):
         value = getattr(args, name)
-        if value is not None and (value < (0 if name == "max_waiting" else 1) or name == "port" and value > 65535):
+        if value is not None and (value < (0 if name in ("max_waiting", "min_replicas") else 1) or name == "port" and value > 65535):
             raise RequestError(f"--{name.replace('_', '-')} {value} is out of range")
     name = args.served_model_name or args.model or "SmolLM2-135M-Instruct"
+    autoscaling = {k: getattr(args, k) for k in ("min_replicas", "max_replicas", "target_ongoing_requests")
+                   if getattr(args, k) is not None}
+    if args.replicas > 1 or autoscaling:
+        from .ray_serve import run_replicas
+        load = {"source": args.model, "quant": args.quant, "device": args.device, "dtype": args.dtype,
+                "backend": args.backend, "max_seq_len": args.max_seq_len, "max_num_seqs": args.max_num_seqs,
+                "max_num_batched_tokens": args.max_num_batched_tokens, "kv_cache_tokens": args.kv_cache_tokens}
+        return run_replicas(load, host=args.host, port=args.port, served_model_name=name,
+                            api_key=args.api_key or None, max_waiting=args.max_waiting, replicas=args.replicas,
+                            autoscaling=autoscaling or None)
     return run_server(lambda: _load(args, max_num_seqs=args.max_num_seqs,
                                     max_num_batched_tokens=args.max_num_batched_tokens,
                                     kv_cache_tokens=args.kv_cache_tokens),

@@ -272,7 +272,7 @@ def _chat(args, sampling: dict) -> int:
     from .chat import split_reasoning
 
     rt = _load(args)
-    rt.render_chat([{"role": "user", "content": ""}])   # no template: say so before the first question
+    rt.encode_chat([{"role": "user", "content": ""}])   # no template: say so before the first question
     history = [{"role": "system", "content": args.system}] if args.system is not None else []
     interactive = sys.stdin.isatty()
     if interactive:

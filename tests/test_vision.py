@@ -416,7 +416,7 @@ def test_placeholder_in_text_is_refused(rt):
 
 # ---------------------------------------------------------------- CLI
 
-def test_cli_generate_with_image(rt, folder, pair, tmp_path, capsys):
+def test_cli_generate_with_image(rt, folder, pair, tmp_path, capsys, monkeypatch):
     from smollm3_triton.cli import main
 
     path = tmp_path / "cat.png"
@@ -426,6 +426,10 @@ def test_cli_generate_with_image(rt, folder, pair, tmp_path, capsys):
     for model in (["--model", str(folder)], ["--model", str(pair[0]), "--mmproj", str(pair[1])]):
         assert main(["generate", *model, *common]) == 0
         assert capsys.readouterr().out == expected + "\n"
+    # chat: the image goes with the first message, one line of stdin
+    monkeypatch.setattr("sys.stdin", io.StringIO("Describe it.\n"))
+    assert main(["chat", "--model", str(folder), *common[:4], "-n", "5", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
     assert main(["generate", "--model", str(folder), "--backend", "torch", "--image", str(tmp_path / "none.png"),
                  "-p", "x", "-n", "2"]) == 1
     assert "none.png does not exist" in capsys.readouterr().err

@@ -631,3 +631,43 @@ def test_serve_command_env_key_and_graceful_shutdown(llama_folder):
         out = proc.stdout.read()
     assert f"http://127.0.0.1:{port}" in out and str(llama_folder) in out and "KV cache 2048 tokens" in out
     assert rest is not None
+
+
+# ---------------------------------------------------------------- hostile bodies
+
+def test_random_bodies_never_get_a_500(server):
+    """Every field the endpoints read, given values of every JSON type: answered 200 or a
+    4xx in OpenAI's shape, never a 500 or a traceback."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                        st.text(max_size=8))
+    values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                           st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                          max_leaves=6)
+    fields = ["messages", "prompt", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+              "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop", "n", "stream",
+              "stream_options", "logprobs", "top_logprobs", "echo", "tools", "tool_choice", "chat_template_kwargs",
+              "response_format", "ignore_eos", "stop_token_ids", "best_of", "content", "tokens"]
+    good = {"messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "max_tokens": 2}
+    paths = ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"]
+    http = httpx.Client(base_url=server[0], timeout=60)
+
+    @settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)), deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(paths), st.dictionaries(st.sampled_from(fields), values, max_size=4), st.booleans())
+    def check(path, changes, from_good):
+        body = {**(good if from_good else {}), **changes}
+        if body.get("stream") is True:
+            body["stream"] = False          # the status line is what is checked here
+        r = http.post(path, content=json.dumps(body, allow_nan=True))
+        assert r.status_code in (200, 400, 404, 413, 503), (body, r.status_code, r.text)
+        assert "Traceback" not in r.text
+        if r.status_code != 200:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+    try:
+        check()
+    finally:
+        http.close()

@@ -20,7 +20,7 @@ log = logging.getLogger("smollm3.ray")
 
 
 def _replica_app(load_options: dict, served_model_name: str, api_key: str | None, max_waiting: int):
-    """Runs on each replica when it starts: the app, loading its own Runtime."""
+    """Runs on each replica when it starts: its own Runtime, and the app serving it."""
     from prometheus_client import start_http_server
     from ray import serve
 
@@ -28,8 +28,9 @@ def _replica_app(load_options: dict, served_model_name: str, api_key: str | None
     from .server import create_app
 
     replica = serve.get_replica_context().replica_id.unique_id
-    app = create_app(lambda: Runtime.load(**load_options), served_model_name=served_model_name, api_key=api_key,
-                     max_waiting=max_waiting)
+    # Loaded before the replica counts as started, so Ray never routes to one still loading.
+    rt = Runtime.load(**load_options)
+    app = create_app(lambda: rt, served_model_name=served_model_name, api_key=api_key, max_waiting=max_waiting)
     metrics_server, _ = start_http_server(0, addr="127.0.0.1", registry=app.state.metrics.registry)
     headers = {"x-smollm3-replica": f"{replica}", "x-smollm3-replica-pid": str(os.getpid()),
                "x-smollm3-metrics": f"http://127.0.0.1:{metrics_server.server_port}/metrics"}

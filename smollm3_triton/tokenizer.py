@@ -258,7 +258,8 @@ class Tokenizer:
 
     @classmethod
     def from_hf_folder(cls, path: str | Path) -> "Tokenizer":
-        """Build from a Hugging Face folder: tokenizer.json, tokenizer_config.json, chat_template.jinja."""
+        """Build from a Hugging Face folder: tokenizer.json, tokenizer_config.json, chat_template.jinja
+        (or a processor's chat_template.json)."""
         folder = Path(path)
         tok_file = folder / "tokenizer.json"
         if not tok_file.is_file():
@@ -302,9 +303,13 @@ class Tokenizer:
             return tid
 
         template_file = folder / "chat_template.jinja"
+        processor_template = folder / "chat_template.json"    # what processors (SmolVLM) saved before .jinja
         if template_file.is_file():
             # transformers prefers this file over the tokenizer_config entry.
             template = template_file.read_text(encoding="utf-8")
+        elif processor_template.is_file():
+            from .weights import read_json_object
+            template = _config_template(read_json_object(processor_template).get("chat_template"), processor_template)
         else:
             template = _config_template(config.get("chat_template"), cfg_file)
 

@@ -307,6 +307,12 @@ def load_hf_vision(folder: Path, cfg: dict, text: ModelConfig) -> tuple[VisionCo
     if image_token_id >= text.vocab_size:
         raise ModelFormatError(f"{source}: image_token_id {image_token_id} is outside the vocabulary "
                                f"(vocab_size {text.vocab_size})")
+    proc_path = folder / "processor_config.json"
+    if proc_path.is_file():
+        seq_len = read_json_object(proc_path).get("image_seq_len")
+        if seq_len is not None and seq_len != config.tokens_per_tile:
+            raise ModelFormatError(f"{proc_path}: image_seq_len {_show(seq_len)} differs from the "
+                                   f"{config.tokens_per_tile} tokens per tile the vision config gives")
     pre_path = folder / "preprocessor_config.json"
     processor = ImageProcessorConfig.from_preprocessor_config(read_json_object(pre_path), config.image_size,
                                                               str(pre_path))

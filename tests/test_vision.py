@@ -489,7 +489,10 @@ def test_folder_refusals(vlm, tmp_path):
             save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
         return folder
 
+    (base / "processor_config.json").write_text(json.dumps({"image_seq_len": 4}))    # consistent: loads
     cases = [
+        (variant("seq_len", ("processor_config.json", lambda d: d.update(image_seq_len=64))),
+         ModelFormatError, "image_seq_len 64 differs from the 4 tokens per tile"),
         (variant("tile", ("preprocessor_config.json", lambda d: d.update(max_image_size={"longest_edge": 32}))),
          ModelFormatError, "max_image_size longest_edge 32 differs from the vision encoder's image_size 64"),
         (variant("resample", ("preprocessor_config.json", lambda d: d.update(resample=3))),
@@ -509,3 +512,19 @@ def test_folder_refusals(vlm, tmp_path):
     for folder, error, match in cases:
         with pytest.raises(error, match=match):
             Runtime.load(folder, device="cpu", backend="torch", max_seq_len=64)
+    assert Runtime.load(base, device="cpu", backend="torch", max_seq_len=64).vision.config.tokens_per_tile == 4
+
+
+def test_processor_chat_template_file(vlm, processor, tmp_path):
+    """SmolVLM folders keep the template in the processor's chat_template.json, not in
+    tokenizer_config.json."""
+    import json
+
+    folder = V.save_vlm_folder(vlm, tmp_path)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": cfg.pop("chat_template")}))
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    runtime = Runtime.load(folder, device="cpu", backend="torch", max_seq_len=128, kv_cache_tokens=128)
+    img = random_image(64, 64, seed=15)
+    ids, _ = runtime.encode_chat(user_turn(data_url(encoded(img))))
+    assert ids == hf_inputs(processor, [img], hf_turn())["input_ids"][0].tolist()

@@ -528,3 +528,18 @@ def test_processor_chat_template_file(vlm, processor, tmp_path):
     img = random_image(64, 64, seed=15)
     ids, _ = runtime.encode_chat(user_turn(data_url(encoded(img))))
     assert ids == hf_inputs(processor, [img], hf_turn())["input_ids"][0].tolist()
+
+
+def test_bfloat16_vision(rt, folder):
+    """The CUDA default dtype: the encoder runs in bf16 as the text model does; its features
+    stay within bf16 rounding of the fp32 ones."""
+    runtime = Runtime.load(folder, device="cpu", backend="torch", dtype="bfloat16", max_seq_len=128,
+                           kv_cache_tokens=128)
+    image = rt.vision.load_image(encoded(random_image(90, 150, seed=16)))
+    ours = runtime.vision.features(image)
+    assert ours.dtype == torch.bfloat16
+    err = rel_err(ours, rt.vision.features(image))
+    print(f"bf16 image features: max rel error {err:.2e} against fp32")
+    assert err <= 3e-2
+    ids, mm = runtime.encode_chat(user_turn(data_url(encoded(random_image(90, 150, seed=16)))))
+    assert list(runtime.generate_ids(ids, SamplingParams(max_new_tokens=2, temperature=0), mm))

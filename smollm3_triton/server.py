@@ -556,6 +556,9 @@ class _ChatJob:
         async for choice, out in outputs:
             parser = parsers[choice.index]
             deltas = parser.push(out.text) + (parser.finish() if out.finished else [])
+            lps = self._logprobs(out.logprobs or [])
+            if lps is not None and not lps["content"]:
+                lps = None
             for delta in _joined(deltas):
                 if delta.kind == "tool_call":
                     k = calls[choice.index]
@@ -566,10 +569,10 @@ class _ChatJob:
                                                                                   "arguments": ""}}]})
                     yield self._chunk(choice.index, {"tool_calls": [{"index": k, "function": {
                         "arguments": call.arguments}}]})
-                else:
-                    yield self._chunk(choice.index, _text_delta(delta))
-            lps = self._logprobs(out.logprobs or [])
-            if lps is not None and lps["content"]:
+                else:      # the step's token logprobs ride on its text
+                    yield self._chunk(choice.index, _text_delta(delta), logprobs=lps)
+                    lps = None
+            if lps is not None:
                 yield self._chunk(choice.index, {}, logprobs=lps)
             if out.finished:
                 reason = "tool_calls" if calls[choice.index] else _finish(choice)

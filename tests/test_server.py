@@ -140,6 +140,22 @@ def test_n_choices_and_seeds(client):
     assert r.usage.completion_tokens == 24 and r.usage.prompt_tokens == again.usage.prompt_tokens
 
 
+def test_streamed_choices_and_logprobs_equal_non_streamed(client):
+    """n=2 seeded sampling streamed: each choice's text and token logprobs equal the
+    non-streamed response's."""
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0.9, seed=11, n=2, logprobs=True,
+                  top_logprobs=2)
+    whole = client.chat.completions.create(**kwargs)
+    text, lps = {0: "", 1: ""}, {0: [], 1: []}
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            text[c.index] += c.delta.content or ""
+            lps[c.index] += [(e.token, e.logprob) for e in (c.logprobs.content if c.logprobs else [])]
+    for c in whole.choices:
+        assert text[c.index] == c.message.content
+        assert lps[c.index] == [(e.token, e.logprob) for e in c.logprobs.content]
+
+
 def test_chat_logprobs_equal_transformers(server, client, hf):
     rt = runtime(server[1])
     r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0,

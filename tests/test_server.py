@@ -153,7 +153,12 @@ def test_streamed_choices_and_logprobs_equal_non_streamed(client):
             lps[c.index] += [(e.token, e.logprob) for e in (c.logprobs.content if c.logprobs else [])]
     for c in whole.choices:
         assert text[c.index] == c.message.content
-        assert lps[c.index] == [(e.token, e.logprob) for e in c.logprobs.content]
+        want = [(e.token, e.logprob) for e in c.logprobs.content]
+        assert [t for t, _ in lps[c.index]] == [t for t, _ in want]
+        # The second request finds the prompt's first block in the prefix cache, so the rest
+        # is computed in a chunk of other row counts: MKL's GEMM is not bit-invariant
+        # across those (1 ulp seen), hence fp32's tolerance rather than equality.
+        assert max(abs(a - b) for (_, a), (_, b) in zip(lps[c.index], want)) < 1e-5
 
 
 def test_chat_logprobs_equal_transformers(server, client, hf):

@@ -33,9 +33,13 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 def random_image(height: int, width: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
     rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "P": 1}[mode]
     data = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
-    return Image.fromarray(data[..., 0] if mode == "L" else data, mode)
+    img = Image.fromarray(data[..., 0] if channels == 1 else data, "L" if mode == "P" else mode)
+    if mode == "P":                      # a palette image whose index 0 is transparent
+        img = img.convert("P")
+        img.info["transparency"] = 0
+    return img
 
 
 def encoded(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -87,8 +91,10 @@ def hf_inputs(processor, images, turn):
 # ---------------------------------------------------------------- processor
 
 # (height, width, mode): landscape and portrait (split into tiles + global), smaller than a
-# tile (upscaled, then split), one exact tile, transparency (composited on white), grey.
-IMAGES = [(90, 150, "RGB"), (150, 90, "RGB"), (40, 33, "RGB"), (64, 64, "RGB"), (70, 120, "RGBA"), (50, 80, "L")]
+# tile (upscaled, then split), one exact tile, a 2 x 300 strip, transparency (composited on
+# white), grey, a palette with a transparent index.
+IMAGES = [(90, 150, "RGB"), (150, 90, "RGB"), (40, 33, "RGB"), (64, 64, "RGB"), (2, 300, "RGB"), (70, 120, "RGBA"),
+          (50, 80, "L"), (60, 90, "P")]
 
 
 @pytest.mark.parametrize("height,width,mode", IMAGES)

@@ -53,7 +53,8 @@ def test_two_replicas_behind_one_endpoint(tmp_path):
         expected = [ask(alone, p)[1] for p in PROMPTS]
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             object_store_memory=2**28)          # small: nothing but requests goes through it
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(load, served_model_name="tiny", replicas=2, num_cpus=0.5), name="smollm3",

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig, _Fields, _show
-from .errors import ModelFormatError, RequestError, UnsupportedModelError
-from .weights import HF_VISION_PREFIXES, _safetensors_files, read_json_object
+from .config import ModelConfig, _Fields, _show, is_hf_vision_language
+from .errors import ModelFormatError, RequestError, SourceNotFoundError, UnsupportedModelError
 from .image_processing import (IMAGE_TOKEN, ImageProcessorConfig, ProcessedImage, decode_image, image_bytes,
                                image_prompt, preprocess)
+from .weights import HF_VISION_PREFIXES, _safetensors_files, read_json_object
 
 # transformers' Idefics3VisionConfig defaults, used where config.json leaves a field out
 # (SmolVLM2's configs do), as transformers and llama.cpp's converter do.
@@ -416,7 +416,7 @@ def expand_images(vision: VisionModel, text: str, urls: list[tuple[str, str]], t
     positions = [p for p, t in enumerate(ids) if t == vision.image_token_id]
     mm_embeds, used = [], 0
     for image in images:
-        features = vision.features(image)
+        features, digest = vision.features(image), image.digest
         n = features.shape[0]
         mine = positions[used:used + n]
         if len(mine) != n:
@@ -425,7 +425,7 @@ def expand_images(vision: VisionModel, text: str, urls: list[tuple[str, str]], t
         start = 0
         for k in range(1, n + 1):
             if k == n or mine[k] != mine[k - 1] + 1:
-                mm_embeds.append((mine[start], features[start:k], image.digest))
+                mm_embeds.append((mine[start], features[start:k], digest))
                 start = k
         used += n
     if used != len(positions):
@@ -437,9 +437,6 @@ def load_vision(path: Path, mmproj, text: ModelConfig, tokenizer, device: torch.
                 dtype: torch.dtype) -> VisionModel | None:
     """The vision side of what Runtime.load opens: a SmolVLM folder's own, or an mmproj GGUF's
     beside a text GGUF; None for a text-only model."""
-    from .config import is_hf_vision_language
-    from .errors import SourceNotFoundError
-
     if path.is_dir():
         if mmproj is not None:
             raise RequestError(f"mmproj= goes with a text GGUF; the folder {path} carries its own vision encoder")

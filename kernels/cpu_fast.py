@@ -43,6 +43,13 @@ GROUP = 32
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
 # Query rows per SDPA call of a prompt: bounds the [rows, keys] mask of a long prompt.
 QUERY_TILE = 512
+# SDPA on the CPU walks keys in blocks of min(512, keys), with vectorised sums over each:
+# a prompt's keys are padded (masked) to whole blocks of 512, so a query's sums run over
+# the same blocks whatever the chunk it is computed in (batch invariance). Decode rows
+# read exactly their own keys, which depend on nothing else either.
+KEY_BLOCK = 512
+# Up to this many tokens a step writes its K/V rows with one copy each, not a scatter.
+FEW_SLOTS = 4
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,7 @@ class CpuTensor:
             y = _INT4_MM(x_bf16, self.planes[0].packed, GROUP, self.planes[0].scales_zeros)
             for p in self.planes[1:]:
                 y = y + _INT4_MM(x_bf16, p.packed, GROUP, p.scales_zeros)
-            return y
+            return y if y.shape[1] == self.shape[0] else y[:, :self.shape[0]]
         if self.dense.dtype == torch.bfloat16:
             return x_bf16 @ self.dense.T
         return qmatmul_torch(x, QuantTensor(self.dense, GGMLType.F32, self.shape))
@@ -89,7 +96,10 @@ class CpuWeight:
 
 
 def _int4_plane(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Int4Plane:
-    """q [N, K] in 0..15; scale, zero [N, K / 32] fp32."""
+    """q [N, K] in 0..15; scale, zero [N, K / 32] fp32. The kernel wants N a multiple of
+    16: padding rows (scale and zero 0) give zero columns, cut off after the call."""
+    pad = -q.shape[0] % 16
+    q, scale, zero = (F.pad(t, (0, 0, 0, pad)) for t in (q, scale, zero))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
     sz = torch.stack((scale.T, zero.T), dim=-1).to(torch.bfloat16).contiguous()
     return Int4Plane(packed, sz)
@@ -166,6 +176,7 @@ class _RopeRows:
     blocks: torch.Tensor         # KV slots to write: block, offset in block, token row (None: every row)
     offsets: torch.Tensor
     rows: torch.Tensor | None
+    few: tuple[tuple[int, int, int], ...] | None    # (row, block, offset) when so few that copies beat a scatter
 
 
 def _rope_rows(positions, slot_mapping, cos, sin, block_size) -> _RopeRows:
@@ -173,8 +184,10 @@ def _rope_rows(positions, slot_mapping, cos, sin, block_size) -> _RopeRows:
     keep = slot_mapping >= 0
     rows = None if bool(keep.all()) else keep.nonzero().flatten()
     slots = slot_mapping if rows is None else slot_mapping[rows]
-    return _RopeRows(torch.cat((c, c), -1)[:, None], torch.cat((s, s), -1)[:, None],
-                     slots // block_size, slots % block_size, rows)
+    blocks, offsets = slots // block_size, slots % block_size
+    rows_list = range(len(slot_mapping)) if rows is None else rows.tolist()
+    few = tuple(zip(rows_list, blocks.tolist(), offsets.tolist())) if len(slots) <= FEW_SLOTS else None
+    return _RopeRows(torch.cat((c, c), -1)[:, None], torch.cat((s, s), -1)[:, None], blocks, offsets, rows, few)
 
 
 _rope_step = _PerStep(_rope_rows)
@@ -195,10 +208,15 @@ def rope_qkv_cpu(x: torch.Tensor, w_qkv: CpuWeight, positions: torch.Tensor, cos
         half = head_dim // 2
         qk = qk * t.cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * t.sin
     k, v = qk[:, n_heads:], qkv[:, k_end:].view(T, n_kv_heads, head_dim)
-    if t.rows is not None:
-        k, v = k[t.rows], v[t.rows]
-    k_cache[t.blocks, :, t.offsets] = k.to(k_cache.dtype)
-    v_cache[t.blocks, :, t.offsets] = v.to(v_cache.dtype)
+    if t.few is not None:
+        for row, block, offset in t.few:
+            k_cache[block, :, offset] = k[row]
+            v_cache[block, :, offset] = v[row]
+    else:
+        if t.rows is not None:
+            k, v = k[t.rows], v[t.rows]
+        k_cache[t.blocks, :, t.offsets] = k.to(k_cache.dtype)
+        v_cache[t.blocks, :, t.offsets] = v.to(v_cache.dtype)
     return qk[:, :n_heads]
 
 
@@ -212,45 +230,45 @@ def _keys(cache: torch.Tensor, tables: torch.Tensor, n_keys: int) -> torch.Tenso
 
 @dataclass(frozen=True)
 class _Decodes:
-    """The sequences with one query this step, attended together."""
+    """Sequences with one query this step and the same context length, attended together:
+    each at exactly its own keys (no padding, no mask), so a row's result does not
+    depend on the batch."""
     rows: torch.Tensor | None    # their query rows (None: rows 0..B-1 are the whole step, in order)
-    tables: torch.Tensor         # [B, blocks of the longest]
-    n_keys: int                  # the longest context
-    mask: torch.Tensor | None    # [B, 1, 1, n_keys]: keys within each one's context (None: all are)
+    tables: torch.Tensor         # [B, blocks]
+    n_keys: int
 
 
 @dataclass(frozen=True)
 class _Prompt:
     """One sequence with several queries: its keys, and its query tiles with their causal masks."""
-    tables: torch.Tensor         # [1, blocks]
-    n_keys: int
+    tables: torch.Tensor         # [1, blocks] (past its context: block 0, masked)
+    n_keys: int                  # its context rounded up to whole KEY_BLOCKs
     tiles: tuple[tuple[slice, torch.Tensor], ...]   # (rows, mask [rows * group, n_keys])
 
 
 def _attention_plan(query_start, seq_lens, block_tables, block_size: int, group: int):
     starts, lens = query_start.tolist(), seq_lens.tolist()
     singles = [b for b in range(len(lens)) if starts[b + 1] - starts[b] == 1 and lens[b] > 0]
-    decodes = None
-    if singles:
-        n_keys = max(lens[b] for b in singles)
-        in_order = singles == list(range(len(lens))) and starts[-1] == len(lens)
-        mask = None
-        if any(lens[b] < n_keys for b in singles):
-            mask = (torch.arange(n_keys) < seq_lens[singles, None])[:, None, None, :]
-        decodes = _Decodes(None if in_order else torch.tensor([starts[b] for b in singles]),
-                           block_tables[singles, :-(-n_keys // block_size)], n_keys, mask)
+    by_len: dict[int, list[int]] = {}
+    for b in singles:
+        by_len.setdefault(lens[b], []).append(b)
+    in_order = len(by_len) == 1 and singles == list(range(len(lens))) and starts[-1] == len(lens)
+    decodes = tuple(_Decodes(None if in_order else torch.tensor([starts[b] for b in seqs]),
+                             block_tables[seqs, :-(-n // block_size)], n) for n, seqs in by_len.items())
     prompts = []
     for b in range(len(lens)):
         n_q = starts[b + 1] - starts[b]
         if n_q <= 1 or lens[b] == 0:
             continue
-        key_pos = torch.arange(lens[b])
+        n_keys = -(-lens[b] // KEY_BLOCK) * KEY_BLOCK
+        key_pos = torch.arange(n_keys)
         tiles = []
         for t0 in range(0, n_q, QUERY_TILE):
             r = min(QUERY_TILE, n_q - t0)
             pos = lens[b] - n_q + t0 + torch.arange(r).repeat_interleave(group)
             tiles.append((slice(starts[b] + t0, starts[b] + t0 + r), key_pos[None, :] <= pos[:, None]))
-        prompts.append(_Prompt(block_tables[b:b + 1, :-(-lens[b] // block_size)], lens[b], tuple(tiles)))
+        tables = block_tables[b:b + 1, :-(-lens[b] // block_size)]
+        prompts.append(_Prompt(F.pad(tables, (0, n_keys // block_size - tables.shape[1])), n_keys, tuple(tiles)))
     return decodes, tuple(prompts)
 
 
@@ -262,16 +280,16 @@ def attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   scale: float) -> torch.Tensor:
     """attention_torch's contract on torch's fused SDPA. A KV head's query heads are
     folded into the query rows ([B, Hkv, rows * group, D]), so keys are read once per
-    group; every sequence's keys end at its own length (masked beyond)."""
+    group; a sequence reads exactly its own keys (a prompt's tiles: causally masked)."""
     N, H, D = q.shape
     hkv = k_cache.shape[1]
     group = H // hkv
     decodes, prompts = _attention_step((query_start, seq_lens, block_tables), k_cache.shape[2], group)
-    if decodes is not None and decodes.rows is None:        # a pure decode step
-        return _attend_decodes(q, k_cache, v_cache, decodes, scale).to(q.dtype)
+    if len(decodes) == 1 and decodes[0].rows is None:        # a pure decode step, one context length
+        return _attend_decodes(q, k_cache, v_cache, decodes[0], scale).to(q.dtype)
     out = torch.zeros_like(q)
-    if decodes is not None:
-        out[decodes.rows] = _attend_decodes(q[decodes.rows], k_cache, v_cache, decodes, scale).to(q.dtype)
+    for d in decodes:
+        out[d.rows] = _attend_decodes(q[d.rows], k_cache, v_cache, d, scale).to(q.dtype)
     for p in prompts:
         k, v = _keys(k_cache, p.tables, p.n_keys), _keys(v_cache, p.tables, p.n_keys)
         for rows, mask in p.tiles:
@@ -288,8 +306,7 @@ def _attend_decodes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     B, H, D = q.shape
     hkv = k_cache.shape[1]
     k, v = _keys(k_cache, d.tables, d.n_keys), _keys(v_cache, d.tables, d.n_keys)
-    o = F.scaled_dot_product_attention(q.reshape(B, hkv, H // hkv, D).to(k.dtype), k, v, attn_mask=d.mask,
-                                       scale=scale)
+    o = F.scaled_dot_product_attention(q.reshape(B, hkv, H // hkv, D).to(k.dtype), k, v, scale=scale)
     return o.reshape(B, H, D)
 
 

@@ -120,8 +120,9 @@ class ProcessedImage:
 
 # ---------------------------------------------------------------- decoding
 
-def image_bytes(url: str, where: str) -> bytes:
-    """The bytes behind an OpenAI image_url: a data: URL (base64) or a local file path."""
+def image_bytes(url: str, where: str, local: bool = True) -> bytes:
+    """The bytes behind an OpenAI image_url: a data: URL (base64), or a local file path when
+    `local` (a server must not let its clients read its disk)."""
     if not isinstance(url, str) or not url:
         raise RequestError(f"{where}: image url must be a non-empty string")
     lower = url[:16].lower()
@@ -138,6 +139,8 @@ def image_bytes(url: str, where: str) -> bytes:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise RequestError(f"{where}: the data: URL is not valid base64") from None
+    if not local:
+        raise RequestError(f"{where}: only data: URLs are accepted here, not local file paths")
     path = Path(url[len("file://"):] if lower.startswith("file://") else url)
     try:
         size = path.stat().st_size

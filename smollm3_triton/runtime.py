@@ -182,17 +182,18 @@ class Runtime:
                            **template_kwargs)
 
     def encode_chat(self, messages: list[dict], *, thinking: bool | None = None, tools: list | None = None,
-                    **template_kwargs) -> tuple[list[int], list]:
+                    local_images: bool = True, **template_kwargs) -> tuple[list[int], list]:
         """The prompt ids of a conversation, and the embeddings that replace some of them
         (engine.add_request's mm_embeds: images); the one entry point the server uses.
         A message's content may be OpenAI content parts: text parts are joined; image_url
-        parts (a data: URL or a local path) need a vision model and become its image tokens."""
+        parts (a data: URL, or a local path unless local_images is False, as a server sets it)
+        need a vision model and become its image tokens."""
         if self.vision is None:
             messages = [_flatten_text_parts(m, i) for i, m in enumerate(messages)]
             return self._encode(self.render_chat(messages, thinking=thinking, tools=tools, **template_kwargs)), []
         messages, urls = split_image_parts(messages, template_takes_parts(self.tokenizer.chat_template or ""))
         text = self.render_chat(messages, thinking=thinking, tools=tools, **template_kwargs)
-        return expand_images(self.vision, text, urls, self._encode)
+        return expand_images(self.vision, text, urls, self._encode, local_images)
 
     def _encode(self, text: str) -> list[int]:
         if not isinstance(text, str):

@@ -501,7 +501,9 @@ class _ChatJob:
             tools = req.tools
             if isinstance(req.tool_choice, dict):
                 tools = [t for t in req.tools if t["function"]["name"] == req.tool_choice["function"]["name"]]
-        prompt_ids, mm_embeds = rt.encode_chat(messages, thinking=req.thinking, tools=tools, **req.template_kwargs)
+        # local_images=False: a client may send images as data: URLs, never make us read our own disk
+        prompt_ids, mm_embeds = rt.encode_chat(messages, thinking=req.thinking, tools=tools, local_images=False,
+                                               **req.template_kwargs)
         prompt = rt.tokenizer.decode(prompt_ids)
         self.in_reasoning = prompt.rstrip().endswith(THINK_OPEN)
         # tool_choice required / a named function: the call is begun in the prompt, so the

@@ -401,16 +401,16 @@ def split_image_parts(messages: list, takes_parts: bool) -> tuple[list, list[tup
     return out, urls
 
 
-def expand_images(vision: VisionModel, text: str, urls: list[tuple[str, str]], tokenize):
+def expand_images(vision: VisionModel, text: str, urls: list[tuple[str, str]], tokenize, local_images: bool = True):
     """A rendered prompt with one `<image>` per image -> its token ids (each placeholder
     expanded as Idefics3Processor does) and the engine's mm_embeds: (offset, features, image
     digest) for each run of image tokens. Every image is read and checked before any is
-    encoded."""
+    encoded; local_images: whether file paths may be read (data: URLs always are)."""
     pieces = text.split(IMAGE_TOKEN)
     if len(pieces) - 1 != len(urls):
         raise RequestError(f"the prompt holds {len(pieces) - 1} {IMAGE_TOKEN} placeholders for {len(urls)} images: "
                            f"the text may not contain {IMAGE_TOKEN} itself")
-    images = [vision.load_image(image_bytes(url, where), where) for url, where in urls]
+    images = [vision.load_image(image_bytes(url, where, local_images), where) for url, where in urls]
     expanded = pieces[0] + "".join(vision.prompt(im) + piece for im, piece in zip(images, pieces[1:]))
     ids = tokenize(expanded)
     positions = [p for p, t in enumerate(ids) if t == vision.image_token_id]

@@ -411,6 +411,8 @@ def test_image_from_a_local_path(rt, tmp_path):
     path = tmp_path / "cat.webp"
     random_image(60, 80, seed=11).save(path, "WEBP", lossless=True)
     ids_path, mm_path = rt.encode_chat(user_turn(str(path)))
+    ids_file, mm_file = rt.encode_chat(user_turn(f"file://{path}"))
+    assert ids_file == ids_path and [h for *_, h in mm_file] == [h for *_, h in mm_path]
     ids_url, mm_url = rt.encode_chat(user_turn(data_url(path.read_bytes(), "image/webp")))
     assert ids_path == ids_url and [h for *_, h in mm_path] == [h for *_, h in mm_url]
 
@@ -452,7 +454,7 @@ def test_cli_inspect_shows_the_vision_side(folder, pair, capsys):
 
 # ---------------------------------------------------------------- server
 
-def test_server_chat_takes_image_parts(rt, folder):
+def test_server_chat_takes_image_parts(rt, folder, tmp_path):
     """The OpenAI chat endpoint with an image_url part answers as Runtime.chat does."""
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
@@ -470,6 +472,10 @@ def test_server_chat_takes_image_parts(rt, folder):
         bad = httpx.post(f"{base}/v1/chat/completions", timeout=120,
                          json={**body, "messages": user_turn(data_url(b"not an image"))})
         assert bad.status_code == 400 and "not a PNG, JPEG, WEBP image" in bad.text, bad.text
+        path = tmp_path / "local.png"
+        random_image(8, 8).save(path)
+        local = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={**body, "messages": user_turn(str(path))})
+        assert local.status_code == 400 and "only data: URLs are accepted here" in local.text, local.text
 
 
 def test_folder_refusals(vlm, tmp_path):

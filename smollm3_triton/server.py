@@ -323,7 +323,8 @@ async def _serve(request: Request, state: ServerState, metrics: Metrics, job) ->
     """Admit the job's choices, then answer as JSON or as an event stream; either way
     raced against the client's disconnect."""
     rt, engine = state.ready()
-    choices = job.choices()
+    # Off the event loop: rendering, tokenizing and above all encoding images (SmolVLM) is model work.
+    choices = await asyncio.to_thread(job.choices)
     if state.active + len(choices) > rt.engine.scheduler.max_num_seqs + state.max_waiting:
         raise APIError(503, f"the server is at capacity ({state.active} sequences in flight, "
                             f"{state.max_waiting} may wait): retry later", type="unavailable_error",

@@ -637,21 +637,23 @@ def test_serve_command_env_key_and_graceful_shutdown(llama_folder):
             time.sleep(0.1)
         assert httpx.get(base + "/v1/models").status_code == 401
         headers = {"Authorization": "Bearer k3y"}
-        body = {"model": str(llama_folder), "messages": MESSAGES, "max_tokens": 200, "temperature": 0,
+        body = {"model": str(llama_folder), "messages": MESSAGES, "max_tokens": 60, "temperature": 0,
                 "stream": True, "ignore_eos": True}
         with httpx.stream("POST", base + "/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
+            t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
-            rest = [line for line in lines if line]           # ends: finished, or cut at shutdown
+            rest = [line for line in lines if line]           # the in-flight stream is let finish
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
         assert proc.wait(timeout=60) == 0
+        print(f"stream finished and process exited {time.monotonic() - t0:.1f} s after SIGTERM")
     finally:
         if proc.poll() is None:
             proc.kill()
         out = proc.stdout.read()
     assert f"http://127.0.0.1:{port}" in out and str(llama_folder) in out and "KV cache 2048 tokens" in out
-    assert rest is not None
 
 
 # ---------------------------------------------------------------- hostile bodies

@@ -15,6 +15,13 @@ gguf-py's MODEL_ARCH.MMPROJ tensor map), and what this module mirrors:
   gguf-py's map (v.patch_embd, v.position_embd, v.blk.N.{attn_q,attn_k,attn_v,attn_out,
   ln1,ln2,ffn_up,ffn_down}, v.post_ln, mm.model.fc); the embeddings stay F32, other
   matrices take the file type, vectors F32.
+
+Checked once by hand against convert_hf_to_gguf.py as vendored in llama-cpp-python 0.3.36
+(run on save_vlm_folder's output): the mmproj files (f32 and f16) hold the same tensors,
+bit for bit, and the same keys but general.name / size_label / quantization_version; the
+text GGUF is identical but for general.name. (The converter picks the text model by
+text_config.architectures, VLlama3ForCausalLM as in the published SmolVLM configs, which
+random_vlm sets too.)
 """
 from __future__ import annotations
 
@@ -67,7 +74,7 @@ def random_vlm(*, seed: int = 0, vision: dict | None = None, text: dict | None =
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
     tok = smollm2_tokenizer()
-    text_config = {**dict(model_type="llama", vocab_size=vocab_size(), hidden_size=64, intermediate_size=128,
+    text_config = {**dict(model_type="llama", architectures=["VLlama3ForCausalLM"], vocab_size=vocab_size(), hidden_size=64, intermediate_size=128,
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                           max_position_embeddings=2048, rms_norm_eps=1e-5,
                           rope_parameters={"rope_type": "default", "rope_theta": 100_000.0},

@@ -226,7 +226,10 @@ def _serve(args) -> int:
     autoscaling = {k: getattr(args, k) for k in ("min_replicas", "max_replicas", "target_ongoing_requests")
                    if getattr(args, k) is not None}
     if args.replicas > 1 or autoscaling:
-        from .ray_serve import run_replicas
+        try:
+            from .ray_serve import run_replicas
+        except ImportError as e:
+            raise RequestError(f"--replicas needs Ray Serve ({e}): pip install -e '.[ray]'") from None
         load = {"source": args.model, "quant": args.quant, "device": args.device, "dtype": args.dtype,
                 "backend": args.backend, "max_seq_len": args.max_seq_len, "max_num_seqs": args.max_num_seqs,
                 "max_num_batched_tokens": args.max_num_batched_tokens, "kv_cache_tokens": args.kv_cache_tokens}

@@ -9,12 +9,19 @@ routes requests (power of two choices on ongoing requests), restarts a replica t
 dies, and streams server-sent events through its proxy. Every response says which
 replica answered (`x-smollm3-replica`), and each replica serves its own Prometheus
 metrics on a loopback port it names in `x-smollm3-metrics`: Ray's proxy gives no way to
-reach one replica's /metrics route.
+reach one replica's /metrics route. A client that names its conversation in the
+`serve_multiplexed_model_id` header has every turn routed to the same replica, so
+the prefix cache there serves the conversation so far.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import random
+
+from ray import serve
+from ray.serve.request_router import RequestRouter
 
 log = logging.getLogger("smollm3.ray")
 
@@ -22,7 +29,6 @@ log = logging.getLogger("smollm3.ray")
 def _replica_app(load_options: dict, served_model_name: str, api_key: str | None, max_waiting: int):
     """Runs on each replica when it starts: its own Runtime, and the app serving it."""
     from prometheus_client import start_http_server
-    from ray import serve
 
     from .runtime import Runtime
     from .server import create_app
@@ -44,6 +50,22 @@ def _replica_app(load_options: dict, served_model_name: str, api_key: str | None
     return app
 
 
+class ConversationRouter(RequestRouter):
+    """Requests with the same `serve_multiplexed_model_id` header (a conversation id) go to
+    the same replica, whose prefix cache holds that conversation: replicas ranked by
+    rendezvous hash of (id, replica), the next taking over when the first is full or gone.
+    Without the header: two random replicas, the less loaded first (power of two choices,
+    Ray's default)."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        key = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        if key:
+            def rank(r):
+                return hashlib.blake2b(f"{key}\0{r.replica_id.unique_id}".encode(), digest_size=8).digest()
+            return [[r] for r in sorted(candidate_replicas, key=rank)]
+        return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
+
+
 def build_app(load_options: dict, *, served_model_name: str, api_key: str | None = None, max_waiting: int = 256,
               replicas: int = 1, num_cpus: float = 1, num_gpus: float | None = None,
               autoscaling: dict | None = None):
@@ -51,8 +73,6 @@ def build_app(load_options: dict, *, served_model_name: str, api_key: str | None
     device, max_seq_len, ...). num_gpus per replica (default: 1 when CUDA is present).
     autoscaling: Ray's autoscaling_config (min_replicas, max_replicas,
     target_ongoing_requests); it replaces the fixed `replicas`."""
-    from ray import serve
-
     if num_gpus is None:
         import torch
         num_gpus = 1 if torch.cuda.is_available() and load_options.get("device") in (None, "cuda") else 0
@@ -67,7 +87,8 @@ def build_app(load_options: dict, *, served_model_name: str, api_key: str | None
     deployment = serve.deployment(serve.ingress(builder)(type("SmolLM3Server", (), {})), name="smollm3",
                                   ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
                                   max_ongoing_requests=max_ongoing, health_check_period_s=2,
-                                  health_check_timeout_s=30, **scaling)
+                                  health_check_timeout_s=30, **scaling,
+                                  request_router_config={"request_router_class": ConversationRouter})
     return deployment.bind()
 
 
@@ -101,7 +122,6 @@ def run_replicas(load_options: dict, *, host: str, port: int, served_model_name:
     import threading
 
     import ray
-    from ray import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if os.environ.get("RAY_ADDRESS"):

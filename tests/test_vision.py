@@ -23,6 +23,7 @@ import vision_export as V  # noqa: E402
 from smollm3_triton import Runtime  # noqa: E402
 from smollm3_triton.errors import ModelFormatError, RequestError, UnsupportedModelError  # noqa: E402
 from smollm3_triton.generation import SamplingParams  # noqa: E402
+from smollm3_triton.gguf_file import GGUFFile  # noqa: E402
 from smollm3_triton.image_processing import ImageProcessorConfig, decode_image, preprocess  # noqa: E402
 from smollm3_triton.vision import expand_images, split_image_parts  # noqa: E402
 
@@ -201,6 +202,21 @@ def test_smolvlm2_class_matches_transformers(vlm, processor, tmp_path):
     assert rel_err(runtime.logits(ids, mm), ref) <= 1e-4
 
 
+def test_chunked_prefill_splits_images(folder, vlm, processor):
+    """A step budget of 8 tokens cuts the prompt's image runs across prefill chunks (and
+    tiles across blocks); the answer is still transformers'."""
+    runtime = Runtime.load(folder, device="cpu", backend="torch", max_seq_len=256, kv_cache_tokens=512,
+                           max_num_batched_tokens=8)
+    img = random_image(90, 150, seed=17)
+    ids, mm = runtime.encode_chat(user_turn(data_url(encoded(img))))
+    assert any(off % 8 + e.shape[0] > 8 for off, e, _ in mm)          # some run straddles a chunk boundary
+    ref_inputs = hf_inputs(processor, [img], hf_turn())
+    with torch.no_grad():
+        ref = vlm.generate(**ref_inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, len(ids):]
+    tokens = list(runtime.generate_ids(ids, SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True), mm))
+    assert tokens == ref.tolist()
+
+
 def test_two_images_in_one_prompt(rt, vlm, processor):
     a, b = random_image(90, 150, seed=2), random_image(64, 64, seed=3)
     turn = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(encoded(a))}},
@@ -243,14 +259,18 @@ def test_gguf_pair_matches_folder(rt, pair):
     assert feat_err <= 1e-6 and logit_err <= 1e-5
 
 
-def test_f16_mmproj(rt, vlm, tmp_path):
-    """The f16 mmproj llama.cpp's converter writes by default: F16 matrices, F32 embeddings."""
-    text_gguf, mmproj = V.export_pair(vlm, tmp_path, ftype="f16")
+@pytest.mark.parametrize("ftype,tolerance", [("f16", 5e-3), ("q8_0", 3e-2)])
+def test_f16_and_q8_0_mmproj(rt, vlm, tmp_path, ftype, tolerance):
+    """The f16 mmproj llama.cpp's converter writes by default (F16 matrices, F32 embeddings),
+    and a Q8_0 one (F16 where a row is not a multiple of 32)."""
+    text_gguf, _ = V.export_pair(vlm, tmp_path)
+    mmproj = V.export_mmproj(vlm, tmp_path / f"mmproj-{ftype}.gguf", ftype)
+    assert {GGUFFile(mmproj).tensors["mm.model.fc.weight"].qtype.name} == {ftype.upper()}
     from_gguf = Runtime.load(text_gguf, mmproj=mmproj, device="cpu", backend="torch", max_seq_len=256)
     image = rt.vision.load_image(encoded(random_image(90, 150, seed=6)))
     err = rel_err(from_gguf.vision.features(image), rt.vision.features(image))
-    print(f"f16 mmproj: image features max rel error {err:.2e} against fp32")
-    assert err <= 5e-3
+    print(f"{ftype} mmproj: image features max rel error {err:.2e} against fp32")
+    assert err <= tolerance
 
 
 def test_mmproj_refusals(rt, vlm, pair, tmp_path):

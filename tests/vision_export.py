@@ -29,10 +29,9 @@ import json
 from pathlib import Path
 
 import gguf
-import numpy as np
 import torch
 
-from gguf_export import export_gguf, smollm2_tokenizer, write_hf_tokenizer
+from gguf_export import GQT, export_gguf, smollm2_tokenizer, write_hf_tokenizer
 
 # The tokens Idefics3Processor needs, appended to the SmolLM2 vocabulary as SmolVLM's are.
 IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
@@ -171,11 +170,13 @@ def text_model(model):
 
 
 def export_mmproj(model, path, ftype: str = "f32", *, longest_edge: int = 128) -> Path:
-    """The vision side as llama.cpp's converter writes mmproj-*.gguf (f32 or f16)."""
+    """The vision side as llama.cpp's converter writes mmproj-*.gguf: f32, f16 or q8_0 (the
+    matrices of the file type, F16 where a Q8_0 row is not whole blocks; embeddings F32)."""
     c, v = model.config, model.config.vision_config
     writer = gguf.GGUFWriter(str(path), "clip")
     writer.add_type(gguf.GGUFType.MMPROJ)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if ftype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype])
     writer.add_clip_has_vision_encoder(True)
     writer.add_vision_projection_dim(c.text_config.hidden_size)
     writer.add_vision_image_size(v.image_size)
@@ -198,8 +199,10 @@ def export_mmproj(model, path, ftype: str = "f32", *, longest_edge: int = 128) -
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert name is not None, hf_name
         data = tensor.detach().float().numpy()
-        f16 = ftype == "f16" and data.ndim >= 2 and ".embeddings." not in hf_name
-        writer.add_tensor(name, data.astype(np.float16) if f16 else data)
+        qtype = GQT.F32
+        if ftype != "f32" and data.ndim >= 2 and ".embeddings." not in hf_name:
+            qtype = GQT.Q8_0 if ftype == "q8_0" and data.shape[-1] % 32 == 0 else GQT.F16
+        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

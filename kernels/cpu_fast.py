@@ -220,12 +220,27 @@ def rope_qkv_cpu(x: torch.Tensor, w_qkv: CpuWeight, positions: torch.Tensor, cos
     return qk[:, :n_heads]
 
 
-def _keys(cache: torch.Tensor, tables: torch.Tensor, n_keys: int) -> torch.Tensor:
-    """cache [n_blocks, Hkv, bs, D], tables [B, n] -> [B, Hkv, n_keys, D]: one gather, the
-    result a view of it."""
-    g = cache.transpose(0, 1)[:, tables]                  # [Hkv, B, n, bs, D], contiguous
-    hkv, b, n, bs, d = g.shape
-    return g.transpose(0, 1).reshape(b, hkv, n * bs, d)[:, :, :n_keys]
+class _Gather:
+    """K or V of B sequences' blocks as [B, Hkv, n_keys, D]: an index_select of whole
+    blocks (row copies), then one strided copy into key order, into buffers made once per
+    step and reused by every layer (an advanced-index gather of the transposed pool is
+    several times slower, and fresh tensors of a long context cost page faults per layer)."""
+
+    def __init__(self, tables: torch.Tensor, cache_shape: torch.Size, dtype: torch.dtype, n_keys: int):
+        B, n = tables.shape
+        _, hkv, bs, d = cache_shape
+        self.index = tables.flatten().long()
+        self.blocks = torch.empty((B * n, hkv, bs, d), dtype=dtype)
+        self.keys = torch.empty((2, B, hkv, n * bs, d), dtype=dtype)      # K, V
+        self.n_keys = n_keys
+
+    def __call__(self, cache: torch.Tensor, kv: int) -> torch.Tensor:
+        torch.index_select(cache, 0, self.index, out=self.blocks)
+        _, B, hkv, _, d = self.keys.shape
+        bs = self.blocks.shape[2]
+        out = self.keys[kv]
+        out.view(B, hkv, -1, bs, d).copy_(self.blocks.view(B, -1, hkv, bs, d).transpose(1, 2))
+        return out[:, :, :self.n_keys]
 
 
 @dataclass(frozen=True)
@@ -234,27 +249,27 @@ class _Decodes:
     each at exactly its own keys (no padding, no mask), so a row's result does not
     depend on the batch."""
     rows: torch.Tensor | None    # their query rows (None: rows 0..B-1 are the whole step, in order)
-    tables: torch.Tensor         # [B, blocks]
-    n_keys: int
+    keys: _Gather                # exactly their context
 
 
 @dataclass(frozen=True)
 class _Prompt:
     """One sequence with several queries: its keys, and its query tiles with their causal masks."""
-    tables: torch.Tensor         # [1, blocks] (past its context: block 0, masked)
-    n_keys: int                  # its context rounded up to whole KEY_BLOCKs
-    tiles: tuple[tuple[slice, torch.Tensor], ...]   # (rows, mask [rows * group, n_keys])
+    keys: _Gather                # its context rounded up to whole KEY_BLOCKs (beyond: block 0, masked)
+    tiles: tuple[tuple[slice, torch.Tensor], ...]   # (rows, mask [rows * group, keys])
 
 
-def _attention_plan(query_start, seq_lens, block_tables, block_size: int, group: int):
+def _attention_plan(query_start, seq_lens, block_tables, cache_shape: torch.Size, dtype: torch.dtype, group: int):
     starts, lens = query_start.tolist(), seq_lens.tolist()
+    block_size = cache_shape[2]
     singles = [b for b in range(len(lens)) if starts[b + 1] - starts[b] == 1 and lens[b] > 0]
     by_len: dict[int, list[int]] = {}
     for b in singles:
         by_len.setdefault(lens[b], []).append(b)
     in_order = len(by_len) == 1 and singles == list(range(len(lens))) and starts[-1] == len(lens)
     decodes = tuple(_Decodes(None if in_order else torch.tensor([starts[b] for b in seqs]),
-                             block_tables[seqs, :-(-n // block_size)], n) for n, seqs in by_len.items())
+                             _Gather(block_tables[seqs, :-(-n // block_size)], cache_shape, dtype, n))
+                    for n, seqs in by_len.items())
     prompts = []
     for b in range(len(lens)):
         n_q = starts[b + 1] - starts[b]
@@ -268,7 +283,8 @@ def _attention_plan(query_start, seq_lens, block_tables, block_size: int, group:
             pos = lens[b] - n_q + t0 + torch.arange(r).repeat_interleave(group)
             tiles.append((slice(starts[b] + t0, starts[b] + t0 + r), key_pos[None, :] <= pos[:, None]))
         tables = block_tables[b:b + 1, :-(-lens[b] // block_size)]
-        prompts.append(_Prompt(F.pad(tables, (0, n_keys // block_size - tables.shape[1])), n_keys, tuple(tiles)))
+        tables = F.pad(tables, (0, n_keys // block_size - tables.shape[1]))
+        prompts.append(_Prompt(_Gather(tables, cache_shape, dtype, n_keys), tuple(tiles)))
     return decodes, tuple(prompts)
 
 
@@ -284,14 +300,14 @@ def attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     N, H, D = q.shape
     hkv = k_cache.shape[1]
     group = H // hkv
-    decodes, prompts = _attention_step((query_start, seq_lens, block_tables), k_cache.shape[2], group)
+    decodes, prompts = _attention_step((query_start, seq_lens, block_tables), k_cache.shape, k_cache.dtype, group)
     if len(decodes) == 1 and decodes[0].rows is None:        # a pure decode step, one context length
         return _attend_decodes(q, k_cache, v_cache, decodes[0], scale).to(q.dtype)
     out = torch.zeros_like(q)
     for d in decodes:
         out[d.rows] = _attend_decodes(q[d.rows], k_cache, v_cache, d, scale).to(q.dtype)
     for p in prompts:
-        k, v = _keys(k_cache, p.tables, p.n_keys), _keys(v_cache, p.tables, p.n_keys)
+        k, v = p.keys(k_cache, 0), p.keys(v_cache, 1)
         for rows, mask in p.tiles:
             r = rows.stop - rows.start
             tile = q[rows].view(r, hkv, group, D).permute(1, 0, 2, 3).reshape(1, hkv, r * group, D)
@@ -305,7 +321,7 @@ def _attend_decodes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q [B, H, D] of one-query sequences -> [B, H, D] in the cache's dtype."""
     B, H, D = q.shape
     hkv = k_cache.shape[1]
-    k, v = _keys(k_cache, d.tables, d.n_keys), _keys(v_cache, d.tables, d.n_keys)
+    k, v = d.keys(k_cache, 0), d.keys(v_cache, 1)
     o = F.scaled_dot_product_attention(q.reshape(B, hkv, H // hkv, D).to(k.dtype), k, v, scale=scale)
     return o.reshape(B, H, D)
 

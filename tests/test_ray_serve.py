@@ -77,16 +77,17 @@ def test_two_replicas_behind_one_endpoint(tmp_path):
 
         # A conversation named in the header stays on one replica, whose prefix cache then
         # serves each turn's history.
-        history, seen = [], set()
-        for turn in range(4):
-            history.append({"role": "user", "content": f"Turn {turn}: tell me more about lighthouses."})
-            raw = client.chat.completions.with_raw_response.create(
-                model="tiny", messages=history, max_tokens=8, temperature=0,
-                extra_headers={"serve_multiplexed_model_id": "conversation-42"})
-            seen.add(raw.headers["x-smollm3-replica"])
-            history.append({"role": "assistant", "content": raw.parse().choices[0].message.content})
-            cached = raw.parse().usage.prompt_tokens_details.cached_tokens
-        assert len(seen) == 1 and cached > 0
+        for conversation in range(3):    # by chance alone: all turns on one replica 1 time in 4, each
+            history, seen = [], set()
+            for turn in range(3):
+                history.append({"role": "user", "content": f"Turn {turn}: tell me more about lighthouse {conversation}."})
+                raw = client.chat.completions.with_raw_response.create(
+                    model="tiny", messages=history, max_tokens=8, temperature=0,
+                    extra_headers={"serve_multiplexed_model_id": f"conversation-{conversation}"})
+                seen.add(raw.headers["x-smollm3-replica"])
+                history.append({"role": "assistant", "content": raw.parse().choices[0].message.content})
+                cached = raw.parse().usage.prompt_tokens_details.cached_tokens
+            assert len(seen) == 1 and cached > 0
 
         # Streaming through Ray's proxy; then the replica serving a stream is killed: the
         # stream fails (an error or a cut connection, never a hang) and the endpoint keeps

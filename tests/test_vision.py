@@ -217,6 +217,14 @@ def test_chunked_prefill_splits_images(folder, vlm, processor):
     assert tokens == ref.tolist()
 
 
+def test_batched_chat_with_images(rt):
+    """Runtime.chat over a list of conversations (one engine batch) answers each as alone."""
+    turns = [user_turn(data_url(encoded(random_image(90, 150, seed=s)))) for s in (18, 19)]
+    together = rt.chat(turns, max_new_tokens=5, temperature=0)
+    assert [r.text for r in together] == [rt.chat(t, max_new_tokens=5, temperature=0).text for t in turns]
+    assert together[0].text != together[1].text
+
+
 def test_two_images_in_one_prompt(rt, vlm, processor):
     a, b = random_image(90, 150, seed=2), random_image(64, 64, seed=3)
     turn = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(encoded(a))}},

@@ -221,26 +221,23 @@ def rope_qkv_cpu(x: torch.Tensor, w_qkv: CpuWeight, positions: torch.Tensor, cos
 
 
 class _Gather:
-    """K or V of B sequences' blocks as [B, Hkv, n_keys, D]: an index_select of whole
-    blocks (row copies), then one strided copy into key order, into buffers made once per
-    step and reused by every layer (an advanced-index gather of the transposed pool is
-    several times slower, and fresh tensors of a long context cost page faults per layer)."""
+    """K or V of B sequences' blocks as [B, Hkv, n_keys, D] in one index_select: the pool
+    seen as rows of one (block, KV head) each, [n_blocks * Hkv, bs * D], read in (sequence,
+    head, block) order, is already that layout. Into buffers made once per step and reused
+    by every layer (fresh tensors of a long context cost page faults per layer)."""
 
     def __init__(self, tables: torch.Tensor, cache_shape: torch.Size, dtype: torch.dtype, n_keys: int):
         B, n = tables.shape
         _, hkv, bs, d = cache_shape
-        self.index = tables.flatten().long()
-        self.blocks = torch.empty((B * n, hkv, bs, d), dtype=dtype)
-        self.keys = torch.empty((2, B, hkv, n * bs, d), dtype=dtype)      # K, V
+        self.index = (tables.long()[:, None, :] * hkv + torch.arange(hkv)[None, :, None]).flatten()
+        self.keys = torch.empty((2, B * hkv * n, bs * d), dtype=dtype)      # K, V
+        self.shape = (B, hkv, n * bs, d)
         self.n_keys = n_keys
 
     def __call__(self, cache: torch.Tensor, kv: int) -> torch.Tensor:
-        torch.index_select(cache, 0, self.index, out=self.blocks)
-        _, B, hkv, _, d = self.keys.shape
-        bs = self.blocks.shape[2]
-        out = self.keys[kv]
-        out.view(B, hkv, -1, bs, d).copy_(self.blocks.view(B, -1, hkv, bs, d).transpose(1, 2))
-        return out[:, :, :self.n_keys]
+        rows = cache.view(-1, cache.shape[2] * cache.shape[3])
+        out = torch.index_select(rows, 0, self.index, out=self.keys[kv])
+        return out.view(self.shape)[:, :, :self.n_keys]
 
 
 @dataclass(frozen=True)

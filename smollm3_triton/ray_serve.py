@@ -124,6 +124,7 @@ def run_replicas(load_options: dict, *, host: str, port: int, served_model_name:
     import ray
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")     # no usage reports sent anywhere
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:

@@ -53,6 +53,7 @@ def test_two_replicas_behind_one_endpoint(tmp_path):
         expected = [ask(alone, p)[1] for p in PROMPTS]
 
     port = free_port()
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"        # Ray would report usage over the network
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              object_store_memory=2**28)          # small: nothing but requests goes through it
     try:

@@ -9,8 +9,9 @@ llama.cpp on the very same file, token ids and token counts, in the same run.
   (Q8_1-quantized activations against Q4_1 weights) picks the other one.
 - prefill: one forward pass over PREFILL_TOKENS prompt tokens from position 0.
 
-Ours runs the default CPU path (torch backend, float32, weights dequantized once
-at load); llama.cpp computes on the Q4_1 blocks with n_threads = 2. Both share the
+Ours runs the default CPU path (backend "cpu": the blocks kept as int4 planes for
+torch's CPU int4 kernel, bf16 matmul inputs; bench/cpu_fast_speed.py adds 2k context);
+llama.cpp computes on the Q4_1 blocks with n_threads = 2. Both share the
 machine's two cores with whatever else runs: read the load average printed with
 the figures.
 """

@@ -254,6 +254,11 @@ def pixel_shuffle(x: torch.Tensor, s: int) -> torch.Tensor:
 
 def encode_tiles(c: VisionConfig, w: VisionWeights, pixels: torch.Tensor, pos_ids: torch.Tensor) -> torch.Tensor:
     """tiles [T, 3, S, S] -> image features [T * tokens_per_tile, text hidden]."""
+    return connect(c, w, vision_encoder(c, w, pixels, pos_ids))
+
+
+def vision_encoder(c: VisionConfig, w: VisionWeights, pixels: torch.Tensor, pos_ids: torch.Tensor) -> torch.Tensor:
+    """The SigLIP encoder: tiles [T, 3, S, S] -> [T, patches, hidden] after post_layernorm."""
     t = pixels.shape[0]
     x = F.conv2d(pixels.to(w.patch_w.dtype), w.patch_w, w.patch_b, stride=c.patch_size)
     x = x.flatten(2).transpose(1, 2) + w.pos[pos_ids]
@@ -266,7 +271,11 @@ def encode_tiles(c: VisionConfig, w: VisionWeights, pixels: torch.Tensor, pos_id
         x = x + F.linear(attn, layer.out_w, layer.out_b)
         h = F.layer_norm(x, (d,), layer.ln2_w, layer.ln2_b, c.layer_norm_eps)
         x = x + F.linear(F.gelu(F.linear(h, layer.fc1_w, layer.fc1_b), approximate="tanh"), layer.fc2_w, layer.fc2_b)
-    x = F.layer_norm(x, (d,), w.post_w, w.post_b, c.layer_norm_eps)
+    return F.layer_norm(x, (d,), w.post_w, w.post_b, c.layer_norm_eps)
+
+
+def connect(c: VisionConfig, w: VisionWeights, x: torch.Tensor) -> torch.Tensor:
+    """The connector: [T, patches, hidden] -> pixel shuffle -> projection -> [T * tokens_per_tile, text hidden]."""
     return F.linear(pixel_shuffle(x, c.scale_factor), w.proj).reshape(-1, c.text_hidden_size)
 
 

@@ -25,7 +25,7 @@ from smollm3_triton.errors import ModelFormatError, RequestError, UnsupportedMod
 from smollm3_triton.generation import SamplingParams  # noqa: E402
 from smollm3_triton.gguf_file import GGUFFile  # noqa: E402
 from smollm3_triton.image_processing import ImageProcessorConfig, decode_image, preprocess  # noqa: E402
-from smollm3_triton.vision import expand_images, split_image_parts  # noqa: E402
+from smollm3_triton.vision import connect, expand_images, split_image_parts, vision_encoder  # noqa: E402
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -157,11 +157,17 @@ def test_image_features_match_transformers(case, tmp_path):
     with torch.no_grad():
         ref = vlm.model.get_image_features(ref_inputs["pixel_values"],
                                            ref_inputs["pixel_attention_mask"]).pooler_output[0]
-    ours = runtime.vision.features(runtime.vision.load_image(encoded(img)))
-    err = rel_err(ours, ref)
-    print(f"{case}: image features max rel error {err:.2e}")
-    assert ours.shape == ref.shape
-    assert err <= 1e-5
+    vision = runtime.vision
+    pixels = vision.load_image(encoded(img)).pixel_values
+    with torch.no_grad():
+        ref_encoder = vlm.model.vision_model(pixel_values=ref_inputs["pixel_values"][0]).last_hidden_state
+    encoder = vision_encoder(vision.config, vision.weights, pixels, vision.pos_ids)
+    ours = connect(vision.config, vision.weights, encoder)
+    errs = rel_err(encoder, ref_encoder), rel_err(ours, ref)
+    print(f"{case}: vision encoder max rel error {errs[0]:.2e}, after the connector {errs[1]:.2e}")
+    assert encoder.shape == ref_encoder.shape and ours.shape == ref.shape
+    assert max(errs) <= 1e-5
+    assert torch.equal(vision.features(vision.load_image(encoded(img))), ours)
 
 
 def test_logits_and_greedy_tokens_match_transformers(rt, vlm, processor):

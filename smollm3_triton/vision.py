@@ -12,8 +12,9 @@ projector type idefics3). LayerNorm and GELU are not the text model's kernels (r
 swiglu), so this runs as plain torch; it is a few percent of a request's work.
 
 Position ids are computed as transformers' Idefics3VisionEmbeddings computes them (fractional
-coordinates bucketized in float32): for some patch grids (27 x 27 of the 384 px SmolVLMs, 48,
-...) that is not the identity, and llama.cpp, which uses the identity, differs there.
+coordinates bucketized in float32). For some patch grids (19, 25, 29, 31, ... per side) that
+is not the identity, and llama.cpp, which uses the identity, differs there; the published
+SmolVLMs' grids (32 x 32, 27 x 27) are the identity.
 """
 from __future__ import annotations
 

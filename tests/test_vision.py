@@ -142,11 +142,11 @@ def test_text_template_takes_image_inline(rt, processor, tmp_path):
 
 # ---------------------------------------------------------------- encoder, connector, model
 
-@pytest.mark.parametrize("case", ["siglip-4x4-scale2", "siglip-27x27-scale3"])
+@pytest.mark.parametrize("case", ["siglip-4x4-scale2", "siglip-25x25-scale5"])
 def test_image_features_match_transformers(case, tmp_path):
-    """The 27 x 27 patch grid (SmolVLM-500M/2.2B's 384 px / 14) is one where transformers'
-    bucketized position ids are not the identity."""
-    kwargs = {} if case == "siglip-4x4-scale2" else dict(vision=dict(image_size=54, patch_size=2), scale_factor=3)
+    """A 25 x 25 patch grid is one where transformers' bucketized position ids are not the
+    identity (llama.cpp's are)."""
+    kwargs = {} if case == "siglip-4x4-scale2" else dict(vision=dict(image_size=50, patch_size=2), scale_factor=5)
     vlm = V.random_vlm(seed=3, **kwargs)
     tile = vlm.config.vision_config.image_size
     folder = V.save_vlm_folder(vlm, tmp_path, longest_edge=2 * tile)
@@ -168,6 +168,8 @@ def test_image_features_match_transformers(case, tmp_path):
     assert encoder.shape == ref_encoder.shape and ours.shape == ref.shape
     assert max(errs) <= 1e-5
     assert torch.equal(vision.features(vision.load_image(encoded(img))), ours)
+    identity = torch.arange(vision.config.patches_per_side ** 2)
+    assert torch.equal(vision.pos_ids, identity) == (case == "siglip-4x4-scale2")
 
 
 def test_logits_and_greedy_tokens_match_transformers(rt, vlm, processor):

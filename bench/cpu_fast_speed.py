@@ -14,6 +14,11 @@ the same token ids, so both see the same neighbours on shared cores):
   (last-token logits only, as generation does).
 --exact adds the exact fp32 path (backend "torch") as a third column. The load average
 (1 min) is printed beside every round.
+
+OMP_WAIT_POLICY is PASSIVE unless set: both engines run on libgomp, whose default
+spin-then-throttle wait stalls every parallel region when a neighbour holds one of the
+cores (on this 2-core VM shared with other jobs, 2 threads decode 4-8 tok/s that way,
+27-30 with PASSIVE, llama.cpp alike); it must be set before torch is imported.
 """
 from __future__ import annotations
 
@@ -24,7 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -105,7 +112,8 @@ def main(argv=None) -> int:
     for e in engines:                               # warm-up: first-call allocations, page faults
         e.prefill(chat)
     rates = {(c, e.name): [] for c in cases for e in engines}
-    print(f"model {path.name}, {args.threads} threads, {os.cpu_count()} cores, torch {torch.__version__}", flush=True)
+    print(f"model {path.name}, {args.threads} threads, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}", flush=True)
     for r in range(args.rounds):
         for case, (kind, ids) in cases.items():
             for e in engines:

@@ -218,15 +218,17 @@ needs_binary = pytest.mark.skipif(LLAMA_PERPLEXITY is None, reason="no llama-per
 @pytest.mark.parametrize("case", ["real-q4_1", "real-f16"])
 def test_perplexity_matches_llama_perplexity_binary(case, smollm2_path, real_quants, tmp_path):
     """The PPL llama-perplexity prints (F32 KV cache) on the same file and text file."""
-    path = smollm2_path if case == "real-q4_1" else real_quants["f16"]
-    ctx, n_chunk, text = 128, 16, english_text(2000, seed=1)
+    # Q4_1: llama.cpp's 8-bit activations move its PPL by ~0.2%, less the more tokens are
+    # scored (16 chunks); F16 agrees to ~1e-4 (measured 7e-5), 4 chunks are plenty.
+    path, n_chunk = (smollm2_path, 16) if case == "real-q4_1" else (real_quants["f16"], 4)
+    ctx, text = 128, english_text(2000, seed=1)
     f = tmp_path / "text.txt"
     f.write_text(text)
     theirs = run_llama_perplexity(LLAMA_PERPLEXITY, path, ctx, "-f", f, "--chunks", n_chunk, "-b", 4 * ctx)["ppl"]
     rt = Runtime.load(path, device="cpu", backend="torch", max_seq_len=ctx, kv_cache_tokens=4 * ctx)
     ours = rt.perplexity(text, ctx, chunks=n_chunk, batch_size=4 * ctx)
     print(f"{case}: PPL ours {ours.ppl:.4f}, llama-perplexity {theirs:.4f} ({100 * (ours.ppl / theirs - 1):+.3f}%)")
-    assert abs(ours.ppl / theirs - 1) < 0.005
+    assert abs(ours.ppl / theirs - 1) < (0.005 if case == "real-q4_1" else 1e-3)
 
 
 @needs_binary

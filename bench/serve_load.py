@@ -73,7 +73,9 @@ async def run_load(url: str, model: str | None, clients: int, requests: int, dur
             prompt = f"Request {i}: write a short story about the number {i * 37 % 1000} and a lighthouse."
             results.append(await one_request(http, url, model, prompt, max_tokens))
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    # A fresh connection per request: llama-server closes a streamed response's connection
+    # under httpx's feet when it is reused (RemoteProtocolError); loopback connects are cheap.
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(duration + 60), limits=limits) as http:
         t0 = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))

@@ -56,14 +56,17 @@ class Runtime:
              dtype: torch.dtype | str | None = None, backend: str | None = None,
              max_seq_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
              kv_cache_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
-             enable_prefix_caching: bool = True,
+             enable_prefix_caching: bool = True, threads: int | None = None,
              mmproj: str | os.PathLike | None = None) -> Runtime:
         """source: a hub repo id, a .gguf path, or a folder with config.json + safetensors
         (None: the packaged SmolLM2-135M-Instruct GGUF). The engine's knobs: max_num_seqs
         sequences run at once, max_num_batched_tokens per step (longer prompts are
         prefilled in chunks), kv_cache_tokens in the paged pool (default: on CUDA
         gpu_memory_utilization of the memory, on the CPU 2 * max_seq_len), and the
-        prefix cache.
+        prefix cache. backend: "cpu" (the default on the CPU: 4-bit weights, bf16 matmul
+        inputs), "torch" (the exact fp32 reference) or "triton". threads: torch's CPU
+        threads (torch.set_num_threads; default: left as it is, one per core unless the
+        caller set it).
         mmproj: llama.cpp's vision projector GGUF beside a text GGUF (SmolVLM); a SmolVLM
         folder carries its vision side itself."""
         path = hub.packaged_smollm2() if source is None else hub.resolve(source, quant)
@@ -74,7 +77,7 @@ class Runtime:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RequestError(f"device {str(device)!r} asked for, but CUDA is not available here")
         dtype = _dtype(dtype, device)
-        backend = backend or ("triton" if device.type == "cuda" else "torch")
+        backend = backend or ("triton" if device.type == "cuda" else "cpu")
         from .kernels import BACKENDS, load_ops
         if backend not in BACKENDS:
             raise RequestError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -82,6 +85,10 @@ class Runtime:
             # @triton.jit picks compiled or interpreted when the kernels are imported.
             raise RequestError("backend='triton' on the CPU needs TRITON_INTERPRET=1 set before "
                                "smollm3_triton is imported (it is set automatically without CUDA)")
+        if backend == "cpu" and device.type != "cpu":
+            raise RequestError(f"backend='cpu' runs on the CPU only, not on {device}")
+        if threads is not None:
+            torch.set_num_threads(_threads(threads))
         ops = load_ops(backend)
 
         if path.is_dir():
@@ -106,6 +113,9 @@ class Runtime:
         elif backend == "triton":
             from .kernels.triton_ops import prepare_weights
             weights = prepare_weights(weights)
+        elif backend == "cpu":
+            from .kernels.cpu_fast import prepare_weights as prepare_cpu_weights
+            weights = prepare_cpu_weights(weights)
         model = Transformer(config, weights, ops, max_seq_len=max_seq_len, dtype=dtype, device=device)
         vision = load_vision(path, mmproj, config, tokenizer, device, dtype)
         eos_ids |= {i for i in [tokenizer.eos_id, *map(tokenizer.token_to_id, END_TOKENS)] if i is not None}
@@ -281,6 +291,12 @@ def _dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise RequestError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     return dtype
+
+
+def _threads(threads) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise RequestError(f"threads must be an integer >= 1, got {threads!r}")
+    return threads
 
 
 def _generation_config_eos(folder: Path) -> set[int]:

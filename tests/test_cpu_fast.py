@@ -209,7 +209,14 @@ def test_engine_batch_invariance(tmp_path):
 
 
 def test_default_backend_on_cpu_and_threads(smollm2_path):
-    with pytest.raises(RequestError, match="threads must be"):
-        Runtime.load(smollm2_path, device="cpu", threads=0)
-    rt = Runtime.load(smollm2_path, device="cpu", max_seq_len=32, threads=1)
-    assert rt.backend == "cpu" and torch.get_num_threads() == 1
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(RequestError, match="threads must be"):
+            Runtime.load(smollm2_path, device="cpu", threads=bad)
+    before = torch.get_num_threads()
+    try:
+        rt = Runtime.load(smollm2_path, device="cpu", max_seq_len=32, threads=1)
+        assert rt.backend == "cpu" and torch.get_num_threads() == 1
+        Runtime.load(smollm2_path, device="cpu", max_seq_len=32)     # threads=None leaves it
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -15,10 +15,11 @@ the same token ids, so both see the same neighbours on shared cores):
 --exact adds the exact fp32 path (backend "torch") as a third column. The load average
 (1 min) is printed beside every round.
 
-OMP_WAIT_POLICY is PASSIVE unless set: both engines run on libgomp, whose default
-spin-then-throttle wait stalls every parallel region when a neighbour holds one of the
-cores (on this 2-core VM shared with other jobs, 2 threads decode 4-8 tok/s that way,
-27-30 with PASSIVE, llama.cpp alike); it must be set before torch is imported.
+Both engines run on libgomp, so OMP_WAIT_POLICY (set it before Python starts) moves both:
+on this 2-core VM, its default spinning wait is best when the cores are free, and stalls
+every parallel region when neighbours hold them (2 threads: 4-8 tok/s at load 5, against
+27-30 with PASSIVE); PASSIVE costs a thread wake-up per region on a free machine (17 tok/s
+at load 1). The header line prints the value in effect.
 """
 from __future__ import annotations
 
@@ -29,9 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -113,7 +112,7 @@ def main(argv=None) -> int:
         e.prefill(chat)
     rates = {(c, e.name): [] for c in cases for e in engines}
     print(f"model {path.name}, {args.threads} threads, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}", flush=True)
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: libgomp default)')}", flush=True)
     for r in range(args.rounds):
         for case, (kind, ids) in cases.items():
             for e in engines:

@@ -69,8 +69,8 @@ class CpuTensor:
         """x [M, K] (and its bf16 copy) -> [M, N]."""
         if self.dense is None:
             y = _INT4_MM(x_bf16, self.planes[0].packed, GROUP, self.planes[0].scales_zeros)
-            for p in self.planes[1:]:
-                y = y + _INT4_MM(x_bf16, p.packed, GROUP, p.scales_zeros)
+            for p in self.planes[1:]:       # summed in fp32: one bf16 rounding per plane, not another
+                y = y.float() + _INT4_MM(x_bf16, p.packed, GROUP, p.scales_zeros)
             return y if y.shape[1] == self.shape[0] else y[:, :self.shape[0]]
         if self.dense.dtype == torch.bfloat16:
             return x_bf16 @ self.dense.T

@@ -152,11 +152,11 @@ def smollm2_fast(smollm2_path):
 
 
 # Prompts whose 32 greedy tokens the fast path reproduces. Not every prompt does: of 22
-# tried (12 raw, 10 chat questions), 7 match for all 32 tokens and the rest part where two
+# tried (12 raw, 10 chat questions), 10 match for all 32 tokens and the rest part where two
 # candidates are within the bf16 path's error of each other; llama.cpp on the same file
 # matches the exact path on 6 of the 22 (bench/README.md, "CPU fast path").
-PROMPTS = ["def fibonacci(n):", "The largest planet in the solar system is", "Here is a list of fruits: apple,",
-           "My favourite book is", "The history of Rome begins"]
+PROMPTS = ["The capital of France is", "The three primary colours are", "The largest planet in the solar system is",
+           "Here is a list of fruits: apple,", "My favourite book is"]
 
 
 def test_real_model_greedy_tokens_equal_the_exact_path(smollm2, smollm2_fast):

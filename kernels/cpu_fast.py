@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from smollm3_triton.errors import UnsupportedModelError
 from smollm3_triton.quant import FLOAT_DTYPES, GGMLType, QuantTensor, SegmentedTensor
 from smollm3_triton.weights import ModelWeights
 
@@ -116,7 +117,7 @@ def prepare_tensor(w: QuantTensor) -> CpuTensor:
     if w.qtype == GGMLType.Q6_K:
         return CpuTensor(w.shape, dense=p.dequantize(torch.bfloat16).contiguous())
     if w.qtype not in _FOUR_BIT + _SPLIT:
-        raise ValueError(f"no CPU int4 layout for {w.qtype.name}")
+        raise UnsupportedModelError(f"backend 'cpu' has no layout for {w.qtype.name} weights")
     v, (mul, bias) = p.int_values(), p.affine()
     lo = _int4_plane(v & 15, mul, bias + 8 * mul)
     if w.qtype in _FOUR_BIT:

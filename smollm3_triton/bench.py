@@ -268,7 +268,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser, *, model_options: bool 
         g.add_argument("--quant", help="which GGUF of a hub repo or folder, e.g. q4_k_m")
         g.add_argument("--dtype", help="compute dtype (default: bf16 on cuda, f32 on cpu)")
         g.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
-        g.add_argument("--backend", choices=["torch", "triton"], help="default: triton on cuda, torch on cpu")
+        g.add_argument("--backend", choices=["cpu", "torch", "triton"], help="default: triton on cuda, cpu on cpu")
+        g.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: every core)")
     g = parser.add_argument_group("bench")
     g.add_argument("--prefill", default="512,2048,8192", metavar="N,N",
                    help="prompt lengths to time (default: 512,2048,8192)")

@@ -307,7 +307,10 @@ def run_bench(args) -> int:
         raise RequestError("--decode-tokens, --eager-decode-tokens and --rounds must be >= 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path = hub.packaged_smollm2() if args.model is None else hub.resolve(args.model, args.quant)
-    max_seq_len = max([*prefill, *(c + max(args.decode_tokens, 4) + 4 for c in contexts)])
+    # Room for the longest decode round, the eager reference's included (it runs on the CPU
+    # now that the cpu backend, not the reference, is the default there).
+    steps = max(args.decode_tokens, args.eager_decode_tokens if args.eager else 0, 4)
+    max_seq_len = max([*prefill, *(c + steps + 4 for c in contexts)])
     rt = Runtime.load(path, device=device, dtype=args.dtype, backend=args.backend, max_seq_len=max_seq_len,
                       threads=args.threads)
     backend = rt.backend

@@ -106,10 +106,12 @@ def started(kind: str, model: str, args) -> str:
             cmd += ["--model", model]
         if args.replicas > 1:
             cmd += ["--replicas", str(args.replicas)]
+        if args.threads is not None:
+            cmd += ["--threads", str(args.threads)]
     else:
         # -np slots of ctx tokens each (llama-server splits -c among them); continuous batching on.
         cmd = [args.llama_server, "-m", model, "--host", "127.0.0.1", "--port", str(port),
-               "-np", str(args.clients), "-c", str(args.ctx * args.clients), "-t", str(args.threads),
+               "-np", str(args.clients), "-c", str(args.ctx * args.clients), "-t", str(args.threads or os.cpu_count()),
                "--no-webui"] if model else []
         if not cmd:
             raise SystemExit("--start llama needs --model (a .gguf file)")
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--duration", type=float, default=120, help="stop sending after this many seconds")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--ctx", type=int, default=1024, help="context per sequence")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama-server threads")
+    p.add_argument("--threads", type=int, help="CPU threads of the server (of each replica; default: every core)")
     p.add_argument("--log", help="append the server's output here")
     p.add_argument("--json", type=Path, help="write the result here too")
     args = p.parse_args(argv)

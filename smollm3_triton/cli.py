@@ -232,7 +232,8 @@ def _serve(args) -> int:
             raise RequestError(f"--replicas needs Ray Serve ({e}): pip install -e '.[ray]'") from None
         load = {"source": args.model, "quant": args.quant, "device": args.device, "dtype": args.dtype,
                 "backend": args.backend, "max_seq_len": args.max_seq_len, "max_num_seqs": args.max_num_seqs,
-                "max_num_batched_tokens": args.max_num_batched_tokens, "kv_cache_tokens": args.kv_cache_tokens}
+                "max_num_batched_tokens": args.max_num_batched_tokens, "kv_cache_tokens": args.kv_cache_tokens,
+                "threads": args.threads}
         return run_replicas(load, host=args.host, port=args.port, served_model_name=name,
                             api_key=args.api_key or None, max_waiting=args.max_waiting, replicas=args.replicas,
                             autoscaling=autoscaling or None)

@@ -129,9 +129,9 @@ def _common(body: dict, max_tokens: int | None, *, logprobs: int | None, prompt_
 
 
 def _max_tokens(body: dict, *names: str, low: int = 1) -> int | None:
-    given = [(name, _int(body, name, low=low)) for name in names]
-    values = [(name, v) for name, v in given if v is not None]
-    return values[0][1] if values else None
+    """The first of names that is set (each one checked)."""
+    values = [v for v in (_int(body, name, low=low) for name in names) if v is not None]
+    return values[0] if values else None
 
 
 def parse_chat(body: dict, default_max_tokens: int) -> ChatRequest:

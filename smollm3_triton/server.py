@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -30,8 +31,7 @@ from starlette.exceptions import HTTPException
 from .chat import THINK_OPEN
 from .engine import AsyncEngine, RequestOutput, TokenLogprob
 from .errors import RequestError
-from .openai_protocol import (APIError, ChatRequest, CompletionRequest, parse_chat, parse_completion,
-                              with_max_tokens)
+from .openai_protocol import APIError, parse_chat, parse_completion, with_max_tokens
 from .tool_calls import CALL_OPEN, ChatTextParser, Delta, tool_calls_as_text
 
 log = logging.getLogger("smollm3.server")
@@ -322,7 +322,7 @@ class _Choice:
 async def _serve(request: Request, state: ServerState, metrics: Metrics, job) -> Response:
     """Admit the job's choices, then answer as JSON or as an event stream; either way
     raced against the client's disconnect."""
-    rt, engine = state.ready()
+    rt, engine = job.rt, state.engine          # the handler found both ready
     # Off the event loop: rendering, tokenizing and above all encoding images (SmolVLM) is model work.
     choices = await asyncio.to_thread(job.choices)
     if state.active + len(choices) > rt.engine.scheduler.max_num_seqs + state.max_waiting:
@@ -406,15 +406,16 @@ async def _merged(choices, streams, metrics: Metrics, arrived: float) -> AsyncIt
             await s.aclose()
 
 
+async def _disconnected(receive) -> None:
+    """Returns when the client has gone (the body was read before: nothing else arrives)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _until_disconnect(request: Request, work):
     """Run `work` unless the client disconnects first (then it is cancelled)."""
     task = asyncio.ensure_future(work)
-
-    async def disconnected():
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
+    watcher = asyncio.ensure_future(_disconnected(request.receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -450,11 +451,7 @@ class _EventStream(Response):
                 await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True})
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
-        async def disconnected():
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        task, watcher = asyncio.ensure_future(pump()), asyncio.ensure_future(disconnected())
+        task, watcher = asyncio.ensure_future(pump()), asyncio.ensure_future(_disconnected(receive))
         try:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -478,18 +475,23 @@ def _usage(choices: list[_Choice]) -> dict:
 
 
 def _finish(choice: _Choice) -> str:
-    return {"abort": "abort"}.get(choice.finish_reason, choice.finish_reason or "stop")
+    return choice.finish_reason or "stop"
 
 
 # ---------------------------------------------------------------------------- chat
 
-class _ChatJob:
-    prefix = "chatcmpl"
+class _Job:
+    """One request: its runtime, its checked fields, the id and time its answer carries."""
+    prefix = ""
 
-    def __init__(self, rt, req: ChatRequest, model: str):
+    def __init__(self, rt, req, model: str):
         self.rt, self.req, self.stream, self.model = rt, req, req.stream, model
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+
+
+class _ChatJob(_Job):
+    prefix = "chatcmpl"
 
     def choices(self) -> list[_Choice]:
         req, rt = self.req, self.rt
@@ -520,7 +522,6 @@ class _ChatJob:
             self.in_reasoning = False
         self.parse_tools = tools is not None
         params = with_max_tokens(req, len(prompt_ids), rt.model.max_seq_len, "messages")
-        rt.engine.check(len(prompt_ids), params)
         return [_Choice(i, prompt_ids, _seeded(params, i), mm_embeds) for i in range(req.n)]
 
     def _parser(self) -> ChatTextParser:
@@ -625,32 +626,20 @@ def _text_delta(delta: Delta) -> dict:
 def _seeded(params, i: int):
     """Choice i of n draws from seed + i, so seeded choices differ from each other and each
     is reproducible."""
-    import dataclasses
     return params if params.seed is None or i == 0 else dataclasses.replace(params, seed=(params.seed + i) % 2**63)
 
 
 # ---------------------------------------------------------------------------- completions
 
-class _CompletionJob:
+class _CompletionJob(_Job):
     prefix = "cmpl"
-
-    def __init__(self, rt, req: CompletionRequest, model: str):
-        self.rt, self.req, self.stream, self.model = rt, req, req.stream, model
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
 
     def choices(self) -> list[_Choice]:
         req, rt = self.req, self.rt
         out = []
         for p, prompt in enumerate(req.prompts):
             ids = rt.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-            vocab = rt.config.vocab_size
-            for i, t in enumerate(ids):
-                if not 0 <= t < vocab:
-                    raise APIError(400, f"prompt: token {i} = {t} is outside the vocabulary 0..{vocab - 1}",
-                                   param="prompt")
             params = with_max_tokens(req, len(ids), rt.model.max_seq_len, "prompt")
-            rt.engine.check(len(ids), params)
             out += [_Choice(p * req.n + j, ids, _seeded(params, j), []) for j in range(req.n)]
         return out
 

@@ -507,8 +507,8 @@ class _ChatJob(_Job):
         # local_images=False: a client may send images as data: URLs, never make us read our own disk
         prompt_ids, mm_embeds = rt.encode_chat(messages, thinking=req.thinking, tools=tools, local_images=False,
                                                **req.template_kwargs)
-        prompt = rt.tokenizer.decode(prompt_ids)
-        self.in_reasoning = prompt.rstrip().endswith(THINK_OPEN)
+        # Did the template open a think block itself? Its last few tokens say (not the whole prompt).
+        self.in_reasoning = rt.tokenizer.decode(prompt_ids[-8:]).rstrip().endswith(THINK_OPEN)
         # tool_choice required / a named function: the call is begun in the prompt, so the
         # model can only continue it.
         self.forced = ""

@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+# Importing the backends first sets TRITON_INTERPRET=1 when there is no GPU, before any kernel
+# module is imported (tests import kernels directly).
+import smollm3_triton.backends  # noqa: E402,F401
+
 # The same two threads llama.cpp gets in the comparison benchmarks.
 THREADS = min(2, os.cpu_count() or 1)
 torch.set_num_threads(THREADS)

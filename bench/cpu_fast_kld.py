@@ -23,10 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from perplexity_data import english_text  # noqa: E402
 from smollm3_triton import Runtime, hub  # noqa: E402
+from tests.helpers.perplexity_data import english_text  # noqa: E402
 
 
 def compare(ref: torch.Tensor, other: torch.Tensor) -> dict[str, float]:

@@ -32,12 +32,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from perplexity_data import english_text  # noqa: E402
 from smollm3_triton import Runtime, hub  # noqa: E402
-from smollm3_triton.generation import SamplingParams  # noqa: E402
 from smollm3_triton.model import Batch  # noqa: E402
+from smollm3_triton.sampling_params import SamplingParams  # noqa: E402
+from tests.helpers.perplexity_data import english_text  # noqa: E402
 
 DECODE_TOKENS = 32
 CONTEXT = 2048

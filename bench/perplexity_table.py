@@ -29,12 +29,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from gguf_export import quantize_with_llama_cpp  # noqa: E402
-from perplexity_data import LLAMA_PERPLEXITY, english_text, run_llama_perplexity, smollm2_float  # noqa: E402
 from smollm3_triton import Runtime, hub  # noqa: E402
-from smollm3_triton.perplexity import read_text_file  # noqa: E402
+from smollm3_triton.tools.perplexity import read_text_file  # noqa: E402
+from tests.helpers.gguf_export import quantize_with_llama_cpp  # noqa: E402
+from tests.helpers.perplexity_data import LLAMA_PERPLEXITY, english_text, run_llama_perplexity, smollm2_float  # noqa: E402
 
 THREADS = min(2, os.cpu_count() or 1)
 QUANTS = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")

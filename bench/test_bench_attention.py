@@ -16,11 +16,10 @@ Without CUDA every case skips.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from smollm3_triton.bench import vendor_peaks
+from smollm3_triton.tools.bench import vendor_peaks
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a GPU kernel benchmark")]
@@ -210,8 +209,9 @@ def test_rope_kv_write(benchmark, report_figure, phase, T, start, impl):
 @pytest.mark.parametrize("phase,T,start", ROPE_CASES, ids=[f"{p}-T{t}-at{s}" for p, t, s in ROPE_CASES])
 def test_rope_qkv(benchmark, report_figure, phase, T, start, impl):
     """The whole op (projection by a bf16 weight + RoPE + KV write), as the model calls it."""
+    from smollm3_triton.gguf.constants import GGMLType
+    from smollm3_triton.gguf.tensors import QuantTensor
     from smollm3_triton.kernels.rope_qkv import rope_qkv_torch, rope_qkv_triton
-    from smollm3_triton.quant import GGMLType, QuantTensor
 
     max_seq = max(start + T, 64)
     k_cache, v_cache = paged_cache(max_seq)

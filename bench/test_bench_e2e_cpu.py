@@ -100,7 +100,7 @@ def report(report_figure, what: str, engine: str, measured: list[tuple[float, fl
 
 @pytest.mark.benchmark(group="decode")
 def test_decode_ours(benchmark, runtime, prompts, report_figure):
-    from smollm3_triton.generation import SamplingParams
+    from smollm3_triton.sampling_params import SamplingParams
 
     chat, _ = prompts
     params = SamplingParams(max_new_tokens=DECODE_TOKENS, temperature=0.0, ignore_eos=True)
@@ -183,7 +183,7 @@ def test_aggregate_decode_vs_concurrency(runtime, prompts, report_figure, concur
     """Aggregate decode tokens/s of `concurrent` sequences decoding together (16 greedy
     tokens each after the chat prompt; prefill steps excluded from the timing)."""
     from smollm3_triton.engine import Engine
-    from smollm3_triton.generation import SamplingParams
+    from smollm3_triton.sampling_params import SamplingParams
 
     chat, _ = prompts
     n_new = 16

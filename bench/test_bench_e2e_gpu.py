@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,8 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic import write_synthetic  # noqa: E402
+from tests.helpers.synthetic import write_synthetic  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: end-to-end GPU benchmark")]
@@ -50,7 +48,7 @@ def results_path() -> Path:
 
 @pytest.fixture(scope="session")
 def peaks():
-    from smollm3_triton.bench import device_peaks
+    from smollm3_triton.tools.bench import device_peaks
     env = {k: float(os.environ[k]) for k in ("BENCH_PEAK_GBPS", "BENCH_PEAK_TFLOPS") if os.environ.get(k)}
     p = device_peaks(torch.device("cuda"), env.get("BENCH_PEAK_GBPS"), env.get("BENCH_PEAK_TFLOPS"))
     import triton
@@ -94,7 +92,7 @@ def engine_rt(model_file):
     every CUDA-graph bucket captured before anything is timed. Prefix caching off: the
     runs reuse prompts, and a fully cached prompt would prefill differently."""
     from smollm3_triton import Runtime
-    from smollm3_triton.bench import model_cost
+    from smollm3_triton.tools.bench import model_cost
     quant, path = model_file
     if quant != CONC_QUANT:
         pytest.skip(f"the concurrency bench runs on {CONC_QUANT}")
@@ -114,8 +112,8 @@ def engine_rt(model_file):
 def concurrent_decode(rt, n: int, runner_fn=None, tokens: int = CONC_TOKENS) -> tuple[float, float, list[list[int]]]:
     """n greedy requests of CONC_PROMPT random tokens: prefilled (untimed), then `tokens`
     decode steps of all n timed -> (aggregate tok/s, seconds per step, tokens of each)."""
-    from smollm3_triton.bench import random_ids
-    from smollm3_triton.generation import SamplingParams
+    from smollm3_triton.sampling_params import SamplingParams
+    from smollm3_triton.tools.bench import random_ids
     eng = rt.engine
     saved = eng.runner
     if runner_fn is not None:

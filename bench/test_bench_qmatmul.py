@@ -15,11 +15,10 @@ Without CUDA every case skips.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from smollm3_triton.bench import vendor_peaks
+from smollm3_triton.tools.bench import vendor_peaks
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a GPU kernel benchmark")]
@@ -34,7 +33,8 @@ FP16_FIELDS = {"Q4_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,)}
 
 def random_weight(qtype: str, rows: int, cols: int):
     """Random GGUF blocks on the GPU: every quant pattern, fp16 scales in [2^-10, 2^-6]."""
-    from smollm3_triton.quant import BLOCK_SIZES, GGMLType, QuantTensor
+    from smollm3_triton.gguf.constants import BLOCK_SIZES, GGMLType
+    from smollm3_triton.gguf.tensors import QuantTensor
 
     t = GGMLType[qtype]
     elems, nbytes = BLOCK_SIZES[t]

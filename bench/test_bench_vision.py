@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,12 +26,10 @@ pytest.importorskip("PIL")
 pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import vision_export as V  # noqa: E402
-
 from smollm3_triton.config import ModelConfig  # noqa: E402
-from smollm3_triton.image_processing import ImageProcessorConfig, decode_image, preprocess  # noqa: E402
-from smollm3_triton.vision import VisionModel, encode_tiles, load_hf_vision  # noqa: E402
+from smollm3_triton.vision.image_processing import ImageProcessorConfig, decode_image, preprocess  # noqa: E402
+from smollm3_triton.vision.model import VisionModel, encode_tiles, load_hf_vision  # noqa: E402
+from tests.helpers import vision_export as V  # noqa: E402
 
 SMOLVLM_256M_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                            image_size=512, patch_size=16)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from smollm3_triton.errors import KernelInputError, UnsupportedModelError
+from ..errors import KernelInputError, UnsupportedModelError
 
 # The reference walks keys in chunks of KEY_CHUNK at fixed absolute positions and
 # queries in tiles of QUERY_TILE rows, with an online softmax: no [heads, T, L] score

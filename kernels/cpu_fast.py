@@ -31,14 +31,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from smollm3_triton.errors import UnsupportedModelError
-from smollm3_triton.quant import FLOAT_DTYPES, GGMLType, QuantTensor, SegmentedTensor
-from smollm3_triton.weights import ModelWeights
-
-from . import Ops
+from ..errors import UnsupportedModelError
+from ..gguf.constants import FLOAT_DTYPES, GGMLType
+from ..gguf.tensors import QuantTensor, SegmentedTensor
 from .qmatmul import qmatmul_torch
 from .repack import prepare_weight
-from .rms_norm import rms_norm_torch
 
 GROUP = 32
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
@@ -128,12 +125,6 @@ def prepare_tensor(w: QuantTensor) -> CpuTensor:
 def prepare(w: QuantTensor | SegmentedTensor) -> CpuWeight:
     parts = w.parts if isinstance(w, SegmentedTensor) else (w,)
     return CpuWeight(tuple(prepare_tensor(p) for p in parts), w)
-
-
-def prepare_weights(w: ModelWeights) -> ModelWeights:
-    """Every matrix in the int4 layout, once at load. A tied LM head stays one object
-    with the embedding, whose lookups read the GGUF blocks."""
-    return w.map(prepare, lambda v: v)
 
 
 # ---------------------------------------------------------------- ops
@@ -322,7 +313,3 @@ def _attend_decodes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     k, v = d.keys(k_cache, 0), d.keys(v_cache, 1)
     o = F.scaled_dot_product_attention(q.reshape(B, hkv, H // hkv, D).to(k.dtype), k, v, scale=scale)
     return o.reshape(B, H, D)
-
-
-CPU_OPS = Ops(qmatmul=qmatmul_cpu, gate_up_swiglu=gate_up_swiglu_cpu, rope_qkv=rope_qkv_cpu,
-              attention=attention_cpu, rms_norm=rms_norm_torch)

@@ -34,11 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-from smollm3_triton.errors import KernelInputError
-from smollm3_triton.quant import GGMLType, Weight
-
+from ..errors import KernelInputError
+from ..gguf.constants import GGMLType
+from ..gguf.tensors import Weight
 from .repack import Packed, PackedTensor, PackedWeight, packed
-
 
 # CPU BLAS runs a few rows through other kernels (other summation orders) than many;
 # from MIN_ROWS rows on, each row's result is independent of the row count. Padding

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from smollm3_triton.errors import UnsupportedModelError
-from smollm3_triton.quant import (BLOCK_SIZES, FLOAT_DTYPES, SUPPORTED_TYPES, GGMLType, QuantTensor,
-                                  SegmentedTensor, row_bytes, type_name)
+from ..errors import UnsupportedModelError
+from ..gguf.constants import BLOCK_SIZES, FLOAT_DTYPES, SUPPORTED_TYPES, GGMLType, row_bytes, type_name
+from ..gguf.tensors import QuantTensor, SegmentedTensor
 
 _FIVE_BIT = (GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q5_K)
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from smollm3_triton.errors import KernelInputError
+from ..errors import KernelInputError
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -20,9 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from smollm3_triton.errors import KernelInputError, UnsupportedModelError
-from smollm3_triton.quant import Weight
-
+from ..errors import KernelInputError, UnsupportedModelError
+from ..gguf.tensors import Weight
 from .qmatmul import qmatmul_torch, qmatmul_triton
 
 # The one place the Triton path does its QKV GEMV/GEMM (then a second launch rotates

@@ -15,11 +15,25 @@ import torch
 import triton
 import triton.language as tl
 
-from smollm3_triton.errors import KernelInputError
-from smollm3_triton.quant import Weight
-
-from .qmatmul import (GEMV_MAX_M, GemmConfig, GemvConfig, _cast, _dot, _gemv_step, _plane_args, _segments,
-                      _tile_ids, _weight_tile, check_input, gemm_config, gemv_config, qmatmul_torch, sub_block)
+from ..errors import KernelInputError
+from ..gguf.tensors import Weight
+from .qmatmul import (
+    GEMV_MAX_M,
+    GemmConfig,
+    GemvConfig,
+    _cast,
+    _dot,
+    _gemv_step,
+    _plane_args,
+    _segments,
+    _tile_ids,
+    _weight_tile,
+    check_input,
+    gemm_config,
+    gemv_config,
+    qmatmul_torch,
+    sub_block,
+)
 from .repack import Packed, PackedTensor, packed
 
 

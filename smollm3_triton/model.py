@@ -13,13 +13,41 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import ModelConfig, rope_tables
-from .kernels import Ops
-from .kv_cache import PagedKVCache
 from .weights import ModelWeights
+
+if TYPE_CHECKING:
+    from .backends import Ops
+
+
+@dataclass
+class PagedKVCache:
+    """K and V pools [n_layers, n_blocks, n_kv_heads, block_size, head_dim]: one
+    allocation, so a layer's pool is a view (k[i])."""
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, n_blocks: int, block_size: int, dtype: torch.dtype,
+                 device) -> PagedKVCache:
+        shape = (config.n_layers, n_blocks, config.n_kv_heads, block_size, config.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @staticmethod
+    def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+        return 2 * config.n_layers * config.n_kv_heads * config.head_dim * dtype.itemsize
+
+    @property
+    def n_blocks(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[3]
 
 
 @dataclass

@@ -12,14 +12,16 @@ import torch
 from . import hub
 from .chat import render_chat, split_reasoning
 from .config import ModelConfig
+from .engine.detokenizer import TextStream
+from .engine.engine import Engine
+from .engine.outputs import RequestOutput
 from .errors import ModelFormatError, RequestError
-from .engine import Engine, RequestOutput, TextStream
-from .generation import SamplingParams, check_max_seq_len, check_token_ids
 from .model import Batch, Transformer
-from .perplexity import DEFAULT_CTX, KLDResult, PerplexityResult, kl_divergence, perplexity
+from .sampling_params import SamplingParams, check_max_seq_len, check_token_ids
 from .tokenizer import Tokenizer
-from .vision import VisionModel, expand_images, load_vision, split_image_parts, template_takes_parts
-from .weights import dequantize_weights, load_gguf, load_safetensors_folder, to_device
+from .tools.perplexity import DEFAULT_CTX, KLDResult, PerplexityResult, kl_divergence, perplexity
+from .vision.model import VisionModel, expand_images, load_vision, split_image_parts, template_takes_parts
+from .weights import load_gguf, load_safetensors_folder, to_device
 
 # A default context that fits comfortably; the KV cache is allocated for it up front.
 DEFAULT_MAX_SEQ_LEN = 8192
@@ -46,10 +48,6 @@ class Runtime:
         self.eos_ids = eos_ids
         self.backend = backend
         self.engine = Engine(model, tokenizer, eos_ids, **engine_options)
-        if model.device.type == "cuda" and backend == "triton":
-            # Decode steps replayed from CUDA graphs, one per batch-size bucket; the rest eager.
-            from .cuda_graph import GraphRunner
-            self.engine.runner = GraphRunner(model, self.engine.scheduler.max_num_seqs).run
 
     @classmethod
     def load(cls, source: str | os.PathLike | None = None, *, quant: str | None = None, device=None,
@@ -77,26 +75,17 @@ class Runtime:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RequestError(f"device {str(device)!r} asked for, but CUDA is not available here")
         dtype = _dtype(dtype, device)
-        backend = backend or ("triton" if device.type == "cuda" else "cpu")
-        from .kernels import BACKENDS, load_ops
-        if backend not in BACKENDS:
-            raise RequestError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            # @triton.jit picks compiled or interpreted when the kernels are imported.
-            raise RequestError("backend='triton' on the CPU needs TRITON_INTERPRET=1 set before "
-                               "smollm3_triton is imported (it is set automatically without CUDA)")
-        if backend == "cpu" and device.type != "cpu":
-            raise RequestError(f"backend='cpu' runs on the CPU only, not on {device}")
+        from .backends import get_backend
+        backend = get_backend(backend or ("triton" if device.type == "cuda" else "cpu"), device, dtype)
         if threads is not None:
             torch.set_num_threads(_threads(threads))
-        ops = load_ops(backend)
 
         if path.is_dir():
             config, weights = load_safetensors_folder(path)
             tokenizer = Tokenizer.from_hf_folder(path)
             eos_ids = _generation_config_eos(path)
         else:
-            from .gguf_file import GGUFFile
+            from .gguf.reader import GGUFFile
             gguf = GGUFFile(path)
             config, weights = load_gguf(gguf)
             tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
@@ -107,21 +96,14 @@ class Runtime:
         if max_seq_len is None:
             max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
         max_seq_len = check_max_seq_len(max_seq_len, config, dtype, device)
-        weights = to_device(weights, device)
-        if backend == "torch" and device.type == "cpu":
-            weights = dequantize_weights(weights, dtype)
-        elif backend == "triton":
-            from .kernels.triton_ops import prepare_weights
-            weights = prepare_weights(weights)
-        elif backend == "cpu":
-            from .kernels.cpu_fast import prepare_weights as prepare_cpu_weights
-            weights = prepare_cpu_weights(weights)
-        model = Transformer(config, weights, ops, max_seq_len=max_seq_len, dtype=dtype, device=device)
+        weights = backend.prepare_weights(to_device(weights, device))
+        model = Transformer(config, weights, backend.ops, max_seq_len=max_seq_len, dtype=dtype, device=device)
         vision = load_vision(path, mmproj, config, tokenizer, device, dtype)
         eos_ids |= {i for i in [tokenizer.eos_id, *map(tokenizer.token_to_id, END_TOKENS)] if i is not None}
-        return cls(model, tokenizer, config, path, eos_ids, backend, vision, max_num_seqs=max_num_seqs,
+        return cls(model, tokenizer, config, path, eos_ids, backend.name, vision, max_num_seqs=max_num_seqs,
                    max_num_batched_tokens=max_num_batched_tokens, kv_cache_tokens=kv_cache_tokens,
-                   gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching)
+                   gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
+                   cuda_graphs=backend.cuda_graphs)
 
     # ------------------------------------------------------------------ inference
     def logits(self, token_ids, mm_embeds: list | None = None):
@@ -211,8 +193,7 @@ class Runtime:
         return self.tokenizer.encode(text)
 
     def _stream_ids(self, prompt_ids: list[int], mm_embeds: list, params: SamplingParams) -> Iterator[str]:
-        request_id = self.engine.add_request(prompt_ids, params, mm_embeds=mm_embeds)  # refused here, not at next()
-        return (out.text for out in self._outputs(request_id) if out.text)
+        return (out.text for out in self.outputs(prompt_ids, params, mm_embeds) if out.text)
 
     def _run_many(self, prompts: list[tuple[list[int], list]], params: SamplingParams) -> list[str]:
         """prompts: (prompt ids, mm_embeds) each."""
@@ -223,8 +204,15 @@ class Runtime:
 
     def generate_ids(self, prompt_ids: list[int], params: SamplingParams, mm_embeds: list | None = None) -> Iterator[int]:
         """New token ids, the end token included; the request is checked at the call."""
+        return (t for out in self.outputs(prompt_ids, params, mm_embeds) for t in out.token_ids)
+
+    def outputs(self, prompt_ids: list[int], params: SamplingParams, mm_embeds: list | None = None
+                ) -> Iterator[RequestOutput]:
+        """One request's RequestOutputs as the engine steps (new token ids, and their text cut
+        at stop strings, end tokens hidden). Refused at the call, not at the first next();
+        closing the iterator early aborts the request."""
         request_id = self.engine.add_request(prompt_ids, params, mm_embeds=mm_embeds)
-        return (t for out in self._outputs(request_id) for t in out.token_ids)
+        return self._outputs(request_id)
 
     def _outputs(self, request_id: str) -> Iterator[RequestOutput]:
         """Step the engine until this request finishes, yielding its outputs; closing the

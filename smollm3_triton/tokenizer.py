@@ -15,9 +15,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
-from tokenizers import AddedToken, Regex
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
-from tokenizers import decoders, pre_tokenizers
 from tokenizers.models import BPE
 
 from .errors import GGUFError, ModelFormatError, RequestError, UnsupportedModelError

@@ -19,7 +19,8 @@ import torch
 
 from .config import ModelConfig, hf_text_config, is_hf_vision_language
 from .errors import ModelFormatError, UnsupportedModelError
-from .quant import SUPPORTED_TYPES, GGMLType, QuantTensor, Weight, concat_rows, type_name
+from .gguf.constants import SUPPORTED_TYPES, GGMLType, type_name
+from .gguf.tensors import QuantTensor, Weight, concat_rows
 
 
 @dataclass
@@ -362,13 +363,6 @@ def load_safetensors_folder(folder: Path) -> tuple[ModelConfig, ModelWeights]:
         return tensors[name].float()
 
     return config, _assemble(config, get, get_vector, names, str(folder), permute_qk=False)
-
-
-def dequantize_weights(weights: ModelWeights, dtype: torch.dtype) -> ModelWeights:
-    """Every matrix dequantized once into `dtype`: the CPU torch path's trade of memory
-    for speed (dequantizing per token costs several times the matmul on a CPU)."""
-    ggml_type = TORCH_TO_GGML[dtype]
-    return weights.map(lambda w: QuantTensor(w.dequantize(dtype).contiguous(), ggml_type, w.shape), lambda v: v)
 
 
 def to_device(weights: ModelWeights, device: torch.device) -> ModelWeights:

@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Importing the backends first sets TRITON_INTERPRET=1 when there is no GPU, before any kernel
+# module is imported (tests import kernels directly).
+import smollm3_triton.backends  # noqa: E402,F401
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -22,8 +26,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    from smollm3_triton.hub import packaged_smollm2
     from smollm3_triton.errors import SourceNotFoundError
+    from smollm3_triton.hub import packaged_smollm2
     try:
         return packaged_smollm2()
     except SourceNotFoundError:

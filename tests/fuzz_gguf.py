@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf_cases import assert_matches_gguf_py, golden_field_slots, write_golden
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from smollm3_triton.errors import GGUFError
-from smollm3_triton.gguf_file import GGUFFile
+from smollm3_triton.gguf.reader import GGUFFile
+from tests.helpers.gguf_cases import assert_matches_gguf_py, golden_field_slots, write_golden
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 

@@ -1,15 +1,11 @@
 """`smollm3 bench` (smollm3_triton.bench.run_bench) on CPU with a tiny synthetic file:
 the JSON it writes, and its bytes-per-token figure against gguf-py's tensor sizes."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from synthetic import write_synthetic  # noqa: E402
-
-from smollm3_triton.bench import add_bench_arguments, main  # noqa: E402
+from smollm3_triton.tools.bench import add_bench_arguments, main  # noqa: E402
+from tests.helpers.synthetic import write_synthetic  # noqa: E402
 
 
 def test_bench_on_cpu_writes_its_figures(tmp_path):

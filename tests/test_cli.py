@@ -106,7 +106,7 @@ def test_inspect_real_gguf_matches_gguf_py(smollm2_path):
 
 def test_inspect_safetensors_folder(tmp_path):
     """A SmolLM3 folder: config fields and NoPE layers as transformers has them, tensors as saved."""
-    from gguf_export import random_hf_model, save_hf_folder
+    from tests.helpers.gguf_export import random_hf_model, save_hf_folder
 
     model = random_hf_model("smollm3", hidden_size=64, intermediate_size=128, num_hidden_layers=8,
                             num_attention_heads=4, num_key_value_heads=2)

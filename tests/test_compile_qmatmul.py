@@ -35,9 +35,9 @@ def variants(full: bool) -> list[dict]:
     """Kernel, weight type(s), constexprs, pointer dtypes, warps and stages, as the launchers pick them."""
     import torch
 
+    from smollm3_triton.gguf.constants import GGMLType
     from smollm3_triton.kernels.qmatmul import gemm_config, gemv_config, sub_block
     from smollm3_triton.kernels.swiglu import swiglu_gemm_config
-    from smollm3_triton.quant import GGMLType
 
     out = []
 

@@ -15,16 +15,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gguf_export import export_gguf, random_hf_model
-from quant_samples import ALL_TYPES, oracle_matrix, random_weight
-from test_attention import HEADS, HEAD_IDS, MIXED, Case
-
 from smollm3_triton import Runtime
 from smollm3_triton.errors import RequestError
+from smollm3_triton.gguf.constants import FLOAT_DTYPES, GGMLType
+from smollm3_triton.gguf.tensors import QuantTensor
 from smollm3_triton.kernels.attention import attention_torch
 from smollm3_triton.kernels.cpu_fast import attention_cpu, prepare, qmatmul_cpu, rope_qkv_cpu
 from smollm3_triton.kernels.rope_qkv import rope_qkv_torch
-from smollm3_triton.quant import FLOAT_DTYPES, GGMLType, QuantTensor
+from tests.helpers.attention_cases import HEAD_IDS, HEADS, MIXED, Case
+from tests.helpers.gguf_export import export_gguf, random_hf_model
+from tests.helpers.quant_samples import ALL_TYPES, oracle_matrix, random_weight
 
 # The bf16 path's bound, relative to the largest |output|: activations, scales/zeros and
 # the output each rounded once to bf16 (2^-9 relative each); observed worst ~3e-3.
@@ -64,7 +64,7 @@ def test_qmatmul_rows_not_a_multiple_of_16(qtype):
 
 def test_fused_weight_of_mixed_types():
     """A Q4_K_M-style fused QKV: Q4_K, Q4_K and Q6_K parts, one output."""
-    from smollm3_triton.quant import concat_rows
+    from smollm3_triton.gguf.tensors import concat_rows
     parts = [random_weight(GGMLType.Q4_K, 64, 256, seed=2), random_weight(GGMLType.Q4_K, 32, 256, seed=3),
              random_weight(GGMLType.Q6_K, 32, 256, seed=4)]
     fused = concat_rows(parts)
@@ -161,7 +161,7 @@ PROMPTS = ["The capital of France is", "The three primary colours are", "The lar
 
 def test_real_model_greedy_tokens_equal_the_exact_path(smollm2, smollm2_fast):
     """32 greedy tokens of 5 prompts, all run as one batch on each path."""
-    from smollm3_triton.generation import SamplingParams
+    from smollm3_triton.sampling_params import SamplingParams
 
     params = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True)
     prompts = [smollm2.tokenizer.encode(p) for p in PROMPTS]
@@ -193,9 +193,8 @@ def test_engine_batch_invariance(tmp_path):
     """Staggered requests (chunked prefill mixed with decodes, a 96-token budget) on the
     fast path over Q8_0 weights (two int4 planes): each request's tokens and logprobs
     bit-equal to the request run alone."""
-    from test_engine import TINY, fresh_engine, random_prompts, run_alone, run_staggered
-
-    from smollm3_triton.generation import SamplingParams
+    from smollm3_triton.sampling_params import SamplingParams
+    from tests.helpers.engine_runs import TINY, fresh_engine, random_prompts, run_alone, run_staggered
 
     path = export_gguf(random_hf_model("smollm3", seed=11, **TINY), tmp_path / "q8_0.gguf", "q8_0")
     rt = Runtime.load(path, device="cpu", backend="cpu", max_seq_len=2048)

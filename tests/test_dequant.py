@@ -16,9 +16,10 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from smollm3_triton.dequant import dequantize
 from smollm3_triton.errors import GGUFError, UnsupportedModelError
-from smollm3_triton.quant import BLOCK_SIZES, SUPPORTED_TYPES, GGMLType, QuantTensor
+from smollm3_triton.gguf.constants import BLOCK_SIZES, SUPPORTED_TYPES, GGMLType
+from smollm3_triton.gguf.dequant import dequantize
+from smollm3_triton.gguf.tensors import QuantTensor
 
 QUANT_TYPES = [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
                GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]

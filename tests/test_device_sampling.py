@@ -8,7 +8,7 @@ tested in test_sampling.py.
 import torch
 from scipy import stats
 
-from smollm3_triton.device_sampling import MASK32, exponential_noise, mix32, seed_keys
+from smollm3_triton.engine.sampler import MASK32, exponential_noise, mix32, seed_keys
 
 
 def test_noise_is_exponential_and_independent_across_steps():

@@ -8,20 +8,16 @@ qmatmul_torch say why), so outputs are compared exactly, logprobs included.
 """
 from __future__ import annotations
 
-import random
 import threading
 
 import pytest
 import torch
 
-from gguf_export import export_gguf, random_hf_model, save_hf_folder
 from smollm3_triton import Runtime
-from smollm3_triton.engine import Engine
 from smollm3_triton.errors import RequestError
-from smollm3_triton.generation import SamplingParams
-
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2)
+from smollm3_triton.sampling_params import SamplingParams
+from tests.helpers.engine_runs import TINY, fresh_engine, random_prompts, run_alone, run_staggered, summary
+from tests.helpers.gguf_export import export_gguf, random_hf_model, save_hf_folder
 
 
 @pytest.fixture(scope="module")
@@ -33,48 +29,6 @@ def smollm3_gguf(tmp_path_factory):
 @pytest.fixture(scope="module")
 def rt(smollm3_gguf):
     return Runtime.load(smollm3_gguf[1], device="cpu", backend="torch", max_seq_len=2048)
-
-
-def fresh_engine(rt: Runtime, **options) -> Engine:
-    """A new engine on rt's model (it reallocates the model's KV cache)."""
-    return Engine(rt.model, rt.tokenizer, rt.eos_ids, **options)
-
-
-def random_prompts(n: int, lengths: list[int], seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(100, 49000) for _ in range(lengths[i % len(lengths)])] for i in range(n)]
-
-
-def run_alone(engine: Engine, prompt: list[int], params: SamplingParams):
-    outs = engine.run([(prompt, params)])[0]
-    return _summary(outs)
-
-
-def _summary(outs):
-    tokens = [t for o in outs for t in o.token_ids]
-    lps = [lp.logprob for o in outs for lp in (o.logprobs or [])]
-    return tokens, lps, outs[-1].finish_reason
-
-
-def run_staggered(engine: Engine, prompts, params_of, arrive_every: int = 2):
-    """Requests arrive a few per step while earlier ones prefill and decode."""
-    pending = list(enumerate(prompts))
-    outs: dict[str, list] = {}
-    order: list[str] = []
-    steps = 0
-    while pending or engine.has_unfinished():
-        if pending and steps % arrive_every == 0:
-            for _ in range(2):
-                if pending:
-                    i, p = pending.pop(0)
-                    rid = engine.add_request(p, params_of(i))
-                    outs[rid] = []
-                    order.append(rid)
-        for out in engine.step():
-            outs[out.request_id].append(out)
-        steps += 1
-        assert steps < 20_000
-    return [_summary(outs[r]) for r in order], steps
 
 
 # ---------------------------------------------------------------- batch invariance
@@ -156,7 +110,7 @@ def test_prefix_cache_prefills_only_new_tokens(rt):
     assert out[0].num_cached_tokens == cached
     assert computed == len(second) - cached
     uncached = run_alone(fresh_engine(rt, max_num_batched_tokens=256, enable_prefix_caching=False), second, params)
-    assert _summary(out) == uncached
+    assert summary(out) == uncached
     print(f"\nsecond request: {computed} of {len(second)} prompt tokens computed, {cached} from the cache; "
           f"output identical to the cache off")
 
@@ -184,7 +138,7 @@ def test_pressure_preemption_and_abort(rt):
     solo = [run_alone(solo_engine, p, params) for p in prompts]
 
     engine = fresh_engine(rt, kv_cache_tokens=3 * 72, max_num_seqs=12, max_num_batched_tokens=64)
-    results = [_summary(o) for o in engine.run([(p, params) for p in prompts])]
+    results = [summary(o) for o in engine.run([(p, params) for p in prompts])]
     assert results == solo
     assert engine.stats().preemptions > 0
     assert engine.stats().free_blocks == engine.pool.n_blocks
@@ -215,7 +169,7 @@ def test_pressure_preemption_and_abort(rt):
         assert [o.finished for o in outs[rid]].count(True) == 1
         if rid in victims and outs[rid][-1].finish_reason == "abort":
             continue
-        assert _summary(outs[rid]) == solo[i]
+        assert summary(outs[rid]) == solo[i]
     assert sum(outs[r][-1].finish_reason == "abort" for r in victims) >= 1
     stats = engine.stats()
     assert stats.free_blocks == stats.num_blocks and stats.running == stats.waiting == 0

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-import gguf_export as G
 from smollm3_triton.errors import UnsupportedModelError
+from tests.helpers import gguf_export as G
 
 # name -> (kind, config overrides, ftypes checked). 256-wide models get real
 # Q4_K/Q6_K; 192-wide ones make llama.cpp fall back (Q4_K -> Q5_0, Q6_K -> Q8_0,

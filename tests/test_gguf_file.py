@@ -15,11 +15,12 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType as VT
-from gguf_cases import assert_matches_gguf_py, same_value, tensor_bytes, write_golden
 
 from smollm3_triton.errors import GGUFError
-from smollm3_triton.gguf_file import GGUFFile
-from smollm3_triton.quant import GGMLType, QuantTensor
+from smollm3_triton.gguf.constants import GGMLType
+from smollm3_triton.gguf.reader import GGUFFile
+from smollm3_triton.gguf.tensors import QuantTensor
+from tests.helpers.gguf_cases import assert_matches_gguf_py, same_value, tensor_bytes, write_golden
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def test_writes_to_a_tensor_never_reach_the_file(golden, tmp_path):
 def test_quant_tensor_does_not_warn(golden):
     # torch warns once per process about non-writable buffers, so only a fresh
     # interpreter can show that no such warning is raised.
-    code = ("import sys; from smollm3_triton.gguf_file import GGUFFile\n"
+    code = ("import sys; from smollm3_triton.gguf.reader import GGUFFile\n"
             "f = GGUFFile(sys.argv[1])\n"
             "[f.quant_tensor(n).data.sum() for n in f.tensors]\n")
     subprocess.run([sys.executable, "-W", "error", "-c", code, golden.path], check=True)

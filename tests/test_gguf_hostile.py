@@ -16,7 +16,11 @@ from pathlib import Path
 
 import pytest
 from gguf import GGUFValueType as VT
-from gguf_cases import (
+
+from smollm3_triton.errors import GGUFError
+from smollm3_triton.gguf.constants import GGMLType
+from smollm3_triton.gguf.reader import MAX_STRING_BYTES, GGUFFile
+from tests.helpers.gguf_cases import (
     HANDCRAFTED_KINDS,
     RawGGUF,
     assert_matches_gguf_py,
@@ -25,10 +29,6 @@ from gguf_cases import (
     tensor_bytes,
     write_golden,
 )
-
-from smollm3_triton.errors import GGUFError
-from smollm3_triton.gguf_file import MAX_STRING_BYTES, GGUFFile
-from smollm3_triton.quant import GGMLType
 
 F32, Q8_0 = int(GGMLType.F32), int(GGMLType.Q8_0)
 

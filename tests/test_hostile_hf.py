@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from smollm3_triton import Runtime
 from smollm3_triton.config import MAX_LAYERS, ModelConfig
 from smollm3_triton.errors import ModelFormatError, UnsupportedModelError
-from smollm3_triton.gguf_file import GGUFFile
+from smollm3_triton.gguf.reader import GGUFFile
 from smollm3_triton.weights import MAX_JSON_BYTES, check_gguf, load_gguf, load_safetensors_folder
 
 OURS = (ModelFormatError, UnsupportedModelError)

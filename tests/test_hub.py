@@ -5,9 +5,9 @@ import shutil
 import pytest
 from huggingface_hub import constants
 
-from gguf_export import export_gguf, hf_logits, random_hf_model, save_hf_folder
 from smollm3_triton import Runtime, SourceNotFoundError
 from smollm3_triton.hub import quant_of, resolve
+from tests.helpers.gguf_export import export_gguf, hf_logits, random_hf_model, save_hf_folder
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 

@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from gguf_export import export_gguf, random_hf_model, smollm2_tokenizer
 from smollm3_triton import Runtime
+from smollm3_triton.engine.sampler import SamplerState
+from smollm3_triton.engine.sampler import sample as sample_batch
 from smollm3_triton.errors import RequestError
-from smollm3_triton.generation import SamplingParams, check_max_seq_len
-from smollm3_triton.sampling import SamplerState, sample as sample_batch
+from smollm3_triton.sampling_params import SamplingParams, check_max_seq_len
+from tests.helpers.gguf_export import export_gguf, random_hf_model, smollm2_tokenizer
 
 N = 24                       # max_seq_len the runtime is loaded with
 MAX_POSITIONS = 32           # the model's max_position_embeddings

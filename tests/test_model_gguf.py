@@ -11,9 +11,16 @@ Two oracles, neither using our loader:
 import numpy as np
 import pytest
 
-from gguf_export import (export_gguf, gguf_reference_model, hf_logits, kl_divergence, llama_cpp_logits,
-                         random_hf_model, tensor_types)
 from smollm3_triton import Runtime
+from tests.helpers.gguf_export import (
+    export_gguf,
+    gguf_reference_model,
+    hf_logits,
+    kl_divergence,
+    llama_cpp_logits,
+    random_hf_model,
+    tensor_types,
+)
 
 CASES = [
     ("smollm3", "f32", {}),

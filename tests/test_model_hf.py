@@ -9,10 +9,10 @@ differences are summation order and our float64 RoPE angles).
 import pytest
 import torch
 
-from gguf_export import random_hf_model, save_hf_folder
-from smollm3_triton.kernels import load_ops
+from smollm3_triton.backends import TORCH_OPS
 from smollm3_triton.model import Batch, Transformer
 from smollm3_triton.weights import load_safetensors_folder
+from tests.helpers.gguf_export import random_hf_model, save_hf_folder
 
 CASES = {
     "smollm3-irregular-nope-gqa3-untied-h192": dict(
@@ -47,7 +47,7 @@ def test_logits_match_transformers(name, tmp_path):
     assert config.tie_word_embeddings == hf.config.tie_word_embeddings
     if hf.config.model_type == "smollm3":
         assert list(config.use_rope) == [bool(v) for v in hf.config.no_rope_layers]
-    model = Transformer(config, weights, load_ops("torch"), max_seq_len=160, dtype=torch.float32,
+    model = Transformer(config, weights, TORCH_OPS, max_seq_len=160, dtype=torch.float32,
                         device=torch.device("cpu"))
     model.allocate_cache(n_blocks=10, block_size=16)
     ids = torch.randint(0, config.vocab_size, (150,), generator=torch.Generator().manual_seed(0))
@@ -65,7 +65,7 @@ def test_decode_matches_full_forward(tmp_path):
     hf = random_hf_model("smollm3", seed=2, num_hidden_layers=4, no_rope_layers=[1, 1, 0, 1],
                          num_attention_heads=4, num_key_value_heads=1)
     config, weights = load_safetensors_folder(save_hf_folder(hf, tmp_path))
-    model = Transformer(config, weights, load_ops("torch"), max_seq_len=64, dtype=torch.float32,
+    model = Transformer(config, weights, TORCH_OPS, max_seq_len=64, dtype=torch.float32,
                         device=torch.device("cpu"))
     model.allocate_cache(n_blocks=8, block_size=8)
     ids = torch.randint(0, config.vocab_size, (40,), generator=torch.Generator().manual_seed(3))

@@ -10,12 +10,12 @@ fp32 in a different order and use online softmax.
 import pytest
 import torch
 
-import gguf_export
-from gguf_export import export_gguf, random_hf_model, save_hf_folder
-from smollm3_triton.gguf_file import GGUFFile
-from smollm3_triton.kernels import load_ops
+from smollm3_triton.backends import TORCH_OPS, triton_ops
+from smollm3_triton.gguf.reader import GGUFFile
 from smollm3_triton.model import Batch, Transformer
 from smollm3_triton.weights import load_gguf, load_safetensors_folder
+from tests.helpers import gguf_export
+from tests.helpers.gguf_export import export_gguf, random_hf_model, save_hf_folder
 
 VOCAB = 512
 SMALL = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=4)
@@ -58,7 +58,7 @@ def run_both(config, weights):
     """Prefill 7 tokens then decode 2, on each op set; returns stacked logits of both."""
     outs = []
     for backend in ("torch", "triton"):
-        model = Transformer(config, weights, load_ops(backend), max_seq_len=16, dtype=torch.float32,
+        model = Transformer(config, weights, TORCH_OPS if backend == "torch" else triton_ops(), max_seq_len=16, dtype=torch.float32,
                             device=torch.device("cpu"))
         model.allocate_cache(n_blocks=6, block_size=BLOCK)
         ids = torch.tensor([3, 141, 59, 26, 500, 8, 77, 200, 311])

@@ -21,17 +21,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-import gguf_export
-from perplexity_data import LLAMA_PERPLEXITY, english_text, run_llama_perplexity, smollm2_float
 from smollm3_triton import Runtime
-from smollm3_triton import perplexity as P
+from smollm3_triton.tools import perplexity as P
+from tests.helpers import gguf_export
+from tests.helpers.perplexity_data import LLAMA_PERPLEXITY, english_text, run_llama_perplexity, smollm2_float
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

@@ -28,11 +28,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import pytest  # noqa: E402
 
 from smollm3_triton.errors import KernelInputError, UnsupportedModelError  # noqa: E402
+from smollm3_triton.gguf.constants import GGMLType  # noqa: E402
+from smollm3_triton.gguf.tensors import QuantTensor, SegmentedTensor, concat_rows  # noqa: E402
 from smollm3_triton.kernels.qmatmul import GemmConfig, GemvConfig, qmatmul_torch, qmatmul_triton  # noqa: E402
 from smollm3_triton.kernels.repack import PackedTensor, PackedWeight, packed, prepare_weight  # noqa: E402
-from smollm3_triton.quant import GGMLType, QuantTensor, SegmentedTensor, concat_rows  # noqa: E402
-
-from quant_samples import ALL_TYPES, FLOAT_TYPES, QUANT_TYPES, oracle_matrix, random_weight  # noqa: E402
+from tests.helpers.quant_samples import ALL_TYPES, FLOAT_TYPES, QUANT_TYPES, oracle_matrix, random_weight  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FP32_REL = 1e-5
@@ -171,7 +171,7 @@ def test_model_shapes(name, qtype, n, k, m):
 
 
 def test_matches_qmatmul_torch():
-    pytest.importorskip("smollm3_triton.dequant")
+    pytest.importorskip("smollm3_triton.gguf.dequant")
     for qtype, m in ((GGMLType.Q4_K, 1), (GGMLType.Q5_0, 33)):
         w = random_weight(qtype, 40, K_OF[qtype], seed=5).to(DEVICE)
         x = make_x(m, K_OF[qtype], torch.float32).to(DEVICE)

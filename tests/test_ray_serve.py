@@ -14,9 +14,8 @@ serve = pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from serve_util import free_port, metric, running_server, tiny_folder  # noqa: E402
-
 from smollm3_triton import Runtime  # noqa: E402
+from tests.helpers.serve_util import free_port, metric, running_server, tiny_folder  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +43,7 @@ def wait_healthy(base: str, timeout: float) -> None:
 def test_two_replicas_behind_one_endpoint(tmp_path):
     import ray
 
-    from smollm3_triton.ray_serve import build_app
+    from smollm3_triton.entrypoints.ray_serve import build_app
 
     folder = tiny_folder(tmp_path)
     load = {"source": str(folder), "device": "cpu", "max_seq_len": 256, "kv_cache_tokens": 2048}

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from smollm3_triton.errors import KernelInputError, UnsupportedModelError
+from smollm3_triton.gguf.constants import GGMLType
+from smollm3_triton.gguf.tensors import QuantTensor
 from smollm3_triton.kernels.rope_qkv import rope_qkv_torch, rope_qkv_triton
-from smollm3_triton.quant import GGMLType, QuantTensor
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HIDDEN = 64

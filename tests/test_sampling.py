@@ -2,11 +2,17 @@
 the draw against the distribution it should follow."""
 import pytest
 import torch
-from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-from smollm3_triton.generation import SamplingParams, apply_repetition_penalty, sampling_probs
-from smollm3_triton.sampling import SamplerState, filtered_probs, sample as sample_batch
+from smollm3_triton.engine.sampler import SamplerState, filtered_probs
+from smollm3_triton.engine.sampler import sample as sample_batch
+from smollm3_triton.sampling_params import SamplingParams, apply_repetition_penalty, sampling_probs
 
 
 def sample(logits, params, step=0, history=()):
@@ -52,7 +58,6 @@ def test_repetition_penalty_matches_transformers():
 def test_draws_follow_the_distribution():
     # probabilities 0.5, 0.3, 0.15, 0.05; top_p 0.8 keeps the first two -> 0.625 / 0.375
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
-    params = SamplingParams(temperature=1.0, top_p=0.8)
     draws = torch.tensor([sample(logits, SamplingParams(temperature=1.0, top_p=0.8, seed=0), step)
                           for step in range(4000)])
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
@@ -100,7 +105,7 @@ def test_a_rows_draw_does_not_depend_on_the_batch():
 def test_penalties_match_their_definitions():
     """repetition: transformers' processor over prompt + output; presence / frequency:
     OpenAI's logit - presence * [count > 0] - frequency * count over the output."""
-    from smollm3_triton.sampling import _penalize
+    from smollm3_triton.engine.sampler import _penalize
     logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(1))
     prompt, output = [3, 7, 7], [20, 7, 20, 20]
     p = SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25)

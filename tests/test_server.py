@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,9 +20,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from serve_util import SMOLLM3_TEMPLATE, ScriptedRunner, free_port, metric, running_server, tiny_folder  # noqa: E402
-
 from smollm3_triton import Runtime  # noqa: E402
+from tests.helpers.serve_util import SMOLLM3_TEMPLATE, ScriptedRunner, free_port, metric, running_server, tiny_folder  # noqa: E402
 
 MAX_SEQ_LEN = 512
 
@@ -275,8 +273,9 @@ def test_health_is_503_while_loading(llama_folder):
         assert gate.wait(60)
         return loader(llama_folder)()
 
-    from smollm3_triton.server import create_app
     import uvicorn
+
+    from smollm3_triton.entrypoints.openai.app import create_app
     app = create_app(slow_load, served_model_name="tiny")
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

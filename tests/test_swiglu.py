@@ -23,12 +23,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import pytest  # noqa: E402
 
 from smollm3_triton.errors import KernelInputError  # noqa: E402
+from smollm3_triton.gguf.constants import GGMLType  # noqa: E402
+from smollm3_triton.gguf.tensors import SegmentedTensor, concat_rows  # noqa: E402
 from smollm3_triton.kernels.qmatmul import GemmConfig, GemvConfig  # noqa: E402
 from smollm3_triton.kernels.repack import prepare_weight  # noqa: E402
 from smollm3_triton.kernels.swiglu import gate_up_swiglu_torch, gate_up_swiglu_triton  # noqa: E402
-from smollm3_triton.quant import GGMLType, SegmentedTensor, concat_rows  # noqa: E402
-
-from quant_samples import oracle_matrix, random_weight  # noqa: E402
+from tests.helpers.quant_samples import oracle_matrix, random_weight  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FP32_REL = 1e-5
@@ -114,7 +114,7 @@ def test_configs_and_raw_weights():
 
 
 def test_matches_gate_up_swiglu_torch():
-    pytest.importorskip("smollm3_triton.dequant")
+    pytest.importorskip("smollm3_triton.gguf.dequant")
     w, _, _ = gate_up(GGMLType.Q4_K, GGMLType.Q6_K, 40, 256, seed=7)
     w = w.to(DEVICE)
     x = make_x(2, 256, torch.float32).to(DEVICE)

@@ -13,7 +13,6 @@
 """
 import ctypes
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,11 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import synthetic  # noqa: E402
-from synthetic import SHAPES, ModelShape, recipe, write_synthetic  # noqa: E402
-
-from gguf_export import tensor_types  # noqa: E402
+from tests.helpers import synthetic  # noqa: E402
+from tests.helpers.gguf_export import tensor_types  # noqa: E402
+from tests.helpers.synthetic import SHAPES, ModelShape, recipe, write_synthetic  # noqa: E402
 
 SCALE = 64
 ODD = ModelShape("odd-576", "llama", vocab_size=512, hidden=576, intermediate=512, n_layers=6, n_heads=9,
@@ -87,7 +84,7 @@ def test_recipe_matches_llama_cpp_quantizer(tmp_path, shape, quants):
 def test_full_size_recipe_bytes():
     """Bytes a decode step reads at full size (every matrix once, the tied embedding as
     the LM head), from the recipe: the figures PERFORMANCE.md's rooflines use."""
-    from smollm3_triton.quant import GGMLType, row_bytes
+    from smollm3_triton.gguf.constants import GGMLType, row_bytes
 
     def weight_bytes(shape, quant):
         types = recipe(shape, quant)
@@ -103,7 +100,7 @@ def test_full_size_recipe_bytes():
 @pytest.mark.parametrize("name,quant", [("smollm3-3b", "q4_k_m"), ("smollm2-1.7b", "q4_k_m"),
                                         ("smollm2-1.7b", "q8_0"), ("smollm2-1.7b", "f16")])
 def test_our_loader_and_llama_cpp_load_the_file(tmp_path, name, quant):
-    from smollm3_triton.gguf_file import GGUFFile
+    from smollm3_triton.gguf.reader import GGUFFile
     from smollm3_triton.tokenizer import Tokenizer
     from smollm3_triton.weights import load_gguf
 

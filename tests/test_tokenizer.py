@@ -341,9 +341,8 @@ def test_decode_refuses_ids_outside_the_vocabulary(smollm2):
 def _write_hf_folder(meta: dict, folder: Path, layout: str, *, template_file: bool) -> None:
     """tokenizer.json + tokenizer_config.json as Hugging Face publishes them for
     SmolLM2 ("smollm2") or SmolLM3 ("smollm3"), over this GGUF's vocabulary."""
-    from tokenizers import AddedToken, Regex
+    from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
     from tokenizers import Tokenizer as HFTok
-    from tokenizers import decoders, pre_tokenizers, processors
     from tokenizers.models import BPE
 
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]

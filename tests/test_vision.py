@@ -19,13 +19,13 @@ PIL = pytest.importorskip("PIL", reason="Pillow decodes the images (pip install 
 pytest.importorskip("transformers", reason="transformers is the oracle")
 from PIL import Image  # noqa: E402
 
-import vision_export as V  # noqa: E402
 from smollm3_triton import Runtime  # noqa: E402
 from smollm3_triton.errors import ModelFormatError, RequestError, UnsupportedModelError  # noqa: E402
-from smollm3_triton.generation import SamplingParams  # noqa: E402
-from smollm3_triton.gguf_file import GGUFFile  # noqa: E402
-from smollm3_triton.image_processing import ImageProcessorConfig, decode_image, preprocess  # noqa: E402
-from smollm3_triton.vision import connect, expand_images, split_image_parts, vision_encoder  # noqa: E402
+from smollm3_triton.gguf.reader import GGUFFile  # noqa: E402
+from smollm3_triton.sampling_params import SamplingParams  # noqa: E402
+from smollm3_triton.vision.image_processing import ImageProcessorConfig, decode_image, preprocess  # noqa: E402
+from smollm3_triton.vision.model import connect, expand_images, split_image_parts, vision_encoder  # noqa: E402
+from tests.helpers import vision_export as V  # noqa: E402
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -129,7 +129,7 @@ def test_text_template_takes_image_inline(rt, processor, tmp_path):
     """A template that wants string content (SmolLM2's): image parts become `<image>` in the
     joined text, expanded and tokenized as transformers' processor does that text."""
     from smollm3_triton.chat import render_chat
-    from gguf_export import smollm2_tokenizer
+    from tests.helpers.gguf_export import smollm2_tokenizer
 
     img = random_image(90, 150, seed=5)
     url = data_url(encoded(img))
@@ -495,7 +495,7 @@ def test_server_chat_takes_image_parts(rt, folder, tmp_path):
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    from serve_util import running_server
+    from tests.helpers.serve_util import running_server
 
     url = data_url(encoded(random_image(90, 150, seed=13)))
     expected = rt.chat(user_turn(url), max_new_tokens=6, temperature=0).text

@@ -1,0 +1,46 @@
+"""One request inside the engine: its tokens, sampling, blocks and progress."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..sampling_params import SamplingParams
+from .sampler import SamplerState
+
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sampler: SamplerState
+    # (prompt offset, embeddings [n, hidden], content hash): rows that replace token embeddings
+    mm_embeds: list[tuple[int, torch.Tensor, bytes]] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)
+    status: str = WAITING
+    num_computed: int = 0          # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0     # prompt tokens the prefix cache served at admission
+    blocks: list[int] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)   # prefix-cache keys of the full blocks so far
+    finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token(self, i: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        return (self.prompt_ids + self.output_ids)[start:end] if end > len(self.prompt_ids) \
+            else self.prompt_ids[start:end]
+
+    def block_extra(self, j: int, block_size: int) -> bytes:
+        """Content of block j beyond its token ids: the hashes of images it overlaps."""
+        lo, hi = j * block_size, (j + 1) * block_size
+        return b"".join(h + off.to_bytes(8, "little") for off, e, h in self.mm_embeds
+                        if off < hi and off + e.shape[0] > lo)

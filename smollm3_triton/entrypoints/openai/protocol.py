@@ -1,0 +1,254 @@
+"""The OpenAI API's request bodies, checked field by field, and its error shape.
+
+A request body is untrusted JSON: every field the server reads is type- and range-checked
+here, and a bad one is an `APIError` naming it (`param`), answered as OpenAI answers:
+`{"error": {"message", "type", "param", "code"}}`. Fields we do not implement but that
+would change the result if ignored (logit_bias, response_format beyond text, suffix) are
+refused; fields that only describe the caller (user, metadata) are ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+
+from ...errors import ContextLengthError, FieldError, RequestError
+from ...sampling_params import MAX_LOGPROBS, SamplingParams
+
+MAX_N = 16                 # choices per request
+MAX_STOP = 16              # stop strings per request
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def api_error_of(e: RequestError, prompt_param: str = "messages") -> APIError:
+    """A library refusal in the API's words: its names for the fields (max_tokens, not
+    max_new_tokens; the prompt's field) and the server's way to a longer context."""
+    names = {**_API_NAMES, "prompt": prompt_param}
+    param = names.get(e.param, e.param)
+    if isinstance(e, ContextLengthError):
+        message = e.describe(max_tokens="max_tokens", remedy="start the server with a larger --max-seq-len")
+    elif isinstance(e, FieldError):
+        message = e.renamed(param)
+    else:
+        message = str(e)
+    return APIError(400, message, param=param, code=e.code)
+
+
+def bad(param: str, message: str) -> APIError:
+    return APIError(400, f"{param}: {message}", param=param)
+
+
+def _field(body: dict, name: str, kinds, default=None, *, what: str):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise bad(name, f"must be {what}, got {value!r}"[:300])
+    return value
+
+
+def _int(body: dict, name: str, default=None, *, low: int | None = None, high: int | None = None):
+    value = _field(body, name, (numbers.Integral,), default, what="an integer")
+    if value is not None and (low is not None and value < low or high is not None and value > high):
+        rule = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise bad(name, f"must be {rule}, got {value!r}")
+    return value
+
+
+def _bool(body: dict, name: str, default: bool = False) -> bool:
+    return _field(body, name, (bool,), default, what="true or false")
+
+
+@dataclass(frozen=True)
+class Common:
+    """What chat and completion requests share."""
+    model: str | None
+    n: int
+    stream: bool
+    include_usage: bool
+    params: SamplingParams          # max_new_tokens: the request's, or the server's default
+    max_tokens: int | None          # as asked (None: up to the context)
+
+
+@dataclass(frozen=True)
+class ChatRequest(Common):
+    messages: list
+    tools: list | None
+    tool_choice: str | dict          # "none" | "auto" | "required" | {"type": "function", ...}
+    thinking: bool | None
+    template_kwargs: dict
+    logprobs: bool
+    top_logprobs: int
+
+
+@dataclass(frozen=True)
+class CompletionRequest(Common):
+    prompts: list                    # each a string or a list of token ids
+    echo: bool
+    logprobs: int | None
+
+
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos")
+# SamplingParams reports a bad field under its own name; the API's names for them.
+_API_NAMES = {"max_new_tokens": "max_tokens"}
+
+
+def sampling_params(body: dict, max_tokens: int | None, *, logprobs: int | None, prompt_logprobs: int | None,
+                    default_max_tokens: int) -> SamplingParams:
+    for name in ("logit_bias",):
+        if body.get(name):
+            raise bad(name, "is not supported by this server")
+    stop = body.get("stop")
+    if isinstance(stop, list) and len(stop) > MAX_STOP:
+        raise bad("stop", f"at most {MAX_STOP} stop strings, got {len(stop)}")
+    fields = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
+    fields.setdefault("temperature", 1.0)          # the API's default, not the library's
+    if fields.get("top_k") == -1:                  # vLLM's "off"
+        fields["top_k"] = 0
+    try:
+        return SamplingParams(max_new_tokens=max_tokens or default_max_tokens, logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs, **fields)
+    except FieldError as e:
+        param = _API_NAMES.get(e.param, e.param)
+        raise APIError(400, e.renamed(param), param=param) from None
+
+
+def _common(body: dict, max_tokens: int | None, *, logprobs: int | None, prompt_logprobs: int | None,
+            default_max_tokens: int, **extra) -> dict:
+    model = _field(body, "model", (str,), what="a string")
+    n = _int(body, "n", 1, low=1, high=MAX_N)
+    stream = _bool(body, "stream")
+    options = _field(body, "stream_options", (dict,), {}, what="an object")
+    if options and not stream:
+        raise bad("stream_options", "is only allowed when stream is true")
+    include_usage = _bool(options, "include_usage")
+    params = sampling_params(body, max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                             default_max_tokens=default_max_tokens)
+    return dict(model=model, n=n, stream=stream, include_usage=include_usage, params=params,
+                max_tokens=max_tokens, **extra)
+
+
+def _max_tokens(body: dict, *names: str, low: int = 1) -> int | None:
+    """The first of names that is set (each one checked)."""
+    values = [v for v in (_int(body, name, low=low) for name in names) if v is not None]
+    return values[0] if values else None
+
+
+def parse_chat(body: dict, default_max_tokens: int) -> ChatRequest:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "must be a non-empty list of messages")
+    checked = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(where, f"must be an object with 'role' and 'content', got {m!r}"[:300])
+        role = m.get("role")
+        if role not in ROLES:
+            raise bad(f"{where}.role", f"must be one of {list(ROLES)}, got {role!r}"[:300])
+        content = m.get("content")
+        if content is None and not (role == "assistant" and m.get("tool_calls")):
+            raise bad(f"{where}.content", "is required")
+        if content is not None and not isinstance(content, (str, list)):
+            raise bad(f"{where}.content", f"must be a string or a list of content parts, got {type(content).__name__}")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise bad(f"{where}.content[{j}]", "must be an object with a 'type'")
+        if "tool_calls" in m and not isinstance(m["tool_calls"], list):
+            raise bad(f"{where}.tool_calls", "must be a list")
+        checked.append({**m, "role": "system" if role == "developer" else role})
+
+    tools = _field(body, "tools", (list,), what="a list of tools")
+    names = []
+    for i, tool in enumerate(tools or []):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(fn, dict) \
+                or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise bad(f"tools[{i}]", 'must be {"type": "function", "function": {"name": ..., "parameters": ...}}')
+        names.append(fn["name"])
+    tool_choice = body.get("tool_choice") or ("auto" if tools else "none")
+    if isinstance(tool_choice, dict):
+        fn = tool_choice.get("function")
+        if tool_choice.get("type") != "function" or not isinstance(fn, dict) or fn.get("name") not in names:
+            raise bad("tool_choice", f"must name one of the request's tools {names}, got {tool_choice!r}"[:300])
+    elif tool_choice not in ("none", "auto", "required"):
+        raise bad("tool_choice", f'must be "none", "auto", "required" or a named function, got {tool_choice!r}'[:300])
+    elif tool_choice != "none" and not tools:
+        raise bad("tool_choice", f"is {tool_choice!r} but the request has no tools")
+
+    kwargs = _field(body, "chat_template_kwargs", (dict,), {}, what="an object")
+    kwargs = dict(kwargs)
+    for reserved in ("messages", "tools", "xml_tools", "add_generation_prompt"):
+        if reserved in kwargs:
+            raise bad(f"chat_template_kwargs.{reserved}", "is set by the server, not the request")
+    thinking = kwargs.pop("enable_thinking", None)
+    if thinking is not None and not isinstance(thinking, bool):
+        raise bad("chat_template_kwargs.enable_thinking", f"must be true or false, got {thinking!r}")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise bad("response_format", "only {'type': 'text'} is supported")
+
+    logprobs = _bool(body, "logprobs")
+    top = _int(body, "top_logprobs", low=0, high=MAX_LOGPROBS)
+    if top is not None and not logprobs:
+        raise bad("top_logprobs", "needs logprobs: true")
+    max_tokens = _max_tokens(body, "max_completion_tokens", "max_tokens")
+    return ChatRequest(**_common(body, max_tokens, logprobs=(top or 0) if logprobs else None, prompt_logprobs=None,
+                                 default_max_tokens=default_max_tokens),
+                       messages=checked, tools=tools, tool_choice=tool_choice, thinking=thinking,
+                       template_kwargs=kwargs, logprobs=logprobs, top_logprobs=top or 0)
+
+
+def parse_completion(body: dict, default_max_tokens: int) -> CompletionRequest:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or _token_list(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _token_list(p) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise bad("prompt", "must be a string, a list of token ids, or a non-empty list of either")
+    if any(p == "" for p in prompts):
+        raise bad("prompt", "is empty")
+    for name in ("suffix",):
+        if body.get(name):
+            raise bad(name, "is not supported by this server")
+    echo = _bool(body, "echo")
+    logprobs = _int(body, "logprobs", low=0, high=MAX_LOGPROBS)
+    best_of = _int(body, "best_of", low=1)
+    if best_of is not None and best_of != body.get("n", 1):
+        raise bad("best_of", "must equal n (no server-side best-of ranking)")
+    # max_tokens 0 with echo scores the prompt alone (the legacy API's log-likelihood call).
+    max_tokens = _max_tokens(body, "max_tokens", low=0 if echo else 1)
+    req = _common(body, max_tokens if max_tokens != 0 else 1, logprobs=logprobs,
+                  prompt_logprobs=logprobs if echo and logprobs is not None else None,
+                  default_max_tokens=default_max_tokens)
+    return CompletionRequest(**{**req, "max_tokens": max_tokens}, prompts=prompts, echo=echo, logprobs=logprobs)
+
+
+def _token_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in value)
+
+
+def with_max_tokens(req: Common, n_prompt: int, context: int, param: str) -> SamplingParams:
+    """The request's sampling params with max_new_tokens filled in: what it asked for, or
+    (asked for nothing) the rest of the context."""
+    if req.max_tokens is not None:
+        return req.params
+    room = context - n_prompt
+    if room < 1:
+        raise APIError(400, f"the prompt has {n_prompt} tokens, which fills the context of {context} tokens "
+                            f"(at most {context - 1} leave room for an answer)", param=param, code="context_length_exceeded")
+    return dataclasses.replace(req.params, max_new_tokens=min(room, req.params.max_new_tokens))

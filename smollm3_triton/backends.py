@@ -85,7 +85,13 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RequestError("backend='triton' on the CPU needs TRITON_INTERPRET=1 set before smollm3_triton is "
                            "imported (it is set automatically without CUDA)", param="backend")
-    return Backend(name, triton_ops(), _repack(), cuda_graphs=device.type == "cuda")
+    return triton_backend(cuda_graphs=device.type == "cuda")
+
+
+def triton_backend(*, cuda_graphs: bool) -> Backend:
+    """The Triton backend without the device checks of get_backend (bench/static_report.py
+    builds one on a machine without a GPU to record what it would launch)."""
+    return Backend("triton", triton_ops(), _repack(), cuda_graphs=cuda_graphs)
 
 
 def triton_ops() -> Ops:

@@ -156,8 +156,13 @@ def loops(sass_text: str) -> list[LoopStats]:
 
 
 def main_loop(sass_text: str) -> LoopStats | None:
-    """The loop that loads the most from global memory per iteration (a matmul's K or row loop)."""
-    candidates = [s for s in loops(sass_text) if s.global_load_bytes_per_thread]
+    """A matmul's main loop: the loop with the most tensor-core instructions, or, in a kernel
+    without them, the one that loads the most from global memory per iteration."""
+    found = loops(sass_text)
+    with_mma = [s for s in found if s.summary()["mma"]]
+    if with_mma:
+        return max(with_mma, key=lambda s: (s.summary()["mma"], s.total))
+    candidates = [s for s in found if s.global_load_bytes_per_thread]
     return max(candidates, key=lambda s: (s.global_load_bytes_per_thread, s.total), default=None)
 
 

@@ -221,3 +221,90 @@ def scales(sc_ptr, sm_ptr, sd_ptr, stride_sc, stride_sm, stride_sd, n, n_ok, g, 
             zero = tl.zeros_like(d_a)
             out = (d_a, d_a, d_b, d_b, zero, zero)
     return out
+
+
+@triton.jit
+def round_to(v, dtype: tl.constexpr):
+    """v.to(dtype) with the GPU's round-to-nearest-even, also under the CPU interpreter, whose
+    float32 -> bfloat16 cast truncates."""
+    if INTERPRETED and (dtype == tl.bfloat16) and (v.dtype == tl.float32):
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = v.to(dtype)
+    return out
+
+
+@triton.jit
+def x_chunk(x_ptr, stride_xm, m, m_ok, k0, K, DTYPE: tl.constexpr):
+    """x[m, k0 : k0 + 16] as the dot's right operand [16, rows m] in DTYPE (0 outside)."""
+    k = k0 + tl.arange(0, 16)
+    x = tl.load(x_ptr + m.to(tl.int64)[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & (k < K)[None, :],
+                other=0.0)
+    return tl.trans(x.to(DTYPE))
+
+
+@triton.jit
+def dot(a, b, acc):
+    if a.dtype == tl.float32:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def tile_products(xs, qw_ptr, qh_ptr, sc_ptr, sm_ptr, sd_ptr, s_qw, s_qh, s_sc, s_sm, s_sd,
+          n, n_ok, g0, K, QTYPE: tl.constexpr, GROUPS: tl.constexpr, BATCH: tl.constexpr, DTYPE: tl.constexpr):
+    """W[rows n, groups g0 .. g0 + GROUPS - 1] @ x.T as fp32 [rows n, 8] tiles, one per 8-row
+    batch tile b < BATCH of x (x chunk j of group i of batch tile b is xs[4 * (b * GROUPS + i) + j],
+    from x_chunk). Each group's weights are decoded once for all batch tiles; each 8-row tile
+    takes the same instructions in the same order, so a row's result does not depend on
+    BATCH or on the other rows. Both matmul kernels compute every K-slice with this."""
+    IS_FLOAT: tl.constexpr = (QTYPE == F32) or (QTYPE == F16) or (QTYPE == BF16)
+    HAS_BIAS: tl.constexpr = (QTYPE == Q4_K) or (QTYPE == Q5_K) or (QTYPE == Q4_1) or (QTYPE == Q5_1)
+    accs = ()
+    for b in tl.static_range(BATCH):
+        accs = accs + (tl.zeros([n.shape[0], 8], tl.float32),)
+    for i in tl.static_range(GROUPS):
+        g = g0 + i
+        c0, c1, c2, c3 = chunks(qw_ptr, qh_ptr, s_qw, s_qh, n, n_ok, g, K, QTYPE, DTYPE)
+        if not IS_FLOAT:
+            mul0, mul1, mul2, mul3, bias_a, bias_b = scales(sc_ptr, sm_ptr, sd_ptr, s_sc, s_sm, s_sd, n, n_ok, g,
+                                                            QTYPE)
+        if HAS_BIAS:
+            if BATCH == 1:
+                # The sum-of-x dots do not depend on the tile: computed once per program.
+                ones = tl.full(c0.shape, 1.0, c0.dtype)
+            else:
+                # Ones on the tile's real rows: tied to the tile, the sum-of-x dots are redone
+                # per tile rather than hoisted out of the row loop and held (BATCH x 2 x GROUPS
+                # accumulators would spill).
+                ones = tl.broadcast_to(n_ok[:, None], c0.shape).to(c0.dtype)
+        updated = ()
+        for b in tl.static_range(BATCH):
+            acc = accs[b]
+            if IS_FLOAT:
+                acc = dot(c0, xs[4 * (b * GROUPS + i)], acc)
+                acc = dot(c1, xs[4 * (b * GROUPS + i) + 1], acc)
+                acc = dot(c2, xs[4 * (b * GROUPS + i) + 2], acc)
+                acc = dot(c3, xs[4 * (b * GROUPS + i) + 3], acc)
+            elif QTYPE == Q6_K:
+                # Each sub-block's dot product times its multiplier, accumulated as FMAs.
+                acc += dot(c0, xs[4 * (b * GROUPS + i)], None) * mul0[:, None]
+                acc += dot(c1, xs[4 * (b * GROUPS + i) + 1], None) * mul1[:, None]
+                acc += dot(c2, xs[4 * (b * GROUPS + i) + 2], None) * mul2[:, None]
+                acc += dot(c3, xs[4 * (b * GROUPS + i) + 3], None) * mul3[:, None]
+            else:
+                acc += dot(c1, xs[4 * (b * GROUPS + i) + 1], dot(c0, xs[4 * (b * GROUPS + i)], None)) * mul0[:, None]
+                acc += dot(c3, xs[4 * (b * GROUPS + i) + 3], dot(c2, xs[4 * (b * GROUPS + i) + 2], None)) * mul2[:, None]
+                if HAS_BIAS:
+                    # Each sub-block's sum of x, as a dot with ones: it lands in the
+                    # accumulator's layout (a broadcast of a reduction would be converted
+                    # through shared memory every group).
+                    acc += dot(ones, xs[4 * (b * GROUPS + i) + 1], dot(ones, xs[4 * (b * GROUPS + i)], None)) * bias_a[:, None]
+                    acc += dot(ones, xs[4 * (b * GROUPS + i) + 3], dot(ones, xs[4 * (b * GROUPS + i) + 2], None)) * bias_b[:, None]
+            updated = updated + (acc,)
+        accs = updated
+    return accs

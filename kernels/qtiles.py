@@ -27,6 +27,7 @@ requantized: `TiledTensor.dequantize` reproduces gguf-py's values (tests).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -251,3 +252,19 @@ def segments(w: Tiled) -> list[tuple[int, TiledTensor]]:
         out.append((row, p))
         row += p.shape[0]
     return out
+
+
+# Tiles of weights given to the kernels unprepared, kept while the weight lives, so a caller
+# that skips prepare_tiles still repacks once rather than on every call.
+_cache: dict[int, Tiled] = {}
+
+
+def tiled(w: QuantTensor | SegmentedTensor | Tiled) -> Tiled:
+    """prepare_tiles, remembered per weight object."""
+    if isinstance(w, (TiledTensor, TiledWeight)):
+        return w
+    hit = _cache.get(id(w))
+    if hit is None:
+        hit = _cache[id(w)] = prepare_tiles(w)
+        weakref.finalize(w, _cache.pop, id(w), None)
+    return hit

@@ -3,7 +3,7 @@ whether decode steps replay from CUDA graphs.
 
 - "torch": the plain-torch references of every kernel (the exact fp32 path and the
   tests' oracle); on the CPU every matrix is dequantized once at load.
-- "triton": the Triton kernels (weights repacked into the kernels' planes; CUDA graphs
+- "triton": the Triton kernels (weights repacked into the kernels' tile layout; CUDA graphs
   on a GPU). Without a GPU they run under TRITON_INTERPRET=1, for tests.
 - "cpu": the fast CPU path (kernels/cpu_fast.py: 4-bit weights on torch's int4 kernel).
 
@@ -105,7 +105,7 @@ def triton_ops() -> Ops:
 
 
 def _repack() -> Callable:
-    """Repack every matrix into the Triton kernels' planes; the packed embedding still
+    """Repack every matrix into the Triton kernels' tile layout; the tiled embedding still
     serves row lookups."""
-    from .kernels.repack import prepare_weight
-    return prepare_weight
+    from .kernels.qtiles import prepare_tiles
+    return prepare_tiles

@@ -114,13 +114,11 @@ H200 = DeviceProfile("H200", 132, 90)
 @contextlib.contextmanager
 def _device_profile(profile: DeviceProfile):
     from smollm3_triton.kernels import attention, qmatmul
-    patches = [(qmatmul, "_sm_count", lambda device: profile.sm_count),
-               (attention, "_arch_and_sms", lambda device: (profile.arch, profile.sm_count))]
-    try:
-        from smollm3_triton.kernels import qmv
-        patches.append((qmv, "sm_count", lambda device: profile.sm_count))
-    except ImportError:
-        pass
+    patches = [(attention, "_arch_and_sms", lambda device: (profile.arch, profile.sm_count))]
+    if hasattr(qmatmul, "_sm_count"):       # the matmul before issue 22
+        patches.append((qmatmul, "_sm_count", lambda device: profile.sm_count))
+    if hasattr(qmatmul, "sm_count"):
+        patches.append((qmatmul, "sm_count", lambda device: profile.sm_count))
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
     try:
         for mod, name, fn in patches:

@@ -33,7 +33,8 @@ import triton.language as tl
 
 from ..errors import KernelInputError
 from ..gguf.tensors import Weight
-from .qdecode import INTERPRETED, round_to, tile_products, x_chunk
+from .fusions import RESIDUAL, ROPE_KV, STORE, SWIGLU, residual_rows, rms_from_squares, rope_kv_rows, rope_pairs, x_chunk
+from .qdecode import INTERPRETED, round_to, tile_products
 from .qtiles import GROUP, Tiled, TiledTensor, segments, tiled
 
 # CPU BLAS runs a few rows through other kernels (other summation orders) than many;
@@ -58,27 +59,39 @@ PREFILL_BATCH = 4      # 8-row tiles of x per prefill program
 
 
 @triton.jit
-def _x_slice(x_ptr, stride_xm, M, K, row0, s, GROUPS: tl.constexpr, BATCH: tl.constexpr, DTYPE: tl.constexpr):
+def _x_slice(x_ptr, stride_xm, M, K, row0, s, NORM: tl.constexpr, norm, GROUPS: tl.constexpr,
+             BATCH: tl.constexpr, DTYPE: tl.constexpr):
     """x rows row0 .. row0 + 8 * BATCH - 1, columns of K-slice s, as tile_products takes them."""
     xs = ()
     for b in tl.static_range(BATCH):
         m = row0 + b * 8 + tl.arange(0, 8)
         for i in tl.static_range(GROUPS):
             k0 = (s * GROUPS + i) * 64
-            xs = xs + (x_chunk(x_ptr, stride_xm, m, m < M, k0, K, DTYPE),
-                       x_chunk(x_ptr, stride_xm, m, m < M, k0 + 16, K, DTYPE),
-                       x_chunk(x_ptr, stride_xm, m, m < M, k0 + 32, K, DTYPE),
-                       x_chunk(x_ptr, stride_xm, m, m < M, k0 + 48, K, DTYPE))
+            xs = xs + (x_chunk(x_ptr, stride_xm, m, m < M, k0, K, NORM, norm, DTYPE),
+                       x_chunk(x_ptr, stride_xm, m, m < M, k0 + 16, K, NORM, norm, DTYPE),
+                       x_chunk(x_ptr, stride_xm, m, m < M, k0 + 32, K, NORM, norm, DTYPE),
+                       x_chunk(x_ptr, stride_xm, m, m < M, k0 + 48, K, NORM, norm, DTYPE))
     return xs
 
 
 @triton.jit
-def _store_rows(y_ptr, stride_ym, M, m, out_col, ok, value, PAIRED: tl.constexpr, up):
-    """y[m, out_col] = value (or silu(value) * up when PAIRED), in y's dtype."""
-    if PAIRED:
-        value = value * tl.sigmoid(value) * up
-    dst = y_ptr + m.to(tl.int64)[None, :] * stride_ym + out_col[:, None]
-    tl.store(dst, round_to(value, y_ptr.dtype.element_ty), mask=(m < M)[None, :] & ok[:, None])
+def _products(xs, part, t, s, K, QTYPE: tl.constexpr, GROUPS: tl.constexpr, BATCH: tl.constexpr,
+              DTYPE: tl.constexpr):
+    """Tile t of a part (planes tuple: 5 pointers, 5 row strides, rows), K-slice s: (products, rows, mask)."""
+    qw, qh, sc, sm, sd, s_qw, s_qh, s_sc, s_sm, s_sd, rows = part
+    n = t * 64 + tl.arange(0, 64)
+    accs = tile_products(xs, qw, qh, sc, sm, sd, s_qw, s_qh, s_sc, s_sm, s_sd, n, n < rows, s * GROUPS, K, QTYPE,
+                         GROUPS, BATCH, DTYPE)
+    return accs, n, n < rows
+
+
+@triton.jit
+def _store_part(part_ptr, accs, s, col, ok, N_TOTAL, row0, MP, BATCH: tl.constexpr):
+    """part[s, col, m] = accs for rows m = row0 + 8b + j (rows of x fastest, as the MMA's registers hold them)."""
+    for b in tl.static_range(BATCH):
+        m = row0 + b * 8 + tl.arange(0, 8)
+        dst = part_ptr + (s * N_TOTAL + col.to(tl.int64))[:, None] * MP + m[None, :]
+        tl.store(dst, accs[b], mask=ok[:, None])
 
 
 @triton.jit
@@ -92,128 +105,145 @@ def _sum_parts(part_ptr, col, ok, m, MP, N_TOTAL, S):
 
 
 @triton.jit
-def _store_part(part_ptr, accs, s, col, ok, N_TOTAL, BATCH: tl.constexpr):
-    """part[s, col, m] = accs (rows of x fastest, as the MMA's registers hold them)."""
+def _finish_unit(u, part_ptr, S, MP, N_A, N_TOTAL, tiles_a, M, row0, count_ptr, units, epi, B_PRESENT: tl.constexpr,
+                 EPILOGUE: tl.constexpr, UNIT_TILES: tl.constexpr, BATCH: tl.constexpr, N_HEADS: tl.constexpr,
+                 N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_ROPE: tl.constexpr,
+                 DTYPE: tl.constexpr):
+    """The epilogue of unit u (kernels/fusions.py) for rows row0 .. row0 + 8 * BATCH - 1 of x, from the
+    S slices' partials. RESIDUAL: the last unit to finish turns the squares into inv_rms."""
+    UNIT_ROWS: tl.constexpr = 64 * UNIT_TILES
+    col = u * UNIT_ROWS + tl.arange(0, UNIT_ROWS)
+    ok = col < N_A
+    if B_PRESENT and (EPILOGUE != SWIGLU):
+        if u * UNIT_TILES >= tiles_a:
+            col = N_A + (u * UNIT_TILES - tiles_a) * 64 + tl.arange(0, UNIT_ROWS)
+            ok = col < N_TOTAL
     for b in tl.static_range(BATCH):
-        dst = part_ptr + (s * N_TOTAL + col.to(tl.int64))[:, None] * (8 * BATCH) + (b * 8 + tl.arange(0, 8))[None, :]
-        tl.store(dst, accs[b], mask=ok[:, None])
+        m = row0 + b * 8 + tl.arange(0, 8)
+        if EPILOGUE == ROPE_KV:
+            rope, col0 = epi
+            r1, i = rope_pairs(UNIT_ROWS, HEAD_DIM)
+            row1 = u * UNIT_ROWS + r1
+            x1 = _sum_parts(part_ptr, row1, row1 < N_TOTAL, m, MP, N_TOTAL, S)
+            x2 = _sum_parts(part_ptr, row1 + HEAD_DIM // 2, row1 < N_TOTAL, m, MP, N_TOTAL, S)
+            rope_kv_rows(x1, x2, col0 + row1, row1 < N_TOTAL, i, m, M, rope, N_HEADS, N_KV_HEADS, HEAD_DIM,
+                         BLOCK_SIZE, USE_ROPE, DTYPE)
+        else:
+            value = _sum_parts(part_ptr, col, ok, m, MP, N_TOTAL, S)
+            if EPILOGUE == RESIDUAL:
+                h_ptr, stride_h, sq_ptr, inv_ptr, eps = epi
+                residual_rows(value, m, M, col, ok, u, h_ptr, stride_h, sq_ptr)
+            else:
+                y_ptr, stride_ym = epi
+                if EPILOGUE == SWIGLU:
+                    up = _sum_parts(part_ptr, N_A + col, ok, m, MP, N_TOTAL, S)
+                    value = value * tl.sigmoid(value) * up
+                dst = y_ptr + m.to(tl.int64)[None, :] * stride_ym + col[:, None]
+                tl.store(dst, round_to(value, y_ptr.dtype.element_ty), mask=(m < M)[None, :] & ok[:, None])
+    if EPILOGUE == RESIDUAL:
+        h_ptr, stride_h, sq_ptr, inv_ptr, eps = epi
+        tl.debug_barrier()
+        if tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == units - 1:
+            rms_from_squares(sq_ptr, inv_ptr, units, M, row0, 8 * BATCH, N_TOTAL, eps)
+            tl.atomic_xchg(count_ptr, 0)
 
 
 @triton.jit
-def _qmv_kernel(x_ptr, stride_xm, M, K, y_ptr, stride_ym, part_ptr, count_ptr, units, units_per_program,
-                a_qw, a_qh, a_sc, a_sm, a_sd, a_s_qw, a_s_qh, a_s_sc, a_s_sm, a_s_sd, N_A,
-                b_qw, b_qh, b_sc, b_sm, b_sd, b_s_qw, b_s_qh, b_s_sc, b_s_sm, b_s_sd, N_B,
-                QTYPE_A: tl.constexpr, QTYPE_B: tl.constexpr, PAIRED: tl.constexpr,
-                GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BATCH: tl.constexpr):
-    """Decode: program (K-slice, range of units) for every row of x (module docstring).
-    Units are row tiles: part A's, then part B's (PAIRED: gate tile u with up tile u)."""
+def _qmv_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, units_per_program, epi,
+                QTYPE_A: tl.constexpr, QTYPE_B: tl.constexpr, NORM: tl.constexpr, EPILOGUE: tl.constexpr,
+                UNIT_TILES: tl.constexpr, GROUPS: tl.constexpr, BATCH: tl.constexpr,
+                N_HEADS: tl.constexpr = 0, N_KV_HEADS: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 0,
+                BLOCK_SIZE: tl.constexpr = 0, USE_ROPE: tl.constexpr = False):
+    """Decode: program (K-slice, range of units) for every row of x (module docstring). Units are
+    UNIT_TILES row tiles of part A, then of part B (SWIGLU: gate tile u with up tile u)."""
     s = tl.program_id(0)
     first = tl.program_id(1) * units_per_program
     S = tl.num_programs(0)
-    N_TOTAL = N_A + N_B
+    N_A = A[10]
+    N_TOTAL = N_A + B[10]
     # The dots' operand type: x's (weights as exact integers); fp32 under the interpreter, whose
     # dot cannot multiply 16-bit floats (products of 16-bit values are exact in fp32 anyway).
     DTYPE: tl.constexpr = tl.float32 if INTERPRETED else x_ptr.dtype.element_ty
-    xs = _x_slice(x_ptr, stride_xm, M, K, 0, s, GROUPS, BATCH, DTYPE)
-    tiles_a = tl.cdiv(N_A, BLOCK_N)
+    MP: tl.constexpr = 8 * BATCH
+    xs = _x_slice(x_ptr, stride_xm, M, K, 0, s, NORM, norm, GROUPS, BATCH, DTYPE)
+    tiles_a = tl.cdiv(N_A, 64)
     last = tl.minimum(first + units_per_program, units)
-    r = tl.arange(0, BLOCK_N)
     # One loop per part, so each loop decodes one type (and is software-pipelined).
-    for u in range(first, tl.minimum(last, tiles_a)):
-        col = u * BLOCK_N + r
-        accs = tile_products(xs, a_qw, a_qh, a_sc, a_sm, a_sd, a_s_qw, a_s_qh, a_s_sc, a_s_sm, a_s_sd, col,
-                             col < N_A, s * GROUPS, K, QTYPE_A, GROUPS, BATCH, DTYPE)
-        _store_part(part_ptr, accs, s, col, col < N_A, N_TOTAL, BATCH)
-        if PAIRED:
-            accs = tile_products(xs, b_qw, b_qh, b_sc, b_sm, b_sd, b_s_qw, b_s_qh, b_s_sc, b_s_sm, b_s_sd, col,
-                                 col < N_B, s * GROUPS, K, QTYPE_B, GROUPS, BATCH, DTYPE)
-            _store_part(part_ptr, accs, s, N_A + col, col < N_B, N_TOTAL, BATCH)
-    if not PAIRED:
-        if QTYPE_B is not None:
-            for u in range(tl.maximum(first, tiles_a), last):
-                n = (u - tiles_a) * BLOCK_N + r
-                accs = tile_products(xs, b_qw, b_qh, b_sc, b_sm, b_sd, b_s_qw, b_s_qh, b_s_sc, b_s_sm, b_s_sd, n,
-                                     n < N_B, s * GROUPS, K, QTYPE_B, GROUPS, BATCH, DTYPE)
-                _store_part(part_ptr, accs, s, N_A + n, n < N_B, N_TOTAL, BATCH)
+    for t in range(first * UNIT_TILES, tl.minimum(last * UNIT_TILES, tiles_a)):
+        accs, n, ok = _products(xs, A, t, s, K, QTYPE_A, GROUPS, BATCH, DTYPE)
+        _store_part(part_ptr, accs, s, n, ok, N_TOTAL, 0, MP, BATCH)
+        if EPILOGUE == SWIGLU:
+            accs, n, ok = _products(xs, B, t, s, K, QTYPE_B, GROUPS, BATCH, DTYPE)
+            _store_part(part_ptr, accs, s, N_A + n, ok, N_TOTAL, 0, MP, BATCH)
+    if (QTYPE_B is not None) and (EPILOGUE != SWIGLU):
+        for t in range(tl.maximum(first * UNIT_TILES, tiles_a), last * UNIT_TILES):
+            accs, n, ok = _products(xs, B, t - tiles_a, s, K, QTYPE_B, GROUPS, BATCH, DTYPE)
+            _store_part(part_ptr, accs, s, N_A + n, ok, N_TOTAL, 0, MP, BATCH)
     # Every thread's partial stores land before the counts say so; the last of the S slices
-    # of a unit writes the unit's output and re-arms its counter.
+    # of a unit finishes it and re-arms its counter.
     tl.debug_barrier()
     for u in range(first, last):
-        counter = count_ptr + u
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == S - 1:
-            col = u * BLOCK_N + r
-            ok = col < N_A
-            if not PAIRED:
-                if QTYPE_B is not None:
-                    if u >= tiles_a:
-                        col = N_A + (u - tiles_a) * BLOCK_N + r
-                        ok = col < N_TOTAL
-            for b in tl.static_range(BATCH):
-                m = b * 8 + tl.arange(0, 8)
-                value = _sum_parts(part_ptr, col, ok, m, 8 * BATCH, N_TOTAL, S)
-                up = value
-                if PAIRED:
-                    up = _sum_parts(part_ptr, N_A + col, ok, m, 8 * BATCH, N_TOTAL, S)
-                _store_rows(y_ptr, stride_ym, M, m, col, ok, value, PAIRED, up)
-            tl.atomic_xchg(counter, 0)
+        if tl.atomic_add(count_ptr + u, 1, sem="acq_rel", scope="gpu") == S - 1:
+            _finish_unit(u, part_ptr, S, MP, N_A, N_TOTAL, tiles_a, M, 0, count_ptr + units, units, epi,
+                         QTYPE_B is not None, EPILOGUE, UNIT_TILES, BATCH, N_HEADS, N_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
+                         USE_ROPE, x_ptr.dtype.element_ty)
+            tl.atomic_xchg(count_ptr + u, 0)
 
 
 @triton.jit
-def _slices_summed(x_ptr, stride_xm, M, K, row0, S, qw, qh, sc, sm, sd, s_qw, s_qh, s_sc, s_sm, s_sd, n, ok,
-                   QTYPE: tl.constexpr, GROUPS: tl.constexpr, BATCH: tl.constexpr, DTYPE: tl.constexpr):
-    """Rows n of W times x rows row0 .. row0 + 8 * BATCH - 1: the slices' products summed in
+def _slices_summed(xs_args, part, t, S, QTYPE: tl.constexpr, GROUPS: tl.constexpr, BATCH: tl.constexpr,
+                   DTYPE: tl.constexpr, NORM: tl.constexpr):
+    """Tile t of a part times x rows row0 .. row0 + 8 * BATCH - 1: the slices' products summed in
     slice order, exactly as the decode kernel's last program sums its partials."""
+    x_ptr, stride_xm, M, K, row0, norm = xs_args
     totals = ()
     for b in tl.static_range(BATCH):
-        totals = totals + (tl.zeros([n.shape[0], 8], tl.float32),)
+        totals = totals + (tl.zeros([64, 8], tl.float32),)
     for s in range(0, S):
-        xs = _x_slice(x_ptr, stride_xm, M, K, row0, s, GROUPS, BATCH, DTYPE)
-        accs = tile_products(xs, qw, qh, sc, sm, sd, s_qw, s_qh, s_sc, s_sm, s_sd, n, ok, s * GROUPS, K, QTYPE,
-                             GROUPS, BATCH, DTYPE)
+        xs = _x_slice(x_ptr, stride_xm, M, K, row0, s, NORM, norm, GROUPS, BATCH, DTYPE)
+        accs, n, ok = _products(xs, part, t, s, K, QTYPE, GROUPS, BATCH, DTYPE)
         summed = ()
         for b in tl.static_range(BATCH):
             summed = summed + (totals[b] + accs[b],)
         totals = summed
-    return totals
+    return totals, n, ok
 
 
 @triton.jit
-def _qmm_kernel(x_ptr, stride_xm, M, K, y_ptr, stride_ym, S,
-                a_qw, a_qh, a_sc, a_sm, a_sd, a_s_qw, a_s_qh, a_s_sc, a_s_sm, a_s_sd, N_A,
-                b_qw, b_qh, b_sc, b_sm, b_sd, b_s_qw, b_s_qh, b_s_sc, b_s_sm, b_s_sd, N_B,
-                QTYPE_A: tl.constexpr, QTYPE_B: tl.constexpr, PAIRED: tl.constexpr,
-                GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BATCH: tl.constexpr):
-    """Prefill: program (unit, 8 * BATCH rows of x); no partials in memory."""
+def _qmm_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, S, epi,
+                QTYPE_A: tl.constexpr, QTYPE_B: tl.constexpr, NORM: tl.constexpr, EPILOGUE: tl.constexpr,
+                UNIT_TILES: tl.constexpr, GROUPS: tl.constexpr, BATCH: tl.constexpr,
+                N_HEADS: tl.constexpr = 0, N_KV_HEADS: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 0,
+                BLOCK_SIZE: tl.constexpr = 0, USE_ROPE: tl.constexpr = False):
+    """Prefill: program (unit, 8 * BATCH rows of x). Its sums go to its own rows of a one-slice
+    partial buffer, then the decode kernel's epilogue runs on them (a CTA barrier between)."""
     u = tl.program_id(0)
-    row0 = tl.program_id(1) * (8 * BATCH)
+    row_block = tl.program_id(1)
+    row0 = row_block * (8 * BATCH)
+    MP = tl.num_programs(1) * (8 * BATCH)
+    N_A = A[10]
+    N_TOTAL = N_A + B[10]
     DTYPE: tl.constexpr = tl.float32 if INTERPRETED else x_ptr.dtype.element_ty
-    tiles_a = tl.cdiv(N_A, BLOCK_N)
-    r = tl.arange(0, BLOCK_N)
-    if PAIRED:
-        col = u * BLOCK_N + r
-        ok = col < N_A
-        gate = _slices_summed(x_ptr, stride_xm, M, K, row0, S, a_qw, a_qh, a_sc, a_sm, a_sd, a_s_qw, a_s_qh,
-                              a_s_sc, a_s_sm, a_s_sd, col, ok, QTYPE_A, GROUPS, BATCH, DTYPE)
-        up = _slices_summed(x_ptr, stride_xm, M, K, row0, S, b_qw, b_qh, b_sc, b_sm, b_sd, b_s_qw, b_s_qh,
-                            b_s_sc, b_s_sm, b_s_sd, col, ok, QTYPE_B, GROUPS, BATCH, DTYPE)
-        for b in tl.static_range(BATCH):
-            _store_rows(y_ptr, stride_ym, M, row0 + b * 8 + tl.arange(0, 8), col, ok, gate[b], True, up[b])
-    elif u < tiles_a:          # without a part B every unit is part A's
-        col = u * BLOCK_N + r
-        ok = col < N_A
-        out = _slices_summed(x_ptr, stride_xm, M, K, row0, S, a_qw, a_qh, a_sc, a_sm, a_sd, a_s_qw, a_s_qh,
-                             a_s_sc, a_s_sm, a_s_sd, col, ok, QTYPE_A, GROUPS, BATCH, DTYPE)
-        for b in tl.static_range(BATCH):
-            _store_rows(y_ptr, stride_ym, M, row0 + b * 8 + tl.arange(0, 8), col, ok, out[b], False, out[b])
-    else:
-        if QTYPE_B is not None:
-            n = (u - tiles_a) * BLOCK_N + r
-            ok = n < N_B
-            out = _slices_summed(x_ptr, stride_xm, M, K, row0, S, b_qw, b_qh, b_sc, b_sm, b_sd, b_s_qw, b_s_qh,
-                                 b_s_sc, b_s_sm, b_s_sd, n, ok, QTYPE_B, GROUPS, BATCH, DTYPE)
-            for b in tl.static_range(BATCH):
-                _store_rows(y_ptr, stride_ym, M, row0 + b * 8 + tl.arange(0, 8), N_A + n, ok, out[b], False,
-                            out[b])
+    tiles_a = tl.cdiv(N_A, 64)
+    xs_args = (x_ptr, stride_xm, M, K, row0, norm)
+    for j in tl.static_range(UNIT_TILES):
+        t = u * UNIT_TILES + j
+        if EPILOGUE == SWIGLU:
+            totals, n, ok = _slices_summed(xs_args, A, t, S, QTYPE_A, GROUPS, BATCH, DTYPE, NORM)
+            _store_part(part_ptr, totals, 0, n, ok, N_TOTAL, row0, MP, BATCH)
+            totals, n, ok = _slices_summed(xs_args, B, t, S, QTYPE_B, GROUPS, BATCH, DTYPE, NORM)
+            _store_part(part_ptr, totals, 0, N_A + n, ok, N_TOTAL, row0, MP, BATCH)
+        elif t < tiles_a:          # without a part B every tile is part A's
+            totals, n, ok = _slices_summed(xs_args, A, t, S, QTYPE_A, GROUPS, BATCH, DTYPE, NORM)
+            _store_part(part_ptr, totals, 0, n, ok, N_TOTAL, row0, MP, BATCH)
+        else:
+            if QTYPE_B is not None:
+                totals, n, ok = _slices_summed(xs_args, B, t - tiles_a, S, QTYPE_B, GROUPS, BATCH, DTYPE, NORM)
+                _store_part(part_ptr, totals, 0, N_A + n, ok, N_TOTAL, row0, MP, BATCH)
+    tl.debug_barrier()
+    _finish_unit(u, part_ptr, 1, MP, N_A, N_TOTAL, tiles_a, M, row0, count_ptr + row_block, units, epi,
+                 QTYPE_B is not None, EPILOGUE, UNIT_TILES, BATCH, N_HEADS, N_KV_HEADS, HEAD_DIM, BLOCK_SIZE, USE_ROPE,
+                 x_ptr.dtype.element_ty)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -272,61 +302,97 @@ def check_input(x: torch.Tensor, w, what: str) -> None:
         raise KernelInputError(f"{what}: x is on {x.device} but the weight is on {w.device}")
 
 
-def launch(x: torch.Tensor, y: torch.Tensor, a: TiledTensor, b: TiledTensor | None, paired: bool,
-           groups: int) -> None:
-    """y = x @ [a; b].T (or silu(x @ a.T) * (x @ b.T) when paired), by the decode or the prefill kernel."""
+def launch(x: torch.Tensor, a: TiledTensor, b: TiledTensor | None, groups: int, epilogue: int, epi: tuple, *,
+           norm: tuple | None = None, unit_tiles: int = 1, consts: dict | None = None) -> None:
+    """x (or RMSNorm(x) with norm = (inv_rms, weight)) @ [a; b].T, finished by `epilogue`
+    (kernels/fusions.py) with its arguments `epi`, by the decode or the prefill kernel.
+    SWIGLU pairs tile u of a (gate) with tile u of b (up). RESIDUAL: epi = (h, inv_rms, eps)."""
     M, K = x.shape
     n_a = a.shape[0]
     n_b = b.shape[0] if b is not None else 0
     tiles_a = triton.cdiv(n_a, BLOCK_N)
-    units = tiles_a if paired else tiles_a + triton.cdiv(n_b, BLOCK_N)
+    units = tiles_a if epilogue == SWIGLU else triton.cdiv(tiles_a + triton.cdiv(n_b, BLOCK_N), unit_tiles)
     S = triton.cdiv(triton.cdiv(K, GROUP), groups)
-    planes = [*_plane_args(a), n_a, *(_plane_args(b) if b is not None else _plane_args(a)), n_b]
-    consts = dict(QTYPE_A=int(a.qtype), QTYPE_B=None if b is None else int(b.qtype), PAIRED=paired, GROUPS=groups,
-                  BLOCK_N=BLOCK_N, num_warps=4)
-    if M <= DECODE_ROWS:
-        batch = triton.next_power_of_2(triton.cdiv(M, 8))
+    decode = M <= DECODE_ROWS
+    batch = triton.next_power_of_2(triton.cdiv(M, 8)) if decode else PREFILL_BATCH
+    row_blocks = 1 if decode else triton.cdiv(M, 8 * PREFILL_BATCH)
+    if epilogue == RESIDUAL:
+        h, inv_rms, eps = epi
+        epi = (h, h.stride(0), torch.empty((units, M), dtype=torch.float32, device=x.device), inv_rms, float(eps))
+    part_a = (*_plane_args(a), n_a)
+    part_b = (*_plane_args(b), n_b) if b is not None else (*_plane_args(a), 0)
+    norm = norm if norm is not None else (x, x)
+    counters = _counters(x.device, units + row_blocks)
+    kw = dict(QTYPE_A=int(a.qtype), QTYPE_B=None if b is None else int(b.qtype), NORM=norm[0] is not x,
+              EPILOGUE=epilogue, UNIT_TILES=unit_tiles, GROUPS=groups, BATCH=batch, num_warps=4, num_stages=2,
+              **(consts or {}))
+    if decode:
         # Units per program: about 4 programs per SM at M = 1 (the result does not depend on it).
         per_program = max(1, (S * units) // (4 * sm_count(x.device)))
         part = torch.empty((S, n_a + n_b, 8 * batch), dtype=torch.float32, device=x.device)
-        _qmv_kernel[(S, triton.cdiv(units, per_program))](
-            x, x.stride(0), M, K, y, y.stride(0), part, _counters(x.device, units), units, per_program, *planes,
-            BATCH=batch, num_stages=2, **consts)
+        _qmv_kernel[(S, triton.cdiv(units, per_program))](x, x.stride(0), M, K, norm, part_a, part_b, part, counters,
+                                                          units, per_program, epi, **kw)
     else:
-        _qmm_kernel[(units, triton.cdiv(M, 8 * PREFILL_BATCH))](
-            x, x.stride(0), M, K, y, y.stride(0), S, *planes, BATCH=PREFILL_BATCH, num_stages=2, **consts)
+        part = torch.empty((1, n_a + n_b, 8 * batch * row_blocks), dtype=torch.float32, device=x.device)
+        _qmm_kernel[(units, row_blocks)](x, x.stride(0), M, K, norm, part_a, part_b, part, counters, units, S, epi,
+                                         **kw)
 
 
-def _two_parts(w: Tiled) -> list[tuple[TiledTensor, TiledTensor | None]]:
-    """The weight as launches of at most two parts, part A a whole number of row tiles."""
-    segs = [p for _, p in segments(w)]
+def two_parts(w: Tiled, unit_tiles: int = 1) -> list[tuple[int, TiledTensor, TiledTensor | None]]:
+    """The weight as launches (first output row, part A, part B or None) of at most two parts,
+    part A a whole number of units of unit_tiles row tiles."""
+    segs = segments(w)
     out = []
     while segs:
-        a = segs.pop(0)
-        if segs and a.shape[0] % BLOCK_N == 0:
-            out.append((a, segs.pop(0)))
+        row, a = segs.pop(0)
+        if segs and a.shape[0] % (BLOCK_N * unit_tiles) == 0:
+            out.append((row, a, segs.pop(0)[1]))
         else:
-            out.append((a, None))
+            out.append((row, a, None))
     return out
 
 
-def qmatmul_triton(x: torch.Tensor, w: Weight | Tiled, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x [M, K] @ w[N, K].T -> [M, N] in out_dtype (default x's dtype), fp32 accumulation; same
-    semantics as qmatmul_torch. `w` should come from prepare_tiles (once at load); a raw weight
-    is repacked on first use and the tiles kept while it lives."""
+def prepared(x: torch.Tensor, w, what: str):
+    """(x with unit column stride, w tiled, the weight's K-slice groups), inputs checked."""
     w = tiled(w)
-    check_input(x, w, "qmatmul")
-    M, K = x.shape
-    N = w.shape[0]
-    y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
-    if M == 0:
-        return y
+    check_input(x, w, what)
     if x.stride(1) != 1:
         x = x.contiguous()
-    groups = slice_groups(K, triton.cdiv(N, BLOCK_N), sm_count(x.device))
-    row = 0
-    for a, b in _two_parts(w):
-        rows = a.shape[0] + (b.shape[0] if b is not None else 0)
-        launch(x, y[:, row:row + rows], a, b, False, groups)
-        row += rows
+    return x, w, slice_groups(x.shape[1], triton.cdiv(w.shape[0], BLOCK_N), sm_count(x.device))
+
+
+def qmatmul_triton(x: torch.Tensor, w: Weight | Tiled, *, out_dtype: torch.dtype | None = None,
+                   norm: tuple | None = None) -> torch.Tensor:
+    """x [M, K] @ w[N, K].T -> [M, N] in out_dtype (default x's dtype), fp32 accumulation; same
+    semantics as qmatmul_torch. With norm = (inv_rms [M] fp32, weight [K]), x is first replaced
+    by RMSNorm(x) = round(x * inv_rms * weight) (the LM head after the final norm). `w` should
+    come from prepare_tiles (once at load); a raw weight is tiled on first use and kept."""
+    x, w, groups = prepared(x, w, "qmatmul")
+    M, N = x.shape[0], w.shape[0]
+    y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    if M:
+        for row, a, b in two_parts(w):
+            rows = a.shape[0] + (b.shape[0] if b is not None else 0)
+            out = y[:, row:row + rows]
+            launch(x, a, b, groups, STORE, (out, out.stride(0)), norm=norm)
     return y
+
+
+def add_qmatmul_triton(x: torch.Tensor, w: Weight | Tiled, h: torch.Tensor, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream after a branch: h += round(x @ w.T) in place, and inv_rms [M] of the new
+    h (1 / sqrt(mean(h^2) + eps)) for the next RMSNorm. One launch."""
+    x, w, groups = prepared(x, w, "qmatmul")
+    M, N = x.shape[0], w.shape[0]
+    if h.shape != (M, N) or h.stride(1) != 1:
+        raise KernelInputError(f"qmatmul: the residual stream must be [{M}, {N}] with unit column stride, "
+                               f"got {tuple(h.shape)} strides {h.stride()}")
+    launches = two_parts(w)
+    if len(launches) != 1:
+        raise KernelInputError(f"qmatmul: a residual update takes a weight of at most two parts, part A a whole "
+                               f"number of {BLOCK_N}-row tiles; got parts of {[p.shape[0] for _, p in segments(w)]}")
+    inv_rms = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M:
+        _, a, b = launches[0]
+        launch(x, a, b, groups, RESIDUAL, (h, inv_rms, eps))
+    return h, inv_rms

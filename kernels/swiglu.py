@@ -16,6 +16,7 @@ import triton
 
 from ..errors import KernelInputError
 from ..gguf.tensors import Weight
+from .fusions import SWIGLU
 from .qmatmul import BLOCK_N, check_input, launch, qmatmul_torch, slice_groups, sm_count
 from .qtiles import Tiled, TiledTensor, segments, tiled
 
@@ -55,9 +56,10 @@ def _gate_up_pieces(w: Tiled) -> list[tuple[int, int, TiledTensor, TiledTensor]]
     return [(a, b, view(a, b), view(inter + a, inter + b)) for a, b in zip(cuts, cuts[1:])]
 
 
-def gate_up_swiglu_triton(x: torch.Tensor, w_gate_up: Weight | Tiled) -> torch.Tensor:
+def gate_up_swiglu_triton(x: torch.Tensor, w_gate_up: Weight | Tiled, *, norm: tuple | None = None) -> torch.Tensor:
     """x [M, K] -> silu(x @ Wg.T) * (x @ Wu.T) [M, I] in x's dtype; same semantics as
-    gate_up_swiglu_torch. `w_gate_up` should come from prepare_tiles (once at load)."""
+    gate_up_swiglu_torch. With norm = (inv_rms [M], weight [K]), x is first RMSNorm(x)
+    (kernels/fusions.py). `w_gate_up` should come from prepare_tiles (once at load)."""
     w = tiled(w_gate_up)
     check_input(x, w, "gate_up_swiglu")
     pieces = _gate_up_pieces(w)
@@ -70,5 +72,6 @@ def gate_up_swiglu_triton(x: torch.Tensor, w_gate_up: Weight | Tiled) -> torch.T
         x = x.contiguous()
     groups = slice_groups(K, 2 * triton.cdiv(inter, BLOCK_N), sm_count(x.device))
     for a, b, gate, up in pieces:
-        launch(x, y[:, a:b], gate, up, True, groups)
+        out = y[:, a:b]
+        launch(x, gate, up, groups, SWIGLU, (out, out.stride(0)), norm=norm)
     return y

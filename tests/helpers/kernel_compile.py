@@ -28,11 +28,22 @@ SM_LIMITS = {80: dict(regs=65536, smem_sm=167936, smem_block=166912, warps=64, c
 
 
 def specialize(fn, args: dict) -> tuple[dict, dict, dict]:
-    """(signature, constexprs, attrs) for ASTSource, as triton's launcher specialises `args`."""
+    """(signature, constexprs, attrs) for ASTSource, as triton's launcher specialises `args`
+    (tuple arguments give tuple signatures and per-element attributes)."""
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.nvidia.compiler import CUDABackend
 
     sig, consts, attrs = {}, {}, {}
+
+    def walk(path: tuple, kind, spec):
+        if isinstance(kind, tuple):
+            for j, (k, sp) in enumerate(zip(kind, spec)):
+                walk(path + (j,), k, sp)
+        elif kind == "constexpr":
+            consts[path] = spec
+        elif spec == "D":
+            attrs[path] = [["tt.divisibility", 16]]
+
     for i, p in enumerate(fn.params):
         value = args[p.name]
         if p.is_constexpr:
@@ -43,8 +54,8 @@ def specialize(fn, args: dict) -> tuple[dict, dict, dict]:
         sig[p.name] = kind
         if kind == "constexpr":
             consts[p.name] = spec
-        elif spec == "D":
-            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            walk((i,), kind, spec)
     return sig, consts, attrs
 
 

@@ -53,7 +53,8 @@ def compile_stats(launch, arch: int) -> dict:
 
 
 def report(quant: str, batch: int, context: int, archs: list[int], model, cache: dict) -> dict:
-    tr = decode_trace.trace(lambda: model.forward(decode_trace.decode_batch(model, batch, context)))
+    step = decode_trace.decode_batch(model, batch, context)
+    tr = decode_trace.trace(lambda: model.forward(step))
     rows, total = [], dict(launches=len(tr.launches), torch_ops=len(tr.torch_ops), bytes=0.0, bw_s=0.0,
                            issue_s=0.0, launch_s=0.0, time_s=0.0)
     for launch in tr.launches:

@@ -18,10 +18,24 @@ finish in decode, the only program in prefill), on the fp32 sums of that unit:
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from .qdecode import round_to
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def counters(device: torch.device, need: int) -> torch.Tensor:
+    """Zeroed int32 counters for "the last program to finish does the epilogue" (matmul units,
+    attention merges). Every launch leaves the ones it used at zero, so launches on one stream
+    share them. Allocated once per device, before any CUDA-graph capture (warm-up runs first)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < need:
+        buf = _COUNTERS[device] = torch.zeros(max(1 << 16, need), dtype=torch.int32, device=device)
+    return buf
+
 
 STORE = tl.constexpr(0)
 SWIGLU = tl.constexpr(1)

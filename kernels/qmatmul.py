@@ -33,7 +33,8 @@ import triton.language as tl
 
 from ..errors import KernelInputError
 from ..gguf.tensors import Weight
-from .fusions import RESIDUAL, ROPE_KV, STORE, SWIGLU, residual_rows, rms_from_squares, rope_kv_rows, rope_pairs, x_chunk
+from .fusions import (RESIDUAL, ROPE_KV, STORE, SWIGLU, counters, residual_rows, rms_from_squares, rope_kv_rows,
+                      rope_pairs, x_chunk)
 from .qdecode import INTERPRETED, round_to, tile_products
 from .qtiles import GROUP, Tiled, TiledTensor, segments, tiled
 
@@ -248,19 +249,6 @@ def _qmm_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, 
 
 # ----------------------------------------------------------------------------- launch
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_COUNTER_SLOTS = 1 << 16
-
-
-def _counters(device: torch.device, need: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per unit; every launch leaves them zeroed. Allocated once
-    per device (before any CUDA-graph capture: warm-up runs come first)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < need:
-        buf = _COUNTERS[device] = torch.zeros(max(_COUNTER_SLOTS, need), dtype=torch.int32, device=device)
-    return buf
-
-
 @functools.lru_cache(maxsize=None)
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -322,7 +310,7 @@ def launch(x: torch.Tensor, a: TiledTensor, b: TiledTensor | None, groups: int, 
     part_a = (*_plane_args(a), n_a)
     part_b = (*_plane_args(b), n_b) if b is not None else (*_plane_args(a), 0)
     norm = norm if norm is not None else (x, x)
-    counters = _counters(x.device, units + row_blocks)
+    count = counters(x.device, units + row_blocks)
     kw = dict(QTYPE_A=int(a.qtype), QTYPE_B=None if b is None else int(b.qtype), NORM=norm[0] is not x,
               EPILOGUE=epilogue, UNIT_TILES=unit_tiles, GROUPS=groups, BATCH=batch, num_warps=4, num_stages=2,
               **(consts or {}))
@@ -330,11 +318,11 @@ def launch(x: torch.Tensor, a: TiledTensor, b: TiledTensor | None, groups: int, 
         # Units per program: about 4 programs per SM at M = 1 (the result does not depend on it).
         per_program = max(1, (S * units) // (4 * sm_count(x.device)))
         part = torch.empty((S, n_a + n_b, 8 * batch), dtype=torch.float32, device=x.device)
-        _qmv_kernel[(S, triton.cdiv(units, per_program))](x, x.stride(0), M, K, norm, part_a, part_b, part, counters,
+        _qmv_kernel[(S, triton.cdiv(units, per_program))](x, x.stride(0), M, K, norm, part_a, part_b, part, count,
                                                           units, per_program, epi, **kw)
     else:
         part = torch.empty((1, n_a + n_b, 8 * batch * row_blocks), dtype=torch.float32, device=x.device)
-        _qmm_kernel[(units, row_blocks)](x, x.stride(0), M, K, norm, part_a, part_b, part, counters, units, S, epi,
+        _qmm_kernel[(units, row_blocks)](x, x.stride(0), M, K, norm, part_a, part_b, part, count, units, S, epi,
                                          **kw)
 
 

@@ -26,6 +26,7 @@ from smollm3_triton.errors import KernelInputError, UnsupportedModelError  # noq
 from smollm3_triton.gguf.constants import GGMLType  # noqa: E402
 from smollm3_triton.gguf.tensors import QuantTensor, SegmentedTensor, concat_rows  # noqa: E402
 from smollm3_triton.kernels import qmatmul as qm  # noqa: E402
+from smollm3_triton.kernels.fusions import counters  # noqa: E402
 from smollm3_triton.kernels.qmatmul import qmatmul_torch, qmatmul_triton  # noqa: E402
 from smollm3_triton.kernels.qtiles import TiledTensor, TiledWeight, prepare_tiles, tiled  # noqa: E402
 from tests.helpers.matmul_check import FP32_REL, check, worst  # noqa: E402
@@ -176,7 +177,7 @@ def test_repeated_calls_agree():
     x = make_x(5, 512, torch.bfloat16).to(DEVICE)
     first = qmatmul_triton(x, w)
     assert torch.equal(qmatmul_triton(x, w), first)
-    assert int(qm._COUNTERS[x.device].count_nonzero()) == 0
+    assert int(counters(x.device, 0).count_nonzero()) == 0
 
 
 def test_strided_activations():

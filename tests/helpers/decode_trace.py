@@ -1,10 +1,11 @@
 """What one forward step launches, recorded on a machine without a GPU.
 
 `trace(fn)` runs `fn()` with every Triton launch intercepted (recorded, not run) and
-every torch op counted that would be a kernel on a GPU. It needs the kernels built as
-compiled kernels (TRITON_INTERPRET=0 when smollm3_triton is first imported): the
-launchers still run on CPU tensors (shapes, strides, grids, split counts are what a
-GPU would see), only the kernels do not execute, so outputs hold garbage.
+every torch op counted that would be a kernel on a GPU. The launchers still run on CPU
+tensors (shapes, strides, grids, split counts are what a GPU would see), only the
+kernels do not execute, so outputs hold garbage. It works with compiled kernels
+(TRITON_INTERPRET=0 when smollm3_triton is first imported; what bench/static_report.py
+needs to compile the launches) and with interpreted ones (a test counting launches).
 
 `model_like(shape, quant)` builds a Transformer with the exact matrix shapes and
 per-tensor GGUF types of a real file (tests/helpers/synthetic.py's recipe) whose
@@ -131,10 +132,13 @@ def _device_profile(profile: DeviceProfile):
 
 def trace(fn, profile: DeviceProfile = H200) -> Trace:
     """Run fn() with Triton launches recorded instead of run, and torch kernels counted."""
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
+    kernel_class = InterpretedFunction if triton.knobs.runtime.interpret else JITFunction
     out = Trace()
-    real_run = JITFunction.run
+    real_run = kernel_class.run
 
     def record(self, *args, grid, warmup, **kwargs):
         options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
@@ -144,23 +148,24 @@ def trace(fn, profile: DeviceProfile = H200) -> Trace:
         out.launches.append(Launch(self, _grid(grid, params), params, options.get("num_warps", 4),
                                    options.get("num_stages", 3)))
 
-    if JITFunction.run is not real_run or getattr(real_run, "__name__", "") == "record":
+    if getattr(real_run, "__name__", "") == "record":
         raise RuntimeError("trace() does not nest")
-    JITFunction.run = record
+    kernel_class.run = record
     try:
         with _device_profile(profile), _CountOps(out):
             fn()
     finally:
-        JITFunction.run = real_run
+        kernel_class.run = real_run
     return out
 
 
 # ----------------------------------------------------------------------------- a model of a real file's shape
 
-def model_like(shape_name: str, quant: str, *, n_blocks: int = 8, block_size: int = 16,
+def model_like(shape_name: str, quant: str, *, scale: int = 1, n_blocks: int = 8, block_size: int = 16,
                dtype: torch.dtype = torch.bfloat16, backend=None):
-    """A Transformer with the matrix shapes and GGUF types of `shape_name` (synthetic.SHAPES)
-    quantized as `quant`, weights prepared by `backend` (default: triton's preparation).
+    """A Transformer with the matrix shapes and GGUF types of `shape_name` (synthetic.SHAPES,
+    widths divided by `scale` as ModelShape.scaled does) quantized as `quant`, weights
+    prepared by `backend` (default: triton's preparation).
     Layers with the same types share one set of (random) weights."""
     import numpy as np
 
@@ -171,7 +176,7 @@ def model_like(shape_name: str, quant: str, *, n_blocks: int = 8, block_size: in
     from smollm3_triton.weights import LayerWeights, ModelWeights
     from tests.helpers import synthetic
 
-    s = synthetic.SHAPES[shape_name]
+    s = synthetic.SHAPES[shape_name].scaled(scale)
     rng = np.random.default_rng(0)
     shapes = dict(s.matrices())
 

@@ -28,102 +28,108 @@ ASSUMPTIONS = [
     "consecutive kernels)",
     "per kernel the slower of bandwidth and issue, never their sum; latency of a lone DRAM round trip "
     "is taken as covered by the launch gap",
-    "matmul bytes: the weight planes the launch reads (GGUF bytes as repacked) + x + y; attention: the live "
-    "context's K and V rows; torch ops: twice the bytes they write",
+    "matmul bytes: the weight tiles the launch reads + x + the split-K partials (written and read) + the "
+    "output; attention: the live context's K and V rows and the live splits' partials; the embedding: its rows; "
+    "torch ops: twice the bytes they write",
     "issue: loop instructions x trips from the SASS of the sm_90 cubin (static count: predicated-off "
-    "instructions are counted as issued)",
+    "instructions are counted as issued; a program's code outside the loop, the last program's epilogue "
+    "included, counted once per program); attention: only the splits the live context wakes",
 ]
 
-# Weight-plane arguments and loop trips per CTA of each matmul kernel.
-_MATMULS = {
-    "_qgemv_kernel": (("q_ptr", "qh_ptr", "s_ptr", "f_ptr"),
-                      lambda a: triton.cdiv(triton.cdiv(a["K"], a["SUB"] * a["NSUB"]), a["SPLIT_K"])),
-    "_qgemm_kernel": (("q_ptr", "qh_ptr", "s_ptr", "f_ptr"),
-                      lambda a: triton.cdiv(triton.cdiv(a["K"], a["BLOCK_K"]), a["SPLIT_K"])),
-    "_gate_up_gemv_kernel": (("gq_ptr", "gqh_ptr", "gs_ptr", "gf_ptr", "uq_ptr", "uqh_ptr", "us_ptr", "uf_ptr"),
-                             lambda a: triton.cdiv(a["K"], a["BLOCK_K"])),
-    "_gate_up_gemm_kernel": (("gq_ptr", "gqh_ptr", "gs_ptr", "gf_ptr", "uq_ptr", "uqh_ptr", "us_ptr", "uf_ptr"),
-                             lambda a: triton.cdiv(a["K"], a["BLOCK_K"])),
-}
-# Arguments whose tensor is a whole pool or table of which a step touches a few rows.
-_POOLS = {"k_cache_ptr", "v_cache_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "bt_ptr"}
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _tensor_bytes(args: dict, names=None, skip=()) -> int:
-    """Bytes of the tensor arguments (each distinct tensor once)."""
-    seen, total = set(), 0
-    for name, v in args.items():
-        if (names is not None and name not in names) or name in skip or not isinstance(v, torch.Tensor):
-            continue
-        key = (v.data_ptr(), tuple(v.shape))
-        if key not in seen:
-            seen.add(key)
-            total += _nbytes(v)
-    return total
+def _distinct_bytes(tensors) -> int:
+    """Bytes of the tensors, each distinct tensor (storage pointer and shape) once."""
+    seen = {(t.data_ptr(), tuple(t.shape)): _nbytes(t) for t in tensors if isinstance(t, torch.Tensor)}
+    return sum(seen.values())
 
 
 def _type_names(launch) -> str:
     from smollm3_triton.gguf.constants import type_name
     c = launch.constexprs()
-    codes = [c[k] for k in ("QTYPE", "QTYPE_A", "QTYPE_B", "QTYPE_G", "QTYPE_U") if k in c and c[k] is not None]
+    codes = [c[k] for k in ("QTYPE", "QTYPE_A", "QTYPE_B") if k in c and c[k] is not None]
     return "/".join(dict.fromkeys(type_name(int(t)) for t in codes))
 
 
-def _pool_bytes(launch, model, context: int) -> int:
-    """Bytes of the rows of pools and tables the launch touches."""
+def _matmul(launch) -> tuple[int, int, int]:
+    """(weight bytes, other bytes moved, loop trips per CTA) of a matmul launch (kernels/qmatmul.py)."""
+    a = launch.args
+    A, B = a["A"], a["B"]
+    rows_a, rows_b = A[10], B[10]
+    weights = _distinct_bytes(A[:5] + (B[:5] if rows_b else ()))
+    x = a["x_ptr"]
+    M, K, N = a["M"], a["K"], rows_a + rows_b
+    item = x.element_size()
+    part = a["part_ptr"]
+    other = M * K * item + 2 * _nbytes(part) + 2 * M * N * item     # x; partials written and read; out (+ h in)
+    c = launch.constexprs()
+    if launch.name == "_qmv_kernel":
+        trips = a["units_per_program"] * (1 if c["EPILOGUE"] == 1 else c["UNIT_TILES"])
+    else:
+        trips = triton.cdiv(triton.cdiv(K, 64), c["GROUPS"])
+    return weights, other, trips
+
+
+def _attention(launch, model, context: int) -> tuple[int, int, int]:
+    """(bytes, live CTAs, key-loop trips per live CTA) of a decode attention launch."""
     a, c = launch.args, model.config
+    B = a["lens_ptr"].shape[0]
     item = model.dtype.itemsize
-    if launch.name.startswith("_attn_decode_split"):
-        B = a["lens_ptr"].shape[0]
-        return 2 * B * c.n_kv_heads * context * c.head_dim * item + B * triton.cdiv(context, 16) * 4
-    if "k_cache_ptr" in a:          # the RoPE + KV write: one token's rows per slot, cos/sin rows
-        T = a["pos_ptr"].shape[0]
-        return 2 * T * c.n_kv_heads * c.head_dim * item + 2 * T * c.head_dim // 2 * 4
-    return 0
+    block_n = launch.args["BLOCK_N"]
+    chunk = triton.cdiv(triton.cdiv(context, a["want_splits"]), block_n) * block_n
+    live = triton.cdiv(context, chunk)
+    kv = 2 * B * c.n_kv_heads * context * c.head_dim * item + B * triton.cdiv(context, 16) * 4
+    partials = 2 * B * c.n_heads * live * (c.head_dim + 1) * 4
+    return kv + partials + 2 * B * c.n_heads * c.head_dim * item, B * c.n_kv_heads * live, chunk // block_n
 
 
 def matmul_role(launch, model) -> str:
-    """Which matrix of the model a matmul launch computes, from its (N, K)."""
-    a, c = launch.args, model.config
-    if "K" not in a or "N" not in a:
+    """Which matrix of the model a matmul launch computes, from its shape and epilogue."""
+    if launch.name not in ("_qmv_kernel", "_qmm_kernel"):
         return ""
-    K = a["K"]
-    if K == c.intermediate_size:
-        return "down"
-    if K == c.n_heads * c.head_dim and a["N"] == c.hidden_size and "QTYPE_G" not in a:
-        return "o"
-    n_total = a.get("N_TOTAL", a["N"])
-    if "QTYPE_G" in a or n_total in (c.intermediate_size, 2 * c.intermediate_size):
+    a, c = launch.args, model.config
+    epilogue = launch.constexprs()["EPILOGUE"]
+    if epilogue == 3:
+        return "qkv"
+    if epilogue == 1:
         return "gate_up"
-    if n_total >= c.vocab_size or a["N"] > c.qkv_rows:
-        return "lm_head"
-    return "qkv"
+    if epilogue == 2:
+        return "down" if a["K"] == c.intermediate_size else "o"
+    return "lm_head"
 
 
 def estimate_launch(launch, stats: dict, model, context: int) -> dict:
     spec = H200_SPEC
-    a = launch.args
     ctas = launch.ctas
-    planes, trips_of = _MATMULS.get(launch.name, (None, None))
-    weight_bytes = _tensor_bytes(a, planes) if planes else 0
-    moved = _tensor_bytes(a, skip=_POOLS) + _pool_bytes(launch, model, context)
+    weight_bytes, bpi, trips = 0, None, 1
     loop = stats.get("loop")
-    if trips_of and loop:
-        trips = trips_of(a)
-        per_warp = trips * loop["instructions"] + stats["kernel_instructions"] - loop["instructions"]
-        bpi = weight_bytes / (ctas * launch.num_warps * trips * loop["instructions"])
+    if launch.name in ("_qmv_kernel", "_qmm_kernel"):
+        weight_bytes, other, trips = _matmul(launch)
+        moved = weight_bytes + other
+    elif launch.name == "_attn_decode_kernel":
+        moved, ctas, trips = _attention(launch, model, context)
+    elif launch.name == "_embedding_kernel":
+        embed = model.weights.embed
+        T = launch.args["T"]
+        moved = T * (embed.nbytes // embed.shape[0]) + 2 * T * embed.shape[1] * model.dtype.itemsize
     else:
-        per_warp, bpi = stats["kernel_instructions"], None
+        moved = _distinct_bytes(v for v in launch.args.values())
+    if loop:
+        per_warp = trips * loop["instructions"] + stats["kernel_instructions"] - loop["instructions"]
+        if weight_bytes:
+            bpi = weight_bytes / (ctas * launch.num_warps * trips * loop["instructions"])
+    else:
+        per_warp = stats["kernel_instructions"]
+        if weight_bytes:
+            bpi = weight_bytes / (ctas * launch.num_warps * per_warp)
     warp_instr = ctas * launch.num_warps * per_warp
     bw_s = moved / (spec["bw_bytes_s"] * min(1.0, ctas / spec["sms"]))
     issue_s = warp_instr / (spec["issue_per_cycle"] * spec["clock_hz"] * min(ctas, spec["sms"]))
     return dict(bytes=moved, bw_s=bw_s, issue_s=issue_s, launch_s=spec["launch_s"],
                 time_s=spec["launch_s"] + max(bw_s, issue_s), bytes_per_warp_instr=bpi, types=_type_names(launch),
-                weight_bytes=weight_bytes)
+                weight_bytes=weight_bytes, live_ctas=ctas)
 
 
 def estimate_torch_op(out_bytes: int) -> dict:

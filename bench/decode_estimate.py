@@ -78,7 +78,7 @@ def _attention(launch, model, context: int) -> tuple[int, int, int]:
     B = a["lens_ptr"].shape[0]
     item = model.dtype.itemsize
     block_n = launch.args["BLOCK_N"]
-    chunk = triton.cdiv(triton.cdiv(context, a["want_splits"]), block_n) * block_n
+    chunk = max(triton.cdiv(triton.cdiv(context, a["want_splits"]), block_n), a["MIN_BLOCKS"]) * block_n
     live = triton.cdiv(context, chunk)
     kv = 2 * B * c.n_kv_heads * context * c.head_dim * item + B * triton.cdiv(context, 16) * 4
     partials = 2 * B * c.n_heads * live * (c.head_dim + 1) * 4

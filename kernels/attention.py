@@ -153,6 +153,9 @@ def attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 _LOG2E = 1.4426950408889634
 _CPU_DECODE_SPLITS = 4
 _MAX_DECODE_SPLITS = 128
+# Key blocks a decode split takes at least: a split's fixed cost (q, the partial, the merge)
+# over 4 blocks, and fewer, longer splits when many sequences already fill the GPU.
+_MIN_SPLIT_BLOCKS = 4
 
 
 @triton.jit
@@ -275,11 +278,12 @@ def _attn_decode_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, lens_ptr, bt_ptr, part_o_pt
                         n_heads, n_splits, want_splits, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
                         stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+                        MIN_BLOCKS: tl.constexpr):
     """Flash-decoding: program (sequence, KV head, split) packs the GROUP query heads that read this
     KV head into one tile. Splits are sized by the sequence's own length (chunk =
-    ceil(len / want_splits) rounded up to BLOCK_N), so a short context wakes few of them: the
-    others exit at once. Each live split stores a normalised partial output and its
+    ceil(len / want_splits) rounded up to BLOCK_N, at least MIN_BLOCKS key blocks), so a short
+    context wakes few of them: the others exit at once. Each live split stores a normalised partial output and its
     log2-sum-exp; the last live split to finish (a counter per sequence and KV head) merges
     them in split order and writes the output. A sequence with no key (seq_len 0: padding)
     gets zeros; sequences with another query count are the prefill kernel's."""
@@ -291,7 +295,7 @@ def _attn_decode_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, lens_ptr, bt_ptr, part_o_pt
     # The valid length comes from the device, never the host: no host read, capturable in a
     # CUDA graph, and a sequence's splits depend on nothing but its length (batch invariance).
     kv_len = tl.where(q_len == 1, tl.load(lens_ptr + b), 0)
-    chunk = tl.cdiv(tl.cdiv(kv_len, want_splits), BLOCK_N) * BLOCK_N
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(kv_len, want_splits), BLOCK_N), MIN_BLOCKS) * BLOCK_N
     live = tl.cdiv(kv_len, tl.maximum(chunk, 1))
     r = tl.arange(0, BLOCK_M)
     row_ok = r < GROUP
@@ -398,8 +402,11 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, arch: int | None) -> dict
     if arch is None:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        # 3xTF32 splits both operands: at head_dim 128 a 32x32 tile spills.
-        return dict(BLOCK_M=32, BLOCK_N=32 if head_dim <= 64 else 16, num_warps=8, num_stages=2)
+        # 3xTF32 splits both operands: at head_dim 128 a 32x32 tile spills, and triton 3.6 (the
+        # GPU machines') spills a 32x16 one too.
+        if head_dim <= 64:
+            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
     if head_dim <= 64:
         # sm_80 spills the paged 128x64 tile at 4 warps (the per-key block gather costs registers).
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if arch >= 90 else 8, num_stages=3)
@@ -418,7 +425,8 @@ def _decode_config(head_dim: int, dtype: torch.dtype, arch: int | None) -> dict:
     if arch is None:
         return dict(BLOCK_N=64, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
+        # 8 warps: with 4, triton 3.6 spills on sm_80.
+        return dict(BLOCK_N=32, num_warps=8, num_stages=2)
     return dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
@@ -484,7 +492,8 @@ def attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             q, k_cache, v_cache, query_start, seq_lens, block_tables, part_o, part_lse, out,
             counters(q.device, B * n_kv), H, n_splits, want, qk_scale, q.stride(0), q.stride(1), out.stride(0),
             out.stride(1), block_tables.stride(0), *cache_strides,
-            GROUP=group, HEAD_DIM=D, BLOCK_SIZE=bs, BLOCK_M=_decode_block_m(group), DOT_F32=dot_f32, **cfg)
+            GROUP=group, HEAD_DIM=D, BLOCK_SIZE=bs, BLOCK_M=_decode_block_m(group), DOT_F32=dot_f32,
+            MIN_BLOCKS=_MIN_SPLIT_BLOCKS, **cfg)
     if max_query_len >= 2:
         cfg = _prefill_config(D, q.dtype, arch)
         block_q = _prefill_block_q(cfg["BLOCK_M"], group)

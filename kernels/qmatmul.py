@@ -87,26 +87,27 @@ def _products(xs, part, t, s, K, QTYPE: tl.constexpr, GROUPS: tl.constexpr, BATC
 
 
 @triton.jit
-def _store_part(part_ptr, accs, s, col, ok, N_TOTAL, row0, MP, BATCH: tl.constexpr):
-    """part[s, col, m] = accs for rows m = row0 + 8b + j (rows of x fastest, as the MMA's registers hold them)."""
+def _store_part(part_ptr, accs, s, col, ok, N_TOTAL, row0, M, BATCH: tl.constexpr):
+    """part[s, col, m] = accs for rows m = row0 + 8b + j < M (rows of x fastest, as the MMA's registers
+    hold them; only real rows, so one row of x is 4 bytes per column)."""
     for b in tl.static_range(BATCH):
         m = row0 + b * 8 + tl.arange(0, 8)
-        dst = part_ptr + (s * N_TOTAL + col.to(tl.int64))[:, None] * MP + m[None, :]
-        tl.store(dst, accs[b], mask=ok[:, None])
+        dst = part_ptr + (s * N_TOTAL + col.to(tl.int64))[:, None] * M + m[None, :]
+        tl.store(dst, accs[b], mask=ok[:, None] & (m < M)[None, :])
 
 
 @triton.jit
-def _sum_parts(part_ptr, col, ok, m, MP, N_TOTAL, S):
+def _sum_parts(part_ptr, col, ok, m, M, N_TOTAL, S):
     """sum over slices s = 0 .. S-1, in that order, of part[s, col, m] -> fp32 [cols, rows m]."""
     acc = tl.zeros([col.shape[0], m.shape[0]], tl.float32)
     for s in range(0, S):
-        src = part_ptr + (s * N_TOTAL + col.to(tl.int64))[:, None] * MP + m[None, :]
-        acc += tl.load(src, mask=ok[:, None], other=0.0, cache_modifier=".cg")
+        src = part_ptr + (s * N_TOTAL + col.to(tl.int64))[:, None] * M + m[None, :]
+        acc += tl.load(src, mask=ok[:, None] & (m < M)[None, :], other=0.0, cache_modifier=".cg")
     return acc
 
 
 @triton.jit
-def _finish_unit(u, part_ptr, S, MP, N_A, N_TOTAL, tiles_a, M, row0, count_ptr, units, epi, B_PRESENT: tl.constexpr,
+def _finish_unit(u, part_ptr, S, N_A, N_TOTAL, tiles_a, M, row0, count_ptr, units, epi, B_PRESENT: tl.constexpr,
                  EPILOGUE: tl.constexpr, UNIT_TILES: tl.constexpr, BATCH: tl.constexpr, N_HEADS: tl.constexpr,
                  N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_ROPE: tl.constexpr,
                  DTYPE: tl.constexpr):
@@ -125,19 +126,19 @@ def _finish_unit(u, part_ptr, S, MP, N_A, N_TOTAL, tiles_a, M, row0, count_ptr, 
             rope, col0 = epi
             r1, i = rope_pairs(UNIT_ROWS, HEAD_DIM)
             row1 = u * UNIT_ROWS + r1
-            x1 = _sum_parts(part_ptr, row1, row1 < N_TOTAL, m, MP, N_TOTAL, S)
-            x2 = _sum_parts(part_ptr, row1 + HEAD_DIM // 2, row1 < N_TOTAL, m, MP, N_TOTAL, S)
+            x1 = _sum_parts(part_ptr, row1, row1 < N_TOTAL, m, M, N_TOTAL, S)
+            x2 = _sum_parts(part_ptr, row1 + HEAD_DIM // 2, row1 < N_TOTAL, m, M, N_TOTAL, S)
             rope_kv_rows(x1, x2, col0 + row1, row1 < N_TOTAL, i, m, M, rope, N_HEADS, N_KV_HEADS, HEAD_DIM,
                          BLOCK_SIZE, USE_ROPE, DTYPE)
         else:
-            value = _sum_parts(part_ptr, col, ok, m, MP, N_TOTAL, S)
+            value = _sum_parts(part_ptr, col, ok, m, M, N_TOTAL, S)
             if EPILOGUE == RESIDUAL:
                 h_ptr, stride_h, sq_ptr, inv_ptr, eps = epi
                 residual_rows(value, m, M, col, ok, u, h_ptr, stride_h, sq_ptr)
             else:
                 y_ptr, stride_ym = epi
                 if EPILOGUE == SWIGLU:
-                    up = _sum_parts(part_ptr, N_A + col, ok, m, MP, N_TOTAL, S)
+                    up = _sum_parts(part_ptr, N_A + col, ok, m, M, N_TOTAL, S)
                     value = value * tl.sigmoid(value) * up
                 dst = y_ptr + m.to(tl.int64)[None, :] * stride_ym + col[:, None]
                 tl.store(dst, round_to(value, y_ptr.dtype.element_ty), mask=(m < M)[None, :] & ok[:, None])
@@ -165,27 +166,26 @@ def _qmv_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, 
     # The dots' operand type: x's (weights as exact integers); fp32 under the interpreter, whose
     # dot cannot multiply 16-bit floats (products of 16-bit values are exact in fp32 anyway).
     DTYPE: tl.constexpr = tl.float32 if INTERPRETED else x_ptr.dtype.element_ty
-    MP: tl.constexpr = 8 * BATCH
     xs = _x_slice(x_ptr, stride_xm, M, K, 0, s, NORM, norm, GROUPS, BATCH, DTYPE)
     tiles_a = tl.cdiv(N_A, 64)
     last = tl.minimum(first + units_per_program, units)
     # One loop per part, so each loop decodes one type (and is software-pipelined).
     for t in range(first * UNIT_TILES, tl.minimum(last * UNIT_TILES, tiles_a)):
         accs, n, ok = _products(xs, A, t, s, K, QTYPE_A, GROUPS, BATCH, DTYPE)
-        _store_part(part_ptr, accs, s, n, ok, N_TOTAL, 0, MP, BATCH)
+        _store_part(part_ptr, accs, s, n, ok, N_TOTAL, 0, M, BATCH)
         if EPILOGUE == SWIGLU:
             accs, n, ok = _products(xs, B, t, s, K, QTYPE_B, GROUPS, BATCH, DTYPE)
-            _store_part(part_ptr, accs, s, N_A + n, ok, N_TOTAL, 0, MP, BATCH)
+            _store_part(part_ptr, accs, s, N_A + n, ok, N_TOTAL, 0, M, BATCH)
     if (QTYPE_B is not None) and (EPILOGUE != SWIGLU):
         for t in range(tl.maximum(first * UNIT_TILES, tiles_a), last * UNIT_TILES):
             accs, n, ok = _products(xs, B, t - tiles_a, s, K, QTYPE_B, GROUPS, BATCH, DTYPE)
-            _store_part(part_ptr, accs, s, N_A + n, ok, N_TOTAL, 0, MP, BATCH)
+            _store_part(part_ptr, accs, s, N_A + n, ok, N_TOTAL, 0, M, BATCH)
     # Every thread's partial stores land before the counts say so; the last of the S slices
     # of a unit finishes it and re-arms its counter.
     tl.debug_barrier()
     for u in range(first, last):
         if tl.atomic_add(count_ptr + u, 1, sem="acq_rel", scope="gpu") == S - 1:
-            _finish_unit(u, part_ptr, S, MP, N_A, N_TOTAL, tiles_a, M, 0, count_ptr + units, units, epi,
+            _finish_unit(u, part_ptr, S, N_A, N_TOTAL, tiles_a, M, 0, count_ptr + units, units, epi,
                          QTYPE_B is not None, EPILOGUE, UNIT_TILES, BATCH, N_HEADS, N_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
                          USE_ROPE, x_ptr.dtype.element_ty)
             tl.atomic_xchg(count_ptr + u, 0)
@@ -221,7 +221,6 @@ def _qmm_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, 
     u = tl.program_id(0)
     row_block = tl.program_id(1)
     row0 = row_block * (8 * BATCH)
-    MP = tl.num_programs(1) * (8 * BATCH)
     N_A = A[10]
     N_TOTAL = N_A + B[10]
     DTYPE: tl.constexpr = tl.float32 if INTERPRETED else x_ptr.dtype.element_ty
@@ -231,18 +230,18 @@ def _qmm_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, 
         t = u * UNIT_TILES + j
         if EPILOGUE == SWIGLU:
             totals, n, ok = _slices_summed(xs_args, A, t, S, QTYPE_A, GROUPS, BATCH, DTYPE, NORM)
-            _store_part(part_ptr, totals, 0, n, ok, N_TOTAL, row0, MP, BATCH)
+            _store_part(part_ptr, totals, 0, n, ok, N_TOTAL, row0, M, BATCH)
             totals, n, ok = _slices_summed(xs_args, B, t, S, QTYPE_B, GROUPS, BATCH, DTYPE, NORM)
-            _store_part(part_ptr, totals, 0, N_A + n, ok, N_TOTAL, row0, MP, BATCH)
+            _store_part(part_ptr, totals, 0, N_A + n, ok, N_TOTAL, row0, M, BATCH)
         elif t < tiles_a:          # without a part B every tile is part A's
             totals, n, ok = _slices_summed(xs_args, A, t, S, QTYPE_A, GROUPS, BATCH, DTYPE, NORM)
-            _store_part(part_ptr, totals, 0, n, ok, N_TOTAL, row0, MP, BATCH)
+            _store_part(part_ptr, totals, 0, n, ok, N_TOTAL, row0, M, BATCH)
         else:
             if QTYPE_B is not None:
                 totals, n, ok = _slices_summed(xs_args, B, t - tiles_a, S, QTYPE_B, GROUPS, BATCH, DTYPE, NORM)
-                _store_part(part_ptr, totals, 0, N_A + n, ok, N_TOTAL, row0, MP, BATCH)
+                _store_part(part_ptr, totals, 0, N_A + n, ok, N_TOTAL, row0, M, BATCH)
     tl.debug_barrier()
-    _finish_unit(u, part_ptr, 1, MP, N_A, N_TOTAL, tiles_a, M, row0, count_ptr + row_block, units, epi,
+    _finish_unit(u, part_ptr, 1, N_A, N_TOTAL, tiles_a, M, row0, count_ptr + row_block, units, epi,
                  QTYPE_B is not None, EPILOGUE, UNIT_TILES, BATCH, N_HEADS, N_KV_HEADS, HEAD_DIM, BLOCK_SIZE, USE_ROPE,
                  x_ptr.dtype.element_ty)
 
@@ -262,12 +261,12 @@ def sm_count(device: torch.device) -> int:
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def slice_groups(k: int, tiles: int, sms: int) -> int:
-    """64-column groups per K-slice: the most (4, 2, 1) that still gives every SM two
-    (slice, tile) programs at M = 1. From the weight's shape and the GPU only."""
+def slice_groups(k: int, units: int, sms: int) -> int:
+    """64-column groups per K-slice: the most (4, 2, 1) that still gives every SM two (slice,
+    unit) programs at M = 1. From the weight's shape, its epilogue's unit and the GPU only."""
     groups_k = triton.cdiv(k, GROUP)
     for groups in (4, 2):
-        if triton.cdiv(groups_k, groups) * tiles >= 2 * sms:
+        if triton.cdiv(groups_k, groups) * units >= 2 * sms:
             return groups
     return 1
 
@@ -312,16 +311,16 @@ def launch(x: torch.Tensor, a: TiledTensor, b: TiledTensor | None, groups: int, 
     norm = norm if norm is not None else (x, x)
     count = counters(x.device, units + row_blocks)
     kw = dict(QTYPE_A=int(a.qtype), QTYPE_B=None if b is None else int(b.qtype), NORM=norm[0] is not x,
-              EPILOGUE=epilogue, UNIT_TILES=unit_tiles, GROUPS=groups, BATCH=batch, num_warps=4, num_stages=2,
+              EPILOGUE=getattr(epilogue, "value", epilogue), UNIT_TILES=unit_tiles, GROUPS=groups, BATCH=batch, num_warps=4, num_stages=2,
               **(consts or {}))
     if decode:
         # Units per program: about 4 programs per SM at M = 1 (the result does not depend on it).
         per_program = max(1, (S * units) // (4 * sm_count(x.device)))
-        part = torch.empty((S, n_a + n_b, 8 * batch), dtype=torch.float32, device=x.device)
+        part = torch.empty((S, n_a + n_b, M), dtype=torch.float32, device=x.device)
         _qmv_kernel[(S, triton.cdiv(units, per_program))](x, x.stride(0), M, K, norm, part_a, part_b, part, count,
                                                           units, per_program, epi, **kw)
     else:
-        part = torch.empty((1, n_a + n_b, 8 * batch * row_blocks), dtype=torch.float32, device=x.device)
+        part = torch.empty((1, n_a + n_b, M), dtype=torch.float32, device=x.device)
         _qmm_kernel[(units, row_blocks)](x, x.stride(0), M, K, norm, part_a, part_b, part, count, units, S, epi,
                                          **kw)
 
@@ -340,13 +339,14 @@ def two_parts(w: Tiled, unit_tiles: int = 1) -> list[tuple[int, TiledTensor, Til
     return out
 
 
-def prepared(x: torch.Tensor, w, what: str):
-    """(x with unit column stride, w tiled, the weight's K-slice groups), inputs checked."""
+def prepared(x: torch.Tensor, w, what: str, unit_rows: int = BLOCK_N):
+    """(x with unit column stride, w tiled, the weight's K-slice groups for units of unit_rows
+    output rows), inputs checked."""
     w = tiled(w)
     check_input(x, w, what)
     if x.stride(1) != 1:
         x = x.contiguous()
-    return x, w, slice_groups(x.shape[1], triton.cdiv(w.shape[0], BLOCK_N), sm_count(x.device))
+    return x, w, slice_groups(x.shape[1], triton.cdiv(w.shape[0], unit_rows), sm_count(x.device))
 
 
 def qmatmul_triton(x: torch.Tensor, w: Weight | Tiled, *, out_dtype: torch.dtype | None = None,

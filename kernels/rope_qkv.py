@@ -110,7 +110,9 @@ def rope_qkv_triton(x: torch.Tensor, w_qkv: Weight, positions: torch.Tensor,
     and writes q out and k, v into the cache (kernels/fusions.py). With norm = (inv_rms, weight),
     x is first RMSNorm(x)."""
     _check_rope_args(x, w_qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, n_heads, n_kv_heads, head_dim)
-    x, w, groups = _prepared_matmul(x, w_qkv, "rope_qkv")
+    # A unit (what one program finishes) is whole heads: RoPE pairs element i with i + head_dim / 2.
+    unit_tiles = max(1, head_dim // BLOCK_N)
+    x, w, groups = _prepared_matmul(x, w_qkv, "rope_qkv", unit_tiles * BLOCK_N)
     T = x.shape[0]
     q = torch.empty((T, n_heads, head_dim), dtype=x.dtype, device=x.device)
     if T == 0:
@@ -121,8 +123,6 @@ def rope_qkv_triton(x: torch.Tensor, w_qkv: Weight, positions: torch.Tensor,
             k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
     consts = dict(N_HEADS=n_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
                   USE_ROPE=bool(use_rope))
-    # A unit (what one program finishes) is whole heads: RoPE pairs element i with i + head_dim / 2.
-    unit_tiles = max(1, head_dim // BLOCK_N)
     for row, a, b in two_parts(w, unit_tiles):
         launch(x, a, b, groups, ROPE_KV, (rope, row), norm=norm, unit_tiles=unit_tiles, consts=consts)
     return q

@@ -70,7 +70,7 @@ def gate_up_swiglu_triton(x: torch.Tensor, w_gate_up: Weight | Tiled, *, norm: t
         return y
     if x.stride(1) != 1:
         x = x.contiguous()
-    groups = slice_groups(K, 2 * triton.cdiv(inter, BLOCK_N), sm_count(x.device))
+    groups = slice_groups(K, triton.cdiv(inter, BLOCK_N), sm_count(x.device))
     for a, b, gate, up in pieces:
         out = y[:, a:b]
         launch(x, gate, up, groups, SWIGLU, (out, out.stride(0)), norm=norm)

@@ -135,7 +135,7 @@ def test_fused_qkv_smollm3_scaled_is_one_launch(m, dtype, monkeypatch):
     assert isinstance(tw, TiledWeight) and [p.shape for p in tw.parts] == [(320, hidden), (64, hidden)]
     launches = []
     real = qm.launch
-    monkeypatch.setattr(qm, "launch", lambda *a: (launches.append(a), real(*a)))
+    monkeypatch.setattr(qm, "launch", lambda *a, **kw: (launches.append(a), real(*a, **kw)))
     x = make_x(m, hidden, dtype)
     check(run(x, tw), x, w64, f"fused QKV M={m}")
     assert len(launches) == 1

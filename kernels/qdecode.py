@@ -122,16 +122,22 @@ def _nibble_chunks(words, high, QTYPE: tl.constexpr):
         out = ((c0 - off).to(tl.float32), (c1 - off).to(tl.float32), (c2 - off).to(tl.float32),
                (c3 - off).to(tl.float32))
     else:
+        # (two u16 words per 32-bit register: pack=2; four bf16x2 out)
         if QTYPE == Q6_K:
-            out = tl.inline_asm_elementwise(ASM_Q6, "=r,=r,=r,=r,r,r", [words, high], (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), True, 2)
+            out = tl.inline_asm_elementwise(ASM_Q6, "=r,=r,=r,=r,r,r", [words, high],
+                                            (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), True, 2)
         elif QTYPE == Q5_0:
-            out = tl.inline_asm_elementwise(ASM_Q5_0, "=r,=r,=r,=r,r,r", [words, high], (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), True, 2)
+            out = tl.inline_asm_elementwise(ASM_Q5_0, "=r,=r,=r,=r,r,r", [words, high],
+                                            (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), True, 2)
         elif (QTYPE == Q5_1) or (QTYPE == Q5_K):
-            out = tl.inline_asm_elementwise(ASM_Q5, "=r,=r,=r,=r,r,r", [words, high], (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), True, 2)
+            out = tl.inline_asm_elementwise(ASM_Q5, "=r,=r,=r,=r,r,r", [words, high],
+                                            (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), True, 2)
         elif QTYPE == Q4_0:
-            out = tl.inline_asm_elementwise(ASM_Q4_0, "=r,=r,=r,=r,r", [words], (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), True, 2)
+            out = tl.inline_asm_elementwise(ASM_Q4_0, "=r,=r,=r,=r,r", [words],
+                                            (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), True, 2)
         else:
-            out = tl.inline_asm_elementwise(ASM_Q4, "=r,=r,=r,=r,r", [words], (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), True, 2)
+            out = tl.inline_asm_elementwise(ASM_Q4, "=r,=r,=r,=r,r", [words],
+                                            (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), True, 2)
     return out
 
 
@@ -258,8 +264,8 @@ def dot(a, b, acc):
 def tile_products(xs, qw_ptr, qh_ptr, sc_ptr, sm_ptr, sd_ptr, s_qw, s_qh, s_sc, s_sm, s_sd,
           n, n_ok, g0, K, QTYPE: tl.constexpr, GROUPS: tl.constexpr, BATCH: tl.constexpr, DTYPE: tl.constexpr):
     """W[rows n, groups g0 .. g0 + GROUPS - 1] @ x.T as fp32 [rows n, 8] tiles, one per 8-row
-    batch tile b < BATCH of x (x chunk j of group i of batch tile b is xs[4 * (b * GROUPS + i) + j],
-    from x_chunk). Each group's weights are decoded once for all batch tiles; each 8-row tile
+    batch tile b < BATCH of x (xs[b * GROUPS + i]: the 4 chunks of group i for batch tile b, from
+    x_chunk). Each group's weights are decoded once for all batch tiles; each 8-row tile
     takes the same instructions in the same order, so a row's result does not depend on
     BATCH or on the other rows. Both matmul kernels compute every K-slice with this."""
     IS_FLOAT: tl.constexpr = (QTYPE == F32) or (QTYPE == F16) or (QTYPE == BF16)
@@ -284,27 +290,25 @@ def tile_products(xs, qw_ptr, qh_ptr, sc_ptr, sm_ptr, sd_ptr, s_qw, s_qh, s_sc, 
                 ones = tl.broadcast_to(n_ok[:, None], c0.shape).to(c0.dtype)
         updated = ()
         for b in tl.static_range(BATCH):
+            x0, x1, x2, x3 = xs[b * GROUPS + i]
             acc = accs[b]
             if IS_FLOAT:
-                acc = dot(c0, xs[4 * (b * GROUPS + i)], acc)
-                acc = dot(c1, xs[4 * (b * GROUPS + i) + 1], acc)
-                acc = dot(c2, xs[4 * (b * GROUPS + i) + 2], acc)
-                acc = dot(c3, xs[4 * (b * GROUPS + i) + 3], acc)
+                acc = dot(c3, x3, dot(c2, x2, dot(c1, x1, dot(c0, x0, acc))))
             elif QTYPE == Q6_K:
                 # Each sub-block's dot product times its multiplier, accumulated as FMAs.
-                acc += dot(c0, xs[4 * (b * GROUPS + i)], None) * mul0[:, None]
-                acc += dot(c1, xs[4 * (b * GROUPS + i) + 1], None) * mul1[:, None]
-                acc += dot(c2, xs[4 * (b * GROUPS + i) + 2], None) * mul2[:, None]
-                acc += dot(c3, xs[4 * (b * GROUPS + i) + 3], None) * mul3[:, None]
+                acc += dot(c0, x0, None) * mul0[:, None]
+                acc += dot(c1, x1, None) * mul1[:, None]
+                acc += dot(c2, x2, None) * mul2[:, None]
+                acc += dot(c3, x3, None) * mul3[:, None]
             else:
-                acc += dot(c1, xs[4 * (b * GROUPS + i) + 1], dot(c0, xs[4 * (b * GROUPS + i)], None)) * mul0[:, None]
-                acc += dot(c3, xs[4 * (b * GROUPS + i) + 3], dot(c2, xs[4 * (b * GROUPS + i) + 2], None)) * mul2[:, None]
+                acc += dot(c1, x1, dot(c0, x0, None)) * mul0[:, None]
+                acc += dot(c3, x3, dot(c2, x2, None)) * mul2[:, None]
                 if HAS_BIAS:
                     # Each sub-block's sum of x, as a dot with ones: it lands in the
                     # accumulator's layout (a broadcast of a reduction would be converted
                     # through shared memory every group).
-                    acc += dot(ones, xs[4 * (b * GROUPS + i) + 1], dot(ones, xs[4 * (b * GROUPS + i)], None)) * bias_a[:, None]
-                    acc += dot(ones, xs[4 * (b * GROUPS + i) + 3], dot(ones, xs[4 * (b * GROUPS + i) + 2], None)) * bias_b[:, None]
+                    acc += dot(ones, x1, dot(ones, x0, None)) * bias_a[:, None]
+                    acc += dot(ones, x3, dot(ones, x2, None)) * bias_b[:, None]
             updated = updated + (acc,)
         accs = updated
     return accs

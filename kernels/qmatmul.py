@@ -33,8 +33,18 @@ import triton.language as tl
 
 from ..errors import KernelInputError
 from ..gguf.tensors import Weight
-from .fusions import (RESIDUAL, ROPE_KV, STORE, SWIGLU, counters, residual_rows, rms_from_squares, rope_kv_rows,
-                      rope_pairs, x_chunk)
+from .fusions import (
+    RESIDUAL,
+    ROPE_KV,
+    STORE,
+    SWIGLU,
+    counters,
+    residual_rows,
+    rms_from_squares,
+    rope_kv_rows,
+    rope_pairs,
+    x_chunk,
+)
 from .qdecode import INTERPRETED, round_to, tile_products
 from .qtiles import GROUP, Tiled, TiledTensor, segments, tiled
 
@@ -68,10 +78,10 @@ def _x_slice(x_ptr, stride_xm, M, K, row0, s, NORM: tl.constexpr, norm, GROUPS: 
         m = row0 + b * 8 + tl.arange(0, 8)
         for i in tl.static_range(GROUPS):
             k0 = (s * GROUPS + i) * 64
-            xs = xs + (x_chunk(x_ptr, stride_xm, m, m < M, k0, K, NORM, norm, DTYPE),
-                       x_chunk(x_ptr, stride_xm, m, m < M, k0 + 16, K, NORM, norm, DTYPE),
-                       x_chunk(x_ptr, stride_xm, m, m < M, k0 + 32, K, NORM, norm, DTYPE),
-                       x_chunk(x_ptr, stride_xm, m, m < M, k0 + 48, K, NORM, norm, DTYPE))
+            xs = xs + ((x_chunk(x_ptr, stride_xm, m, m < M, k0, K, NORM, norm, DTYPE),
+                        x_chunk(x_ptr, stride_xm, m, m < M, k0 + 16, K, NORM, norm, DTYPE),
+                        x_chunk(x_ptr, stride_xm, m, m < M, k0 + 32, K, NORM, norm, DTYPE),
+                        x_chunk(x_ptr, stride_xm, m, m < M, k0 + 48, K, NORM, norm, DTYPE)),)
     return xs
 
 
@@ -311,8 +321,8 @@ def launch(x: torch.Tensor, a: TiledTensor, b: TiledTensor | None, groups: int, 
     norm = norm if norm is not None else (x, x)
     count = counters(x.device, units + row_blocks)
     kw = dict(QTYPE_A=int(a.qtype), QTYPE_B=None if b is None else int(b.qtype), NORM=norm[0] is not x,
-              EPILOGUE=getattr(epilogue, "value", epilogue), UNIT_TILES=unit_tiles, GROUPS=groups, BATCH=batch, num_warps=4, num_stages=2,
-              **(consts or {}))
+              EPILOGUE=getattr(epilogue, "value", epilogue), UNIT_TILES=unit_tiles, GROUPS=groups, BATCH=batch,
+              num_warps=4, num_stages=2, **(consts or {}))
     if decode:
         # Units per program: about 4 programs per SM at M = 1 (the result does not depend on it).
         per_program = max(1, (S * units) // (4 * sm_count(x.device)))

@@ -31,8 +31,6 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 
 from ..errors import UnsupportedModelError
 from ..gguf.constants import FLOAT_DTYPES, SUPPORTED_TYPES, GGMLType, type_name

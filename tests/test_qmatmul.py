@@ -62,7 +62,7 @@ def _sweep():
     at two decode M and, in turn, a prompt; fp32 and bf16 alternating."""
     cases = []
     for i, t in enumerate(ALL_TYPES):
-        ms = [1, 2, 8, 9, 33, 64, 72] if t in PRIORITY else [(1, 3)[i % 2], (16, 64)[i % 2]] + ([72] if i % 3 == 0 else [])
+        ms = [1, 2, 8, 9, 33, 64, 72] if t in PRIORITY else [(1, 3)[i % 2], (16, 64)[i % 2]] + [72] * (i % 3 == 0)
         for j, m in enumerate(ms):
             dtype = (torch.float32, torch.bfloat16)[(i + j) % 2]
             cases.append(pytest.param(t, m, dtype, id=f"{t.name}-M{m}-{str(dtype)[6:]}"))

@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 
 from smollm3_triton.errors import KernelInputError  # noqa: E402
 from smollm3_triton.gguf.constants import GGMLType  # noqa: E402
-from smollm3_triton.kernels.qmatmul import add_qmatmul_triton, qmatmul_torch, qmatmul_triton  # noqa: E402
+from smollm3_triton.kernels.qmatmul import add_qmatmul_triton, qmatmul_triton  # noqa: E402
 from smollm3_triton.kernels.qtiles import prepare_tiles  # noqa: E402
 from smollm3_triton.kernels.rms_norm import rms_norm_torch, rms_stats_torch, rms_stats_triton  # noqa: E402
 from tests.helpers.matmul_check import check  # noqa: E402

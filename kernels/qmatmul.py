@@ -10,15 +10,15 @@ One arithmetic for every row, whatever the batch:
   16-column chunk's fp32 dot product times its scale; the slices' products are summed in
   slice order. A row's result is bitwise the same alone, in any batch and in a prompt:
   the same instructions in the same order compute it, and MMA outputs do not mix columns.
-- Decode (M <= DECODE_ROWS), `_qmv_kernel`: program (slice s, range of row tiles) loads its
-  slice of x once (every row of x), decodes each weight tile once for all 8-row tiles of
-  x, and stores fp32 partials; the last program to finish a tile (an atomic counter per
+- Decode (M <= 8, and up to DECODE_ROWS for weights of few row tiles), `_qmv_kernel`: program
+  (slice s, range of row tiles) loads its slice of x once (every row of x), decodes each
+  weight tile once for all 8-row tiles of x, and stores fp32 partials; the last program to finish a tile (an atomic counter per
   tile) sums the slices' partials in slice order and writes y. One launch, bandwidth-bound
   by construction: enough programs for every SM at M = 1, 16-byte loads of quants, a few
   LOP3 + one bf16x2 FMA per two weights, x read once per program.
-- Prefill (M > DECODE_ROWS), `_qmm_kernel`: program (row tile, 64 rows of x) walks the
-  slices in order, summing their products in registers: the decode kernel's sums, without
-  partials in memory.
+- Prefill (and decode batches of wide weights), `_qmm_kernel`: program (row tile, up to 32
+  rows of x) walks the slices in order, summing their products in registers: the decode
+  kernel's sums, without partials in memory.
 - PAIRED (gate+up, kernels/swiglu.py): unit u is gate tile u and up tile u; y = silu(gate) * up.
 A weight of two types (a Q4_K_M file's fused QKV) is one launch: each row tile belongs to
 one part, which picks its decoding path (both compiled in).
@@ -310,9 +310,14 @@ def launch(x: torch.Tensor, a: TiledTensor, b: TiledTensor | None, groups: int, 
     tiles_a = triton.cdiv(n_a, BLOCK_N)
     units = tiles_a if epilogue == SWIGLU else triton.cdiv(tiles_a + triton.cdiv(n_b, BLOCK_N), unit_tiles)
     S = triton.cdiv(triton.cdiv(K, GROUP), groups)
-    decode = M <= DECODE_ROWS
-    batch = triton.next_power_of_2(triton.cdiv(M, 8)) if decode else PREFILL_BATCH
-    row_blocks = 1 if decode else triton.cdiv(M, 8 * PREFILL_BATCH)
+    # Both kernels compute the same sums (same slices, same order), so the choice may follow M:
+    # split-K for few rows of x (x read once per program, partials small), the slices summed in
+    # registers when there are rows enough that the partials would outweigh the weight and the
+    # weight has units enough to fill the GPU without splitting.
+    decode = M <= 8 or (M <= DECODE_ROWS and units < 2 * sm_count(x.device))
+    batch = triton.next_power_of_2(triton.cdiv(M, 8)) if decode else min(PREFILL_BATCH,
+                                                                          triton.next_power_of_2(triton.cdiv(M, 8)))
+    row_blocks = 1 if decode else triton.cdiv(M, 8 * batch)
     if epilogue == RESIDUAL:
         h, inv_rms, eps = epi
         epi = (h, h.stride(0), torch.empty((units, M), dtype=torch.float32, device=x.device), inv_rms, float(eps))

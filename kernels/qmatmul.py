@@ -16,8 +16,8 @@ One arithmetic for every row, whatever the batch:
   tile) sums the slices' partials in slice order and writes y. One launch, bandwidth-bound
   by construction: enough programs for every SM at M = 1, 16-byte loads of quants, a few
   LOP3 + one bf16x2 FMA per two weights, x read once per program.
-- Prefill (and decode batches of wide weights), `_qmm_kernel`: program (row tile, up to 32
-  rows of x) walks the slices in order, summing their products in registers: the decode
+- Prefill (and decode batches of wide weights), `_qmm_kernel`: program (row tile, 16 rows
+  of x; 8 for gate+up) walks the slices in order, summing their products in registers: the decode
   kernel's sums, without partials in memory.
 - PAIRED (gate+up, kernels/swiglu.py): unit u is gate tile u and up tile u; y = silu(gate) * up.
 A weight of two types (a Q4_K_M file's fused QKV) is one launch: each row tile belongs to
@@ -66,7 +66,7 @@ def qmatmul_torch(x: torch.Tensor, w: Weight) -> torch.Tensor:
 
 DECODE_ROWS = 64       # up to this many rows of x: the split-K decode kernel
 BLOCK_N = 64           # weight rows per tile
-PREFILL_BATCH = 4      # 8-row tiles of x per prefill program
+PREFILL_BATCH = 2      # 8-row tiles of x per prefill program
 
 
 @triton.jit
@@ -207,12 +207,14 @@ def _slices_summed(xs_args, part, t, S, QTYPE: tl.constexpr, GROUPS: tl.constexp
     """Tile t of a part times x rows row0 .. row0 + 8 * BATCH - 1: the slices' products summed in
     slice order, exactly as the decode kernel's last program sums its partials."""
     x_ptr, stride_xm, M, K, row0, norm = xs_args
+    n = t * 64 + tl.arange(0, 64)
+    ok = n < part[10]
     totals = ()
     for b in tl.static_range(BATCH):
         totals = totals + (tl.zeros([64, 8], tl.float32),)
     for s in range(0, S):
         xs = _x_slice(x_ptr, stride_xm, M, K, row0, s, NORM, norm, GROUPS, BATCH, DTYPE)
-        accs, n, ok = _products(xs, part, t, s, K, QTYPE, GROUPS, BATCH, DTYPE)
+        accs, _, _ = _products(xs, part, t, s, K, QTYPE, GROUPS, BATCH, DTYPE)
         summed = ()
         for b in tl.static_range(BATCH):
             summed = summed + (totals[b] + accs[b],)
@@ -315,8 +317,11 @@ def launch(x: torch.Tensor, a: TiledTensor, b: TiledTensor | None, groups: int, 
     # registers when there are rows enough that the partials would outweigh the weight and the
     # weight has units enough to fill the GPU without splitting.
     decode = M <= 8 or (M <= DECODE_ROWS and units < 2 * sm_count(x.device))
-    batch = triton.next_power_of_2(triton.cdiv(M, 8)) if decode else min(PREFILL_BATCH,
-                                                                          triton.next_power_of_2(triton.cdiv(M, 8)))
+    if decode:
+        batch = triton.next_power_of_2(triton.cdiv(M, 8))
+    else:
+        # Two 8-row tiles of x per program (one for gate+up, which holds both): more spill.
+        batch = min(1 if epilogue == SWIGLU else PREFILL_BATCH, triton.next_power_of_2(triton.cdiv(M, 8)))
     row_blocks = 1 if decode else triton.cdiv(M, 8 * batch)
     if epilogue == RESIDUAL:
         h, inv_rms, eps = epi
@@ -327,7 +332,7 @@ def launch(x: torch.Tensor, a: TiledTensor, b: TiledTensor | None, groups: int, 
     count = counters(x.device, units + row_blocks)
     kw = dict(QTYPE_A=int(a.qtype), QTYPE_B=None if b is None else int(b.qtype), NORM=norm[0] is not x,
               EPILOGUE=getattr(epilogue, "value", epilogue), UNIT_TILES=unit_tiles, GROUPS=groups, BATCH=batch,
-              num_warps=4, num_stages=2, **(consts or {}))
+              num_warps=4, num_stages=2 if decode else 1, **(consts or {}))
     if decode:
         # Units per program: about 4 programs per SM at M = 1 (the result does not depend on it).
         per_program = max(1, (S * units) // (4 * sm_count(x.device)))

@@ -8,7 +8,7 @@ MATMUL_COMPILE_ALL=1 adds M = 16 / 32, fp32 and fp16 activations and SmolLM2-135
 Each is compiled with triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)) in a
 child process started with TRITON_INTERPRET=0 (here the kernels are interpreted functions);
 registers and spills from ptxas -v on the PTX, shared memory from the kernel's metadata.
-Decode kernels (what generation runs) must not spill.
+No variant may spill (each runs in decode steps: the partial-free kernel takes wide weights at 9-64 rows).
 
 Triton 3.6 lives in its own directory (`pip install --no-deps --target DIR triton==3.6.0`),
 named by SMOLLM3_TRITON36 and put first on the child's PYTHONPATH; .ci/run installs it.
@@ -26,7 +26,7 @@ import pytest
 
 ARCHS = (80, 90)
 MAX_SHARED = {80: 166912, 90: 232448}
-DECODE_KERNELS = ("_qmv_kernel", "_embedding_kernel")
+NO_SPILL_KERNELS = ("_qmv_kernel", "_qmm_kernel", "_embedding_kernel")     # all of them run in decode steps
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -106,7 +106,7 @@ def test_every_variant_compiles(which):
         assert "error" not in r, f"{r['label']} sm_{r['arch']}: {r['error']}"
         assert r["cubin"] > 0 and r["regs"] <= 255
         assert r["shared"] <= MAX_SHARED[r["arch"]], f"{r['label']} sm_{r['arch']} needs {r['shared']} B shared"
-        if r["kernel"] in DECODE_KERNELS:
+        if r["kernel"] in NO_SPILL_KERNELS:
             assert r["spill_stores"] == 0, f"{r['label']} sm_{r['arch']} spills {r['spill_stores']} bytes"
 
 

@@ -122,6 +122,9 @@ def render_chat(
             # Templates read the reasoning under different names; give it under each.
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         chat.append(message)
+    if thinking and "enable_thinking" not in template:
+        raise RequestError("thinking was asked for, but this model's chat template has no thinking mode "
+                           "(it never reads enable_thinking)", param="thinking")
     variables = dict(extra)
     if thinking is not None:
         variables["enable_thinking"] = bool(thinking)

@@ -165,17 +165,6 @@ class ChatTextParser:
         return True
 
 
-def split_message(text: str, *, in_reasoning: bool = False, parse_tools: bool = False
-                  ) -> tuple[str | None, str, list[ToolCall]]:
-    """A whole generated text -> (reasoning or None, content, tool calls)."""
-    parser = ChatTextParser(in_reasoning=in_reasoning, parse_tools=parse_tools)
-    deltas = parser.push(text) + parser.finish()
-    reasoning = "".join(d.text for d in deltas if d.kind == "reasoning")
-    content = "".join(d.text for d in deltas if d.kind == "content")
-    calls = [d.call for d in deltas if d.kind == "tool_call"]
-    return (reasoning if parser.thought else None), content, calls
-
-
 def tool_calls_as_text(message: dict) -> dict:
     """An assistant message's earlier `tool_calls` written into its content the way the
     model writes them, for templates (SmolLM3's) that do not render tool_calls."""

@@ -10,7 +10,8 @@ from typing import Iterator
 import torch
 
 from . import hub
-from .chat import render_chat, split_reasoning
+from .chat import THINK_OPEN, render_chat
+from .chat_parser import ChatTextParser, ToolCall
 from .config import ModelConfig
 from .engine.detokenizer import TextStream
 from .engine.engine import Engine
@@ -33,8 +34,9 @@ END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<
 @dataclass(frozen=True)
 class ChatResponse:
     content: str
-    reasoning: str | None
-    text: str            # everything generated, reasoning included
+    reasoning: str | None          # the <think> block's text; None when the model did not think
+    text: str                      # everything generated, reasoning included
+    tool_calls: tuple[ToolCall, ...] = ()   # when the request offered tools and the model called them
 
     def __str__(self) -> str:
         return self.content
@@ -105,6 +107,11 @@ class Runtime:
                    gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
                    cuda_graphs=backend.cuda_graphs)
 
+    @property
+    def max_seq_len(self) -> int:
+        """The context a request's prompt and new tokens must fit in."""
+        return self.model.max_seq_len
+
     # ------------------------------------------------------------------ inference
     def logits(self, token_ids, mm_embeds: list | None = None):
         """Logits [T, vocab] float32 of one forward pass over token_ids from position 0.
@@ -153,18 +160,42 @@ class Runtime:
 
     def chat(self, messages: list[dict] | list[list[dict]], *, thinking: bool | None = None,
              tools: list | None = None, **kwargs) -> ChatResponse | list[ChatResponse]:
-        """One assistant turn through the file's chat template; reasoning is returned apart.
-        A list of conversations runs together and gives a list of responses, in order."""
-        if messages and all(isinstance(m, list) for m in messages):
+        """One assistant turn through the file's chat template; reasoning and tool calls are
+        returned apart from the answer. A list of conversations runs together and gives a
+        list of responses, in order."""
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages must be a non-empty list of messages (or of conversations)",
+                               param="messages")
+        if all(isinstance(m, list) for m in messages):
             params = SamplingParams(**kwargs)
             prompts = [self.encode_chat(m, thinking=thinking, tools=tools) for m in messages]
-            return [_chat_response(text) for text in self._run_many(prompts, params)]
-        return _chat_response("".join(self.stream_chat(messages, thinking=thinking, tools=tools, **kwargs)))
+            texts = self._run_many(prompts, params)
+            return [self._chat_response(ids, text, tools) for (ids, _), text in zip(prompts, texts)]
+        ids, mm_embeds = self.encode_chat(messages, thinking=thinking, tools=tools)
+        text = "".join(self._stream_ids(ids, mm_embeds, SamplingParams(**kwargs)))
+        return self._chat_response(ids, text, tools)
 
     def stream_chat(self, messages: list[dict], *, thinking: bool | None = None, tools: list | None = None,
                     **kwargs) -> Iterator[str]:
         params = SamplingParams(**kwargs)
         return self._stream_ids(*self.encode_chat(messages, thinking=thinking, tools=tools), params)
+
+    def opens_reasoning(self, prompt_ids: list[int]) -> bool:
+        """Whether the prompt itself opened a think block (a template that ends its
+        generation prompt with <think>): the answer then begins inside the reasoning."""
+        return self.tokenizer.decode(prompt_ids[-8:]).rstrip().endswith(THINK_OPEN)
+
+    def chat_parser(self, prompt_ids: list[int], parse_tools: bool = False) -> ChatTextParser:
+        """The splitter of this prompt's answer into reasoning, content and tool calls."""
+        return ChatTextParser(in_reasoning=self.opens_reasoning(prompt_ids), parse_tools=parse_tools)
+
+    def _chat_response(self, prompt_ids: list[int], text: str, tools: list | None) -> ChatResponse:
+        parser = self.chat_parser(prompt_ids, parse_tools=bool(tools))
+        deltas = parser.push(text) + parser.finish()
+        return ChatResponse(content="".join(d.text for d in deltas if d.kind == "content"),
+                            reasoning="".join(d.text for d in deltas if d.kind == "reasoning") if parser.thought
+                            else None,
+                            text=text, tool_calls=tuple(d.call for d in deltas if d.kind == "tool_call"))
 
     def render_chat(self, messages: list[dict], *, thinking: bool | None = None, tools: list | None = None,
                     **template_kwargs) -> str:
@@ -259,11 +290,6 @@ def _flatten_text_parts(message, i: int):
                                f"({{'type': 'text', 'text': ...}}), got {kind!r}")
         texts.append(part["text"])
     return {**message, "content": "\n".join(texts)}
-
-
-def _chat_response(text: str) -> ChatResponse:
-    reasoning, content = split_reasoning(text)
-    return ChatResponse(content=content, reasoning=reasoning, text=text)
 
 
 def _dtype(dtype, device: torch.device) -> torch.dtype:

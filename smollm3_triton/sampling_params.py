@@ -1,5 +1,4 @@
-"""What a request may ask for (SamplingParams), the limits checked before any work, and the
-reference sampling filters (sampling_probs) that the engine's vectorised sampler is held to."""
+"""What a request may ask for (SamplingParams), and the limits checked before any work."""
 from __future__ import annotations
 
 import math
@@ -105,7 +104,7 @@ def check_max_seq_len(max_seq_len, config, dtype: torch.dtype, device: torch.dev
         raise FieldError("max_seq_len", f"must be >= 1, got {max_seq_len}")
     # K and V of every layer, plus the RoPE tables (float64 angles, cos, sin while built).
     per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim * dtype.itemsize + 12 * config.head_dim
-    total = _device_memory(device)
+    total = device_memory(device)
     if max_seq_len * per_token > total:
         raise RequestError(f"max_seq_len {max_seq_len} needs {max_seq_len * per_token / 2**30:.1f} GiB for the KV "
                            f"cache alone, more than the {total / 2**30:.1f} GiB of memory of {device}")
@@ -116,7 +115,7 @@ def check_max_seq_len(max_seq_len, config, dtype: torch.dtype, device: torch.dev
     return max_seq_len
 
 
-def _device_memory(device: torch.device) -> int:
+def device_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -160,35 +159,3 @@ def check_request(n_prompt: int, params: SamplingParams, max_seq_len: int) -> No
                            param="prompt")
     if n_prompt + params.max_new_tokens > max_seq_len:
         raise ContextLengthError(n_prompt, params.max_new_tokens, max_seq_len)
-
-
-def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor | None, penalty: float) -> torch.Tensor:
-    """Seen tokens get their logit divided by the penalty when positive, multiplied when negative."""
-    if penalty == 1.0 or history is None or not history.numel():
-        return logits
-    seen = history.unique()
-    picked = logits[seen]
-    logits = logits.clone()
-    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits
-
-
-def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution a non-greedy draw uses: temperature, then top-k, top-p, min-p
-    (the order of llama.cpp's default chain and of transformers' warpers)."""
-    # Shifted so the best logit is 0, and divided in float64 (where a temperature of 1e-300
-    # is not 0): a tiny temperature then gives 0 and -inf, never 0/0 or inf - inf = NaN.
-    logits = ((logits.double() - logits.max()) / params.temperature).float()
-    if params.top_k and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if params.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        before = sorted_p.cumsum(-1) - sorted_p        # mass ranked above each token
-        drop = torch.zeros_like(probs, dtype=torch.bool)
-        drop[order] = before >= params.top_p           # keep the smallest prefix reaching top_p
-        probs = probs.masked_fill(drop, 0.0)
-    if params.min_p > 0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    return probs / probs.sum()

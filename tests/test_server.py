@@ -275,7 +275,7 @@ def test_health_is_503_while_loading(llama_folder):
 
     import uvicorn
 
-    from smollm3_triton.entrypoints.openai.app import create_app
+    from smollm3_triton.entrypoints.app import create_app
     app = create_app(slow_load, served_model_name="tiny")
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -435,14 +435,14 @@ def server3(smollm3_folder):
 def scripted(server3):
     """Make the next request's model output `text` (then the end token)."""
     rt = runtime(server3[1])
-    real = rt.engine.runner
+    real = rt.engine.runner.forward
 
     def script(text: str):
         ids = rt.tokenizer.encode(text) + [rt.tokenizer.token_to_id("<|im_end|>")]
-        rt.engine.runner = ScriptedRunner(rt.model, ids)
+        rt.engine.runner.forward = ScriptedRunner(rt.model, ids)
 
     yield script
-    rt.engine.runner = real
+    rt.engine.runner.forward = real
 
 
 def hf_prompt_len(folder, messages, **kwargs) -> int:

@@ -214,7 +214,7 @@ def _load(args, max_seq_len: int | None = None, **load_options):
 
 
 def _serve(args) -> int:
-    from ..entrypoints.openai.app import run_server
+    from ..entrypoints.app import run_server
     from ..errors import RequestError
 
     for name in ("port", "max_num_seqs", "max_num_batched_tokens", "kv_cache_tokens", "max_waiting", "replicas",

@@ -31,13 +31,13 @@ def _replica_app(load_options: dict, served_model_name: str, api_key: str | None
     from prometheus_client import start_http_server
 
     from ..runtime import Runtime
-    from .openai.app import create_app
+    from .app import create_app
 
     replica = serve.get_replica_context().replica_id.unique_id
     # Loaded before the replica counts as started, so Ray never routes to one still loading.
     rt = Runtime.load(**load_options)
     app = create_app(lambda: rt, served_model_name=served_model_name, api_key=api_key, max_waiting=max_waiting)
-    metrics_server, _ = start_http_server(0, addr="127.0.0.1", registry=app.state.metrics.registry)
+    metrics_server, _ = start_http_server(0, addr="127.0.0.1", registry=app.state.smollm3.metrics.registry)
     headers = {"x-smollm3-replica": f"{replica}", "x-smollm3-replica-pid": str(os.getpid()),
                "x-smollm3-metrics": f"http://127.0.0.1:{metrics_server.server_port}/metrics"}
 

@@ -299,7 +299,8 @@ def _lengths(text: str, option: str) -> list[int]:
 
 def run_bench(args) -> int:
     """`smollm3 bench`: print (and optionally write as JSON) the figures of one model."""
-    from .. import Runtime, hub
+    from .. import hub
+    from ..runtime import Runtime
     from ..errors import RequestError
 
     prefill, contexts = _lengths(args.prefill, "--prefill"), _lengths(args.contexts, "--contexts")

@@ -8,44 +8,16 @@ refused; fields that only describe the caller (user, metadata) are ignored.
 """
 from __future__ import annotations
 
-import dataclasses
 import numbers
 from dataclasses import dataclass
 
-from ...errors import ContextLengthError, FieldError, RequestError
+from ...errors import FieldError
 from ...sampling_params import MAX_LOGPROBS, SamplingParams
+from ..errors import APIError, bad
 
 MAX_N = 16                 # choices per request
 MAX_STOP = 16              # stop strings per request
 ROLES = ("system", "developer", "user", "assistant", "tool")
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def api_error_of(e: RequestError, prompt_param: str = "messages") -> APIError:
-    """A library refusal in the API's words: its names for the fields (max_tokens, not
-    max_new_tokens; the prompt's field) and the server's way to a longer context."""
-    names = {**_API_NAMES, "prompt": prompt_param}
-    param = names.get(e.param, e.param)
-    if isinstance(e, ContextLengthError):
-        message = e.describe(max_tokens="max_tokens", remedy="start the server with a larger --max-seq-len")
-    elif isinstance(e, FieldError):
-        message = e.renamed(param)
-    else:
-        message = str(e)
-    return APIError(400, message, param=param, code=e.code)
-
-
-def bad(param: str, message: str) -> APIError:
-    return APIError(400, f"{param}: {message}", param=param)
 
 
 def _field(body: dict, name: str, kinds, default=None, *, what: str):
@@ -100,8 +72,8 @@ class CompletionRequest(Common):
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                     "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos")
-# SamplingParams reports a bad field under its own name; the API's names for them.
-_API_NAMES = {"max_new_tokens": "max_tokens"}
+# The library's argument names as this API calls them.
+API_NAMES = {"max_new_tokens": "max_tokens", "thinking": "chat_template_kwargs.enable_thinking"}
 
 
 def sampling_params(body: dict, max_tokens: int | None, *, logprobs: int | None, prompt_logprobs: int | None,
@@ -120,7 +92,7 @@ def sampling_params(body: dict, max_tokens: int | None, *, logprobs: int | None,
         return SamplingParams(max_new_tokens=max_tokens or default_max_tokens, logprobs=logprobs,
                               prompt_logprobs=prompt_logprobs, **fields)
     except FieldError as e:
-        param = _API_NAMES.get(e.param, e.param)
+        param = API_NAMES.get(e.param, e.param)
         raise APIError(400, e.renamed(param), param=param) from None
 
 
@@ -240,15 +212,3 @@ def parse_completion(body: dict, default_max_tokens: int) -> CompletionRequest:
 def _token_list(value) -> bool:
     return isinstance(value, list) and bool(value) and all(
         isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in value)
-
-
-def with_max_tokens(req: Common, n_prompt: int, context: int, param: str) -> SamplingParams:
-    """The request's sampling params with max_new_tokens filled in: what it asked for, or
-    (asked for nothing) the rest of the context."""
-    if req.max_tokens is not None:
-        return req.params
-    room = context - n_prompt
-    if room < 1:
-        raise APIError(400, f"the prompt has {n_prompt} tokens, which fills the context of {context} tokens "
-                            f"(at most {context - 1} leave room for an answer)", param=param, code="context_length_exceeded")
-    return dataclasses.replace(req.params, max_new_tokens=min(room, req.params.max_new_tokens))

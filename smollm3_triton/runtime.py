@@ -11,7 +11,7 @@ import torch
 
 from . import hub
 from .chat import THINK_OPEN, render_chat
-from .chat_parser import ChatTextParser, ToolCall
+from .chat_parser import ChatTextParser, ToolCall, tool_calls
 from .config import ModelConfig
 from .engine.detokenizer import TextStream
 from .engine.engine import Engine
@@ -195,7 +195,7 @@ class Runtime:
         return ChatResponse(content="".join(d.text for d in deltas if d.kind == "content"),
                             reasoning="".join(d.text for d in deltas if d.kind == "reasoning") if parser.thought
                             else None,
-                            text=text, tool_calls=tuple(d.call for d in deltas if d.kind == "tool_call"))
+                            text=text, tool_calls=tuple(tool_calls(deltas)))
 
     def render_chat(self, messages: list[dict], *, thinking: bool | None = None, tools: list | None = None,
                     **template_kwargs) -> str:

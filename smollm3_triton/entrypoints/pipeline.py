@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from ..chat_parser import CALL_OPEN, ChatTextParser, Delta, tool_calls_as_text
+from ..chat_parser import ChatTextParser, Delta, ToolCall, tool_calls, tool_calls_as_text
 from ..engine.async_engine import AsyncEngine
 from ..engine.outputs import RequestOutput, TokenLogprob
 from ..sampling_params import SamplingParams
@@ -61,8 +61,8 @@ class Choice:
         return new
 
     @property
-    def tool_calls(self) -> list:
-        return [d.call for d in self.deltas if d.kind == "tool_call"]
+    def tool_calls(self) -> list[ToolCall]:
+        return tool_calls(self.deltas)
 
     def joined(self, kind: str) -> str:
         return "".join(d.text for d in self.deltas if d.kind == kind)

@@ -78,6 +78,32 @@ class StructuredOutputs:
     def value(self):
         return getattr(self, self.kind)
 
+    @classmethod
+    def from_response_format(cls, fmt, param: str = "response_format") -> StructuredOutputs | None:
+        """OpenAI's `response_format` (as llama-server and vLLM also take it): {"type": "text"}
+        (None: no constraint), {"type": "json_object"} (with llama-server's optional "schema"),
+        {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}, or vLLM's
+        {"type": "structural_tag", ...}; a pydantic model class stands for its JSON schema."""
+        if isinstance(fmt, type) and hasattr(fmt, "model_json_schema"):
+            return cls(json=fmt.model_json_schema(), param=param)
+        if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+            raise FieldError(param, f'must be an object with a "type", got {fmt!r}'[:300])
+        kind = fmt["type"]
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            schema = fmt.get("schema", {"type": "object"})
+            return cls(json=schema, param=f"{param}.schema" if "schema" in fmt else param)
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or "schema" not in spec:
+                raise FieldError(f"{param}.json_schema", 'must be an object with a "schema" (and a "name")')
+            return cls(json=spec["schema"], param=f"{param}.json_schema.schema")
+        if kind == "structural_tag":
+            return cls(structural_tag=fmt, param=param)
+        raise FieldError(f"{param}.type", f"must be one of text, json_object, json_schema, structural_tag; "
+                                          f"got {kind!r}"[:300])
+
     def key(self) -> str:
         """The grammar's identity (the compile cache's key): kind and spec, not where it came from."""
         return json.dumps([self.kind, self.value], sort_keys=True, ensure_ascii=False)

@@ -484,13 +484,15 @@ def test_tool_call_streamed(server3, scripted):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-def test_named_tool_choice_forces_the_call(server3, scripted):
-    """tool_choice naming a function begins the call in the prompt: the model only writes
-    the arguments (here scripted), and the call is that function."""
+def test_named_tool_choice_decodes_the_call(server3, scripted, smollm3_folder):
+    """tool_choice naming a function: the template sees only that tool, the answer is decoded
+    under the call's grammar (here the scripted call fits it) and comes back as that call."""
     client = server3[2]
-    scripted('{"city": "Oslo"}}\n</tool_call>')
+    scripted('<tool_call>\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n</tool_call>')
     r = client.chat.completions.create(model="smollm3", messages=ASK, tools=TOOLS, max_tokens=40, temperature=0,
-                                       tool_choice={"type": "function", "function": {"name": "get_time"}})
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert r.usage.prompt_tokens == hf_prompt_len(smollm3_folder, ASK, xml_tools=TOOLS[1:], enable_thinking=False)
     (call,) = r.choices[0].message.tool_calls
     assert call.function.name == "get_time" and json.loads(call.function.arguments) == {"city": "Oslo"}
     assert r.choices[0].message.content is None and r.choices[0].finish_reason == "tool_calls"

@@ -60,6 +60,17 @@ def _gbnf_literal(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
+# xgrammar writes a length-bounded JSON string's characters as [^"\\\r\n], which lets raw
+# control characters through (invalid JSON: json.loads and pydantic refuse it); its unbounded
+# strings exclude \0-\x1f as JSON requires. The grammar's text is patched to do the same.
+_LOOSE_STRING_CHAR = '[^\\"\\\\\\r\\n]'
+_JSON_STRING_CHAR = '[^\\0-\\x1f\\"\\\\]'
+
+
+def _strict_json_strings(ebnf: str) -> str:
+    return ebnf.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
+
+
 def choice_grammar(choices: tuple[str, ...]) -> str:
     return "root ::= " + " | ".join(_gbnf_literal(c) for c in choices)
 
@@ -91,19 +102,22 @@ class GrammarCompiler:
         return self._compiler
 
     def _build(self, spec: StructuredOutputs):
+        import xgrammar as xgr
         compiler = self._xgr_compiler()
         kind, value = spec.kind, spec.value
         if kind == "json":
             # Compact separators (", " and ": ", no newlines): a small model cannot wander off
             # into whitespace, and the text is what json.dumps writes.
-            return compiler.compile_json_schema(json.dumps(value), any_whitespace=False)
+            grammar = xgr.Grammar.from_json_schema(json.dumps(value), any_whitespace=False)
+            return compiler.compile_grammar(_strict_json_strings(str(grammar)))
         if kind == "regex":
             return compiler.compile_regex(value)
         if kind == "choice":
             return compiler.compile_grammar(choice_grammar(value))
         if kind == "grammar":
             return compiler.compile_grammar(value)
-        return compiler.compile_structural_tag(json.dumps(value))
+        grammar = xgr.Grammar.from_structural_tag(json.dumps(value))
+        return compiler.compile_grammar(_strict_json_strings(str(grammar)))
 
     def compile(self, spec: StructuredOutputs):
         """The compiled grammar of `spec`; RequestError naming spec.param if it is invalid,

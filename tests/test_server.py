@@ -673,7 +673,8 @@ def test_random_bodies_never_get_a_500(server):
     fields = ["messages", "prompt", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
               "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop", "n", "stream",
               "stream_options", "logprobs", "top_logprobs", "echo", "tools", "tool_choice", "chat_template_kwargs",
-              "response_format", "ignore_eos", "stop_token_ids", "best_of", "content", "tokens"]
+              "response_format", "structured_outputs", "json_schema", "grammar", "ignore_eos", "stop_token_ids",
+              "best_of", "content", "tokens"]
     good = {"messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "max_tokens": 2}
     paths = ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"]
     http = httpx.Client(base_url=server[0], timeout=60)

@@ -59,7 +59,8 @@ def _call_deltas(call: ToolCall) -> list[Delta]:
 
 # The head of a call whose arguments object can stream: `<tool_call>{"name": "x", "arguments": `
 # (or "parameters"), followed by the object's `{`.
-_CALL_HEAD = re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
+_CALL_HEAD = re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,'
+                        r'\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
 
 
 def parse_tool_call(body: str) -> ToolCall | None:

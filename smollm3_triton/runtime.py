@@ -158,7 +158,7 @@ class Runtime:
         choice= (a list of strings), grammar= (GBNF) or structured_outputs=StructuredOutputs(...)."""
         if isinstance(prompt, list):
             params = _params(kwargs)
-            return self._run_many([(self._encode(p), []) for p in prompt], params)
+            return self._run_many([(self._encode(p), [], params) for p in prompt])
         return "".join(self.stream(prompt, **kwargs))
 
     def chat(self, messages: list[dict] | list[list[dict]], *, thinking: bool | None = None,
@@ -174,10 +174,7 @@ class Runtime:
         params = _params(kwargs)
         if all(isinstance(m, list) for m in messages):
             prompts = [self.encode_chat(m, thinking=thinking, tools=tools) for m in messages]
-            for ids, _ in prompts:
-                self.engine.check(len(ids), params)
-            results = self.engine.run([(ids, self._after_reasoning(params, ids), mm) for ids, mm in prompts])
-            texts = ["".join(o.text for o in outs) for outs in results]
+            texts = self._run_many([(ids, mm, self._after_reasoning(params, ids)) for ids, mm in prompts])
             return [self._chat_response(ids, text, tools) for (ids, _), text in zip(prompts, texts)]
         ids, mm_embeds = self.encode_chat(messages, thinking=thinking, tools=tools)
         text = "".join(self._stream_ids(ids, mm_embeds, self._after_reasoning(params, ids)))
@@ -253,11 +250,11 @@ class Runtime:
     def _stream_ids(self, prompt_ids: list[int], mm_embeds: list, params: SamplingParams) -> Iterator[str]:
         return (out.text for out in self.outputs(prompt_ids, params, mm_embeds) if out.text)
 
-    def _run_many(self, prompts: list[tuple[list[int], list]], params: SamplingParams) -> list[str]:
-        """prompts: (prompt ids, mm_embeds) each."""
-        for ids, _ in prompts:
+    def _run_many(self, requests: list[tuple[list[int], list, SamplingParams]]) -> list[str]:
+        """requests: (prompt ids, mm_embeds, params) each."""
+        for ids, _, params in requests:
             self.engine.check(len(ids), params)
-        results = self.engine.run([(ids, params, mm) for ids, mm in prompts])
+        results = self.engine.run([(ids, params, mm) for ids, mm, params in requests])
         return ["".join(o.text for o in outs) for outs in results]
 
     def generate_ids(self, prompt_ids: list[int], params: SamplingParams, mm_embeds: list | None = None) -> Iterator[int]:

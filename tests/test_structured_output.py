@@ -158,7 +158,8 @@ def test_length_cut_leaves_a_valid_prefix(rt):
     a prefix that an independent grammar engine (llguidance) accepts as incomplete."""
     llguidance = pytest.importorskip("llguidance")
     engine = fresh_engine(rt)
-    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=5, structured_outputs=StructuredOutputs(json=PERSON))
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=5,
+                            structured_outputs=StructuredOutputs(json=PERSON))
     outs = engine.run([(rt.tokenizer.encode("JSON:"), params)])[0]
     assert outs[-1].finish_reason == "length"
     ids = [t for o in outs for t in o.token_ids]

@@ -144,8 +144,9 @@ def test_llama_server_grammar_and_json_schema(client):
     r = client.chat.completions.create(model="smollm2", messages=ask("What is the capital of France?"),
                                        temperature=0, max_tokens=20, extra_body={"grammar": GBNF})
     assert re.fullmatch(r"The capital is [A-Z][a-z]+( [A-Z][a-z]+)?\.", r.choices[0].message.content)
-    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 20},
-                                               "population_millions": {"type": "integer", "minimum": 0, "maximum": 2000}},
+    schema = {"type": "object", "properties": {
+        "capital": {"type": "string", "maxLength": 20},
+        "population_millions": {"type": "integer", "minimum": 0, "maximum": 2000}},
               "required": ["capital", "population_millions"], "additionalProperties": False}
     r = client.chat.completions.create(model="smollm2", messages=ask("France's capital and its population?"),
                                        temperature=0, max_tokens=60, extra_body={"json_schema": schema})
@@ -198,7 +199,8 @@ def test_streamed_tool_arguments_join_to_the_non_streamed(client):
 # ---------------------------------------------------------------- many at once
 
 SCHEMAS = [{"type": "object", "properties": {key: kind}, "required": [key], "additionalProperties": False}
-           for key, kind in [("colour", {"enum": ["red", "green", "blue"]}), ("count", {"type": "integer", "minimum": 0, "maximum": 999}),
+           for key, kind in [("colour", {"enum": ["red", "green", "blue"]}),
+                             ("count", {"type": "integer", "minimum": 0, "maximum": 999}),
                              ("ok", {"type": "boolean"}), ("word", {"type": "string", "maxLength": 12}),
                              ("score", {"enum": [1.5, 2.5, 10]}),
                              ("tags", {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 2}),
@@ -298,8 +300,9 @@ def smollm3_server(tmp_path_factory):
         yield base, app
 
 
-ANSWER = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "confidence": {
-    "type": "integer", "minimum": 1, "maximum": 5}}, "required": ["answer", "confidence"], "additionalProperties": False}
+ANSWER = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
+                                           "confidence": {"type": "integer", "minimum": 1, "maximum": 5}},
+          "required": ["answer", "confidence"], "additionalProperties": False}
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -2,7 +2,8 @@
 
     add_request -> Scheduler (waiting / running, token budget, chunked prefill, preemption)
                 -> Batch (flat tokens, positions, slots, query starts, lengths, block tables)
-                -> Transformer.forward (or the CUDA-graph runner) -> per-sequence sampling
+                -> Transformer.forward (or the CUDA-graph runner)
+                -> grammar masks on the constrained rows (structured_output.py) -> per-sequence sampling
                 -> detokenize, stop strings -> RequestOutput
 
 `Engine` is synchronous: `step()` runs one forward for everything scheduled and returns
@@ -191,7 +192,8 @@ class Engine:
             return outputs
         rows = torch.tensor([row for _, row in live], device=logits.device)
         picked = logits[rows]           # a copy: masking it leaves `logits` as the model gave it
-        constrained = [(i, s.constraint) for i, (s, _) in enumerate(live) if s.constraint is not None and s.constraint.active]
+        constrained = [(i, s.constraint) for i, (s, _) in enumerate(live)
+                       if s.constraint is not None and s.constraint.active]
         if constrained:
             apply_constraints(picked, constrained)
         tokens = sample(picked, [s.sampler for s, _ in live], [(s.prompt_ids, s.output_ids) for s, _ in live])

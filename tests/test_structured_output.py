@@ -332,3 +332,16 @@ def test_bounded_json_strings_refuse_raw_control_characters(rt):
         with pytest.raises(ValueError) if not ok else contextlib.nullcontext():
             json.loads(text)
         assert xgr.GrammarMatcher(compiled).accept_string(text) == ok
+
+
+def test_structural_tag(rt):
+    """A structural tag (xgrammar's format, as vLLM takes it): a tagged JSON answer."""
+    answer = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    tag = {"type": "structural_tag", "format": {"type": "tag", "begin": "<answer>", "end": "</answer>",
+                                                "content": {"type": "json_schema", "json_schema": answer}}}
+    outs = fresh_engine(rt).run([(rt.tokenizer.encode("Answer:"), SamplingParams(
+        max_new_tokens=60, temperature=1.0, seed=9, structured_outputs=StructuredOutputs(structural_tag=tag)))])[0]
+    match = re.fullmatch(r"<answer>(.*)</answer>", text_of(outs), re.S)
+    assert match and outs[-1].finish_reason == "stop", text_of(outs)
+    jsonschema.validate(json.loads(match.group(1)), answer)

@@ -331,3 +331,34 @@ def test_smollm3_thinking_free_then_constrained(smollm3_server, stream):
         rt.engine.runner.forward = real
     assert thought == reasoning
     jsonschema.validate(json.loads(content), ANSWER)
+
+
+CITY = {"type": "object", "properties": {"location": {"enum": ["Paris", "Oslo"]}}, "required": ["location"],
+        "additionalProperties": False}
+STRICT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "strict": True, "parameters": CITY}}]
+
+
+@pytest.mark.parametrize("tool_choice, script", [
+    ("auto", 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"location": "Lyon"}}\n</tool_call>'),
+    ("required", "I would rather not call anything."),
+])
+def test_tool_calls_are_constrained_once_begun_or_forced(smollm3_server, tool_choice, script):
+    """auto: free text, then the call the model begins is held to the strict tool's schema
+    (the script's "Lyon" is not allowed); required: a model that will not call is made to."""
+    base, app = smollm3_server
+    rt = app.state.smollm3.runtime
+    real = rt.engine.runner.forward
+    rt.engine.runner.forward = ScriptedRunner(rt.model, rt.tokenizer.encode(script))
+    client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=120)
+    try:
+        r = client.chat.completions.create(model="smollm3", messages=ask("Weather?"), tools=STRICT_TOOLS,
+                                           tool_choice=tool_choice, temperature=0, max_tokens=80,
+                                           extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    finally:
+        rt.engine.runner.forward = real
+    c = r.choices[0]
+    (call,) = c.message.tool_calls
+    assert c.finish_reason == "tool_calls" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), CITY)
+    if tool_choice == "auto":         # the text before the call was free
+        assert c.message.content.startswith("Let me check.\n")

@@ -99,7 +99,10 @@ class Usage:
 
 @dataclass(frozen=True)
 class ChatInput:
-    """A chat request in the library's terms, whichever API it came from."""
+    """A chat request in the library's terms, whichever API it came from. Its output
+    constraint, if any, is params.structured_outputs (each API parses its own fields into
+    one: response_format, output_config.format, text.format, ...); chat_choices joins it
+    with the tool calls that tool_choice asks for."""
     messages: list[dict]
     params: SamplingParams
     max_tokens_given: bool = True         # False: max_new_tokens becomes the rest of the context

@@ -2,7 +2,8 @@
 
     add_request -> Scheduler (waiting / running, token budget, chunked prefill, preemption)
                 -> Batch (flat tokens, positions, slots, query starts, lengths, block tables)
-                -> Transformer.forward (or the CUDA-graph runner) -> per-sequence sampling
+                -> Transformer.forward (or the CUDA-graph runner)
+                -> grammar masks on the constrained rows (structured_output.py) -> per-sequence sampling
                 -> detokenize, stop strings -> RequestOutput
 
 `Engine` is synchronous: `step()` runs one forward for everything scheduled and returns
@@ -31,6 +32,7 @@ from .outputs import EngineStats, RequestOutput, TokenLogprob
 from .sampler import SamplerState, logprobs, sample
 from .scheduler import Scheduler
 from .sequence import FINISHED, RUNNING, Sequence
+from .structured_output import GrammarCompiler, apply_constraints
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -62,6 +64,7 @@ class Engine:
         self.pool = BlockPool(self.runner.n_blocks, enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, block_size, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens)
+        self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)
         self._sequences: dict[str, Sequence] = {}
         self._aborted: list[RequestOutput] = []
         self._lock = threading.RLock()
@@ -84,7 +87,9 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     mm_embeds: list[tuple[int, torch.Tensor, bytes]] | None = None) -> str:
-        """Queue a request; refused with RequestError if it could never fit."""
+        """Queue a request; refused with RequestError if it could never fit, or if its
+        structured output's grammar is invalid or does not compile in time (compiled here,
+        on the caller's thread, unless already cached)."""
         prompt_ids = [int(t) for t in prompt_ids]
         vocab = self.model.config.vocab_size
         for i, t in enumerate(prompt_ids):
@@ -97,13 +102,17 @@ class Engine:
                     or e.shape[1] != self.model.config.hidden_size:
                 raise RequestError(f"embeddings of shape {tuple(e.shape)} at offset {off} do not fit a prompt "
                                    f"of {len(prompt_ids)} tokens with hidden size {self.model.config.hidden_size}")
+        constraint = None
+        if params.structured_outputs is not None:
+            stop_ids = (set() if params.ignore_eos else self.eos_ids) | set(params.stop_token_ids)
+            constraint = self.grammars.constraint(params.structured_outputs, stop_ids)
         with self._lock:
             if request_id is None:
                 request_id = f"req-{next(self._ids)}"
             if request_id in self._sequences:
                 raise RequestError(f"request id {request_id!r} is already in use")
             seq = Sequence(request_id, prompt_ids, params, SamplerState.start(params),
-                           TextStream(self.tokenizer, params.stop), mm_embeds=mm_embeds)
+                           TextStream(self.tokenizer, params.stop), mm_embeds=mm_embeds, constraint=constraint)
             self._sequences[request_id] = seq
             self.scheduler.add(seq)
         return request_id
@@ -182,7 +191,11 @@ class Engine:
         if not live:
             return outputs
         rows = torch.tensor([row for _, row in live], device=logits.device)
-        picked = logits[rows]
+        picked = logits[rows]           # a copy: masking it leaves `logits` as the model gave it
+        constrained = [(i, s.constraint) for i, (s, _) in enumerate(live)
+                       if s.constraint is not None and s.constraint.active]
+        if constrained:
+            apply_constraints(picked, constrained)
         tokens = sample(picked, [s.sampler for s, _ in live], [(s.prompt_ids, s.output_ids) for s, _ in live])
         token_list = tokens.tolist()
         want = [i for i, (s, _) in enumerate(live) if s.params.logprobs is not None]
@@ -199,8 +212,12 @@ class Engine:
             p = seq.params
             ended = (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids
             text, stopped = ("", False) if ended else seq.text.push(token)
+            # The grammar is complete (its stop token taken, or no stop token to wait for), or
+            # refused the token (a masked row never samples one it refuses).
+            complete = seq.constraint is not None and (
+                not seq.constraint.advance(token, self.tokenizer.token_bytes) or seq.constraint.terminated)
             reason = None
-            if ended or stopped:
+            if ended or stopped or complete:
                 reason = "stop"
             elif len(seq.output_ids) >= p.max_new_tokens or seq.num_tokens >= self.max_seq_len:
                 reason = "length"

@@ -9,6 +9,7 @@ from ..sampling_params import SamplingParams
 from .detokenizer import TextStream
 from .outputs import TokenLogprob
 from .sampler import SamplerState
+from .structured_output import Constraint
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
@@ -32,6 +33,7 @@ class Sequence:
     finish_reason: str | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_sent: bool = False
+    constraint: Constraint | None = None   # the grammar its output must match (structured output)
 
     @property
     def num_tokens(self) -> int:

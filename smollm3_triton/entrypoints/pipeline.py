@@ -1,6 +1,7 @@
 """The request pipeline every API shares, from a checked request to its outputs.
 
-    chat_choices / completion_choices   prompt ids per choice (template, tools, images)
+    chat_choices / completion_choices   prompt ids per choice (template, tools, images), and the
+                                         output constraint (response format, tool calls) compiled
  -> Generation.start                     admission (503 past capacity), one sequence per choice
  -> Generation.outputs                   every choice's outputs as they come, each split once
                                          into reasoning / content / tool calls by its parser
@@ -19,10 +20,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from ..chat_parser import CALL_OPEN, ChatTextParser, Delta, tool_calls_as_text
+from ..chat_parser import CALL_CLOSE, CALL_OPEN, ChatTextParser, Delta, ToolCall, tool_calls, tool_calls_as_text
 from ..engine.async_engine import AsyncEngine
 from ..engine.outputs import RequestOutput, TokenLogprob
-from ..sampling_params import SamplingParams
+from ..engine.structured_output import choice_grammar
+from ..sampling_params import SamplingParams, StructuredOutputs
 from .errors import APIError
 from .metrics import Metrics
 
@@ -61,8 +63,8 @@ class Choice:
         return new
 
     @property
-    def tool_calls(self) -> list:
-        return [d.call for d in self.deltas if d.kind == "tool_call"]
+    def tool_calls(self) -> list[ToolCall]:
+        return tool_calls(self.deltas)
 
     def joined(self, kind: str) -> str:
         return "".join(d.text for d in self.deltas if d.kind == kind)
@@ -97,7 +99,10 @@ class Usage:
 
 @dataclass(frozen=True)
 class ChatInput:
-    """A chat request in the library's terms, whichever API it came from."""
+    """A chat request in the library's terms, whichever API it came from. Its output
+    constraint, if any, is params.structured_outputs (each API parses its own fields into
+    one: response_format, output_config.format, text.format, ...); chat_choices joins it
+    with the tool calls that tool_choice asks for."""
     messages: list[dict]
     params: SamplingParams
     max_tokens_given: bool = True         # False: max_new_tokens becomes the rest of the context
@@ -110,7 +115,9 @@ class ChatInput:
 
 def chat_choices(rt, chat: ChatInput, prompt_param: str = "messages") -> list[Choice]:
     """Render the conversation through the model's template; each choice gets its own parser.
-    Model work (tokenizing, encoding images): call it off the event loop."""
+    The output constraint (the request's, and the tool calls') is compiled here: a bad one is
+    refused before anything runs. Model work (tokenizing, encoding images, compiling grammars):
+    call it off the event loop."""
     template = rt.tokenizer.chat_template or ""
     messages = chat.messages
     if "tool_calls" not in template:
@@ -123,32 +130,69 @@ def chat_choices(rt, chat: ChatInput, prompt_param: str = "messages") -> list[Ch
     # local_images=False: a client may send images as data: URLs, never make us read our own disk
     prompt_ids, mm_embeds = rt.encode_chat(messages, thinking=chat.thinking, tools=tools, local_images=False,
                                            **chat.template_kwargs)
-    # tool_choice required / a named function: the call is begun in the prompt, so the model
-    # can only continue it.
-    forced = ""
-    if isinstance(chat.tool_choice, dict):
-        forced = f'{CALL_OPEN}\n{{"name": {json.dumps(chat.tool_choice["function"]["name"], ensure_ascii=False)}, ' \
-                 f'"arguments": '
-    elif chat.tool_choice == "required":
-        forced = f'{CALL_OPEN}\n{{"name": "'
-    in_reasoning = False if forced else rt.opens_reasoning(prompt_ids)
-    if forced:
-        prompt_ids = prompt_ids + rt.tokenizer.encode(forced)
     params = _with_max_tokens(chat.params, chat.max_tokens_given, len(prompt_ids), rt.max_seq_len, prompt_param)
+    spec = _chat_constraint(rt, chat, params.structured_outputs)
+    if spec is not None:
+        # A reasoning model thinks freely first: the constraint starts after its </think>.
+        spec = dataclasses.replace(spec, after=rt.reasoning_end(prompt_ids))
+        rt.engine.grammars.compile(spec)
+    params = dataclasses.replace(params, structured_outputs=spec)
+    in_reasoning = rt.opens_reasoning(prompt_ids)
+    return [Choice(i, prompt_ids, _seeded(params, i), mm_embeds,
+                   ChatTextParser(in_reasoning=in_reasoning, parse_tools=tools is not None)) for i in range(chat.n)]
 
-    def parser() -> ChatTextParser:
-        p = ChatTextParser(in_reasoning=in_reasoning, parse_tools=tools is not None)
-        if forced:
-            p.state = "content"
-            p.push(forced)
-        return p
 
-    return [Choice(i, prompt_ids, _seeded(params, i), mm_embeds, parser()) for i in range(chat.n)]
+def _chat_constraint(rt, chat: ChatInput, response: StructuredOutputs | None) -> StructuredOutputs | None:
+    """The request's own constraint, joined with its tools' calls as the tool choice asks:
+    a named function or "required" -> nothing but calls (named: exactly that one), each
+    `<tool_call>` JSON under its function's parameter schema; "auto" -> free text (or the
+    request's own format) in which a call, once begun, is constrained (under the parameter
+    schema for strict tools, any JSON object of arguments for the others)."""
+    if not chat.tools or chat.tool_choice == "none":
+        return response
+    named = chat.tool_choice["function"]["name"] if isinstance(chat.tool_choice, dict) else None
+    tags = []
+    for i, tool in enumerate(chat.tools):
+        fn = tool["function"]
+        if named is not None and fn["name"] != named:
+            continue
+        schema = fn.get("parameters") or {"type": "object"}
+        if chat.tool_choice == "auto" and fn.get("strict") is not True:
+            schema = {"type": "object"}
+        else:
+            rt.engine.grammars.check_schema(schema, f"tools[{i}].function.parameters")
+        tags.append({"type": "tag", "content": {"type": "json_schema", "json_schema": schema},
+                     "begin": f'{CALL_OPEN}\n{{"name": {json.dumps(fn["name"], ensure_ascii=False)}, "arguments": ',
+                     "end": f"}}\n{CALL_CLOSE}"})
+    if chat.tool_choice == "auto" and response is None:
+        fmt = {"type": "triggered_tags", "triggers": [CALL_OPEN], "tags": tags}
+    else:
+        fmt = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
+               "stop_after_first": named is not None}
+        if chat.tool_choice == "auto":           # either the request's own format, or calls
+            fmt = {"type": "or", "elements": [_as_format(response), fmt]}
+    return StructuredOutputs(structural_tag={"type": "structural_tag", "format": fmt},
+                             param=response.param if response is not None else "tools")
+
+
+def _as_format(spec: StructuredOutputs) -> dict:
+    """A constraint as one element of a structural tag."""
+    kind, value = spec.kind, spec.value
+    if kind == "json":
+        return {"type": "json_schema", "json_schema": value}
+    if kind == "regex":
+        return {"type": "regex", "pattern": value}
+    if kind in ("choice", "grammar"):
+        return {"type": "grammar", "grammar": choice_grammar(value) if kind == "choice" else value}
+    return value.get("format", value)
 
 
 def completion_choices(rt, prompts: list, params: SamplingParams, max_tokens_given: bool, n: int,
                        prompt_param: str = "prompt") -> list[Choice]:
-    """Raw prompts (strings or token ids), n choices each, no template."""
+    """Raw prompts (strings or token ids), n choices each, no template; an output constraint
+    is compiled here (refused before anything runs)."""
+    if params.structured_outputs is not None:
+        rt.engine.grammars.compile(params.structured_outputs)
     out = []
     for p, prompt in enumerate(prompts):
         ids = rt.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]

@@ -3,8 +3,14 @@
 A request body is untrusted JSON: every field the server reads is type- and range-checked
 here, and a bad one is an `APIError` naming it (`param`), answered as OpenAI answers:
 `{"error": {"message", "type", "param", "code"}}`. Fields we do not implement but that
-would change the result if ignored (logit_bias, response_format beyond text, suffix) are
-refused; fields that only describe the caller (user, metadata) are ignored.
+would change the result if ignored (logit_bias, suffix) are refused; fields that only
+describe the caller (user, metadata) are ignored.
+
+Structured output comes in any of the shapes clients send, each parsed into one
+StructuredOutputs: OpenAI's `response_format`, vLLM's `structured_outputs` ({json | regex |
+choice | grammar | structural_tag | json_object}) and llama-server's `json_schema` and
+`grammar` (GBNF) fields. Whether the schema, regex or grammar compiles is checked later,
+by the pipeline, before any compute.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import numbers
 from dataclasses import dataclass
 
 from ...errors import FieldError
-from ...sampling_params import MAX_LOGPROBS, SamplingParams
+from ...sampling_params import MAX_LOGPROBS, STRUCTURED_KINDS, SamplingParams, StructuredOutputs
 from ..errors import APIError, bad
 
 MAX_N = 16                 # choices per request
@@ -90,10 +96,44 @@ def sampling_params(body: dict, max_tokens: int | None, *, logprobs: int | None,
         fields["top_k"] = 0
     try:
         return SamplingParams(max_new_tokens=max_tokens or default_max_tokens, logprobs=logprobs,
-                              prompt_logprobs=prompt_logprobs, **fields)
+                              prompt_logprobs=prompt_logprobs, structured_outputs=structured_outputs(body),
+                              **fields)
     except FieldError as e:
         param = API_NAMES.get(e.param, e.param)
         raise APIError(400, e.renamed(param), param=param) from None
+
+
+def structured_outputs(body: dict) -> StructuredOutputs | None:
+    """The one output constraint of a request, whichever field gave it (FieldError naming it)."""
+    fmt = body.get("response_format")
+    given = [name for name in ("response_format", "structured_outputs", "json_schema", "grammar")
+             if body.get(name) is not None and not (name == "response_format" and isinstance(fmt, dict)
+                                                     and fmt.get("type") == "text")]
+    if len(given) > 1:
+        raise FieldError(given[1], f"cannot be combined with {given[0]}: a request takes one output constraint")
+    if not given:
+        return None
+    name = given[0]
+    value = body[name]
+    if name == "response_format":
+        return StructuredOutputs.from_response_format(value)
+    if name == "json_schema":
+        return StructuredOutputs(json=value, param=name)
+    if name == "grammar":
+        return StructuredOutputs(grammar=value, param=name)
+    if not isinstance(value, dict):
+        raise FieldError(name, f"must be an object with one of {list(STRUCTURED_KINDS)}, got {value!r}"[:300])
+    unknown = sorted(set(value) - {*STRUCTURED_KINDS, "json_object"})
+    if unknown:
+        raise FieldError(name, f"has keys this server does not support: {unknown}")
+    spec = {k: v for k, v in value.items() if v is not None and v is not False}
+    if spec.pop("json_object", None) is True:
+        spec.setdefault("json", {"type": "object"})
+    if len(spec) != 1:
+        raise FieldError(name, f"must set exactly one of {list(STRUCTURED_KINDS) + ['json_object']}, got "
+                               f"{sorted(spec) or 'none'}")
+    (kind, v), = spec.items()
+    return StructuredOutputs(**{kind: v}, param=f"{name}.{kind}")
 
 
 def _common(body: dict, max_tokens: int | None, *, logprobs: int | None, prompt_logprobs: int | None,
@@ -168,9 +208,6 @@ def parse_chat(body: dict, default_max_tokens: int) -> ChatRequest:
     thinking = kwargs.pop("enable_thinking", None)
     if thinking is not None and not isinstance(thinking, bool):
         raise bad("chat_template_kwargs.enable_thinking", f"must be true or false, got {thinking!r}")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise bad("response_format", "only {'type': 'text'} is supported")
 
     logprobs = _bool(body, "logprobs")
     top = _int(body, "top_logprobs", low=0, high=MAX_LOGPROBS)

@@ -3,7 +3,7 @@ both OpenAI endpoints give (streamed or one JSON body).
 
 Streamed: a role chunk per choice, then `delta.reasoning_content` (and vLLM's
 `delta.reasoning`), `delta.content` and `delta.tool_calls` (index, id, type and name, then
-the arguments) as the pipeline splits them, a finish chunk per choice, and with
+the arguments in pieces as the model writes them) as the pipeline splits them, a finish chunk per choice, and with
 `stream_options.include_usage` a last chunk with `choices: []` and the usage. Not streamed:
 the same deltas joined into one message per choice.
 """
@@ -95,15 +95,15 @@ class _ChatAnswer:
             if lps is not None and not lps["content"]:
                 lps = None
             for delta in deltas:
-                if delta.kind == "tool_call":
-                    k = calls[choice.index]
+                if delta.kind == "tool_call":       # the name first, then the arguments in pieces
                     calls[choice.index] += 1
                     call = delta.call
-                    yield self._delta(choice.index, {"tool_calls": [{"index": k, "id": call.id, "type": "function",
-                                                                     "function": {"name": call.name,
-                                                                                  "arguments": ""}}]})
-                    yield self._delta(choice.index, {"tool_calls": [{"index": k, "function": {
-                        "arguments": call.arguments}}]})
+                    yield self._delta(choice.index, {"tool_calls": [{
+                        "index": calls[choice.index] - 1, "id": call.id, "type": "function",
+                        "function": {"name": call.name, "arguments": ""}}]})
+                elif delta.kind == "tool_arguments":
+                    yield self._delta(choice.index, {"tool_calls": [{"index": calls[choice.index] - 1, "function": {
+                        "arguments": delta.text}}]})
                 elif delta.kind == "reasoning":      # the step's token logprobs ride on its text
                     yield self._delta(choice.index, {"reasoning_content": delta.text, "reasoning": delta.text},
                                       logprobs=lps)

@@ -4,6 +4,8 @@
 
 import {renderMarkdown} from "./markdown.js";
 
+const MIN_DECODE_S = 0.05;
+
 export function el(tag, className, text) {
   const node = document.createElement(tag);
   if (className) node.className = className;
@@ -85,7 +87,9 @@ function describe(message) {
 }
 
 /** Timing of one answer: tokens/s counts the tokens after the first over the time after
- * the first (llama-server's "predicted per second"); the first token's wait is apart. */
+ * the first (llama-server's "predicted per second"); the first token's wait is apart.
+ * Chunks that reach the page in one read share one timestamp: below MIN_DECODE_S of
+ * streaming the rate is not measurable and is left out rather than shown absurd. */
 export function answerStats(usage, started, first, ended) {
   const stats = {seconds: (ended - started) / 1000};
   if (!usage) return stats;
@@ -93,5 +97,5 @@ export function answerStats(usage, started, first, ended) {
   const decode = first === null ? 0 : (ended - first) / 1000;
   return {...stats, completion_tokens: n, prompt_tokens: usage.prompt_tokens,
     first_token_seconds: first === null ? null : (first - started) / 1000,
-    tokens_per_second: n > 1 && decode > 0 ? (n - 1) / decode : null};
+    tokens_per_second: n > 1 && decode >= MIN_DECODE_S ? (n - 1) / decode : null};
 }

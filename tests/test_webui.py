@@ -251,6 +251,71 @@ def test_javascript_passes_eslint():
     assert bad.returncode == 1 and "model text must never be parsed as HTML" in bad.stdout, bad.stdout + bad.stderr
 
 
+# The renderer's subset of CommonMark + GFM tables and strikethrough, with raw HTML off (a
+# model's HTML is text). Not in the subset: indented code blocks, setext headings, lazy
+# continuation lines, reference links (an answer streams; these are rare in model text).
+MARKDOWN_CASES = [
+    "# Title\n\nSome *em*, _em_, **strong**, __strong__, `code` and ~~gone~~.\nNext line.",
+    "- one\n- two\n  - nested *deep*\n- three\n\n1. a\n2. b\n\n3. three",
+    "* loose\n\n* list\n\ntext\n\n1. first\n\n   second paragraph\n2. next\n   1. inner",
+    "> quoted **bold**\n> more\n\n---\n\n## Sub ##",
+    "```py\nx = 1 < 2 and y > 3 & z\n\n  indented\n```\n\n~~~\nplain\n~~~",
+    "| a | b |\n|---|---|\n| 1 | `2` |\n| *x* | y |",
+    "[link](https://example.org/a?b=c&d=e) <https://x.org/> [bad](javascript:alert(1))",
+    "snake_case_name and 2 * 3 * 4, \\*not em\\*, ``a `tick` b``",
+    "Look: <img src=x onerror=alert(1)> and <script>alert(2)</script> <b>bold?</b>",
+    "Para one\n- list right after\n\n```\nunclosed fence, still streaming",
+]
+
+
+def commonmark(text: str) -> str:
+    from markdown_it import MarkdownIt
+
+    html = MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"]).render(text)
+    return _normal(html.replace("<hr />", "<hr>").replace("<s>", "<del>").replace("</s>", "</del>"))
+
+
+def _normal(html: str) -> str:
+    """Newlines next to tags are layout, not content (markdown-it writes them, the DOM not)."""
+    return re.sub(r"\s*\n\s*(?=<)|(?<=>)\s*\n\s*", "", html)
+
+
+def ours_as_commonmark(html: str) -> str:
+    """Our extras undone: the code block's bar and copy button, the table's scroll box, the
+    link's target and rel."""
+    html = re.sub(r'<div class="code-block"><div class="code-bar"><span class="lang">([^<]*)</span>'
+                  r'<button class="copy" type="button">Copy</button></div><pre><code>(.*?)</code></pre></div>',
+                  lambda m: f'<pre><code{"" if m[1] == "code" else f" class=language-{m[1]}"}>{m[2]}</code></pre>',
+                  html, flags=re.S)
+    html = html.replace(' target="_blank" rel="noopener noreferrer"', "")
+    return _normal(re.sub(r'<div class="table">(.*?)</div>', r"\1", html, flags=re.S).replace(
+        "class=language-", 'class="language-').replace('language-py>', 'language-py">'))
+
+
+@pytest.fixture(scope="module")
+def tiny(llama_folder):
+    with tiny_server(llama_folder) as (base, _):
+        yield base
+
+
+def test_markdown_renders_as_commonmark(tiny, open_page):
+    """The page's renderer (run in the browser) builds the DOM that markdown-it (CommonMark,
+    raw HTML off) writes for the same text, for each construct of its subset."""
+    p = open_page(tiny, "tiny")
+    rendered = p.page.evaluate("""async cases => {
+        const {renderMarkdown} = await import('./webui/markdown.js');
+        return cases.map(text => { const box = document.createElement('div'); renderMarkdown(text, box);
+                                   return box.innerHTML; });
+    }""", MARKDOWN_CASES)
+    for text, html in zip(MARKDOWN_CASES, rendered):
+        expected = commonmark(text)
+        if text.endswith("still streaming"):       # CommonMark runs an unclosed fence to the end too
+            assert ours_as_commonmark(html) == expected.replace("streaming\n", "streaming"), text
+        else:
+            assert ours_as_commonmark(html) == expected, text
+    assert p.console_errors == [] and p.page_errors == []
+
+
 # ---------------------------------------------------------------- the real SmolLM2-135M
 
 def test_chat_streams_and_finishes(smollm2, open_page):

@@ -86,14 +86,18 @@ function blocks(lines) {
 }
 
 /** A list from lines[i] on, appended to out; -> the index after it. An item holds its
- * first line and the lines indented under it (nested lists, more paragraphs). */
+ * first line and the lines indented under it (nested lists, more paragraphs). A blank
+ * line between items or inside one makes the list loose (CommonMark): its items'
+ * paragraphs stay paragraphs; a tight list shows their text alone. */
 function list(lines, i, out) {
   const first = ITEM.exec(lines[i]);
   const ordered = /\d/.test(first[2]);
   const node = el(ordered ? "ol" : "ul");
   if (ordered && parseInt(first[2], 10) !== 1) node.start = parseInt(first[2], 10);
-  let m;
-  while (i < lines.length && (m = ITEM.exec(lines[i])) && /\d/.test(m[2]) === ordered) {
+  const items = [];
+  let loose = false;
+  while (i < lines.length && sameList(lines[i], ordered)) {
+    const m = ITEM.exec(lines[i]);
     const indent = new RegExp(`^ {1,${m[0].length}}`);
     const item = [lines[i].slice(m[0].length)];
     for (i++; i < lines.length; i++) {
@@ -101,15 +105,23 @@ function list(lines, i, out) {
       else if (/^ {2,}\S/.test(lines[i])) item.push(lines[i].replace(indent, ""));
       else break;
     }
-    const inner = blocks(item);
+    loose ||= item.includes("");
+    items.push(blocks(item));
+    for (; i + 1 < lines.length && !lines[i].trim() && sameList(lines[i + 1], ordered); i++) loose = true;
+  }
+  for (const inner of items) {
     const li = el("li");
-    if (inner.length && inner[0].tagName === "P") li.append(...inner.shift().childNodes);
+    if (!loose && inner.length && inner[0].tagName === "P") li.append(...inner.shift().childNodes);
     li.append(...inner);
     node.append(li);
-    while (i < lines.length && !lines[i].trim() && i + 1 < lines.length && ITEM.test(lines[i + 1])) i++;
   }
   out.push(node);
   return i;
+}
+
+function sameList(line, ordered) {
+  const m = ITEM.exec(line);
+  return m !== null && /\d/.test(m[2]) === ordered;
 }
 
 function cells(line) {

@@ -7,11 +7,12 @@ import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ContextLengthError, FieldError, RequestError
+
+if TYPE_CHECKING:     # torch and numpy are imported where used: the CLI checks SamplingParams before torch loads
+    import torch
 
 # The most top alternatives a request may ask for per token (vLLM's default cap is 20).
 MAX_LOGPROBS = 20
@@ -117,6 +118,8 @@ def check_max_seq_len(max_seq_len, config, dtype: torch.dtype, device: torch.dev
 
 
 def _device_memory(device: torch.device) -> int:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -125,6 +128,9 @@ def _device_memory(device: torch.device) -> int:
 def check_token_ids(token_ids, vocab_size: int, max_seq_len: int) -> torch.Tensor:
     """token_ids (a sequence of ints, or a 1-D integer tensor / array) as a long tensor,
     every id inside the vocabulary and the whole within the context."""
+    import numpy as np
+    import torch
+
     if isinstance(token_ids, (str, bytes)):
         raise RequestError(f"token_ids must be a sequence of integers, got {type(token_ids).__name__}")
     if isinstance(token_ids, (torch.Tensor, np.ndarray)):
@@ -164,6 +170,8 @@ def check_request(n_prompt: int, params: SamplingParams, max_seq_len: int) -> No
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor | None, penalty: float) -> torch.Tensor:
     """Seen tokens get their logit divided by the penalty when positive, multiplied when negative."""
+    import torch
+
     if penalty == 1.0 or history is None or not history.numel():
         return logits
     seen = history.unique()
@@ -176,6 +184,8 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor | None,
 def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution a non-greedy draw uses: temperature, then top-k, top-p, min-p
     (the order of llama.cpp's default chain and of transformers' warpers)."""
+    import torch
+
     # Shifted so the best logit is 0, and divided in float64 (where a temperature of 1e-300
     # is not 0): a tiny temperature then gives 0 and -inf, never 0/0 or inf - inf = NaN.
     logits = ((logits.double() - logits.max()) / params.temperature).float()

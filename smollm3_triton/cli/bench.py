@@ -24,7 +24,7 @@ class Lengths:
     decode_tokens: int              # decode steps per timed round
 
 
-DEFAULT_LENGTHS = {"cuda": Lengths((512, 2048, 8192), (1024, 32768), 128), "cpu": Lengths((64, 256), (64, 512), 16)}
+DEFAULT_LENGTHS = {"cuda": Lengths((512, 2048, 8192), (1024, 32768), 128), "cpu": Lengths((64, 256), (64, 256), 16)}
 
 
 def add_arguments(p) -> None:
@@ -129,7 +129,7 @@ def format_result(r) -> str:
     if r.gb_per_s is not None:
         text += f"  {r.gb_per_s:7.1f} GB/s"
     if r.tflops is not None:
-        text += f"  {r.tflops:7.1f} TFLOP/s"
+        text += f"  {r.tflops:7.3g} TFLOP/s"
     if r.roofline_tok_per_s:
         text += f"  roofline {r.roofline_tok_per_s:9.1f} tok/s ({100 * r.fraction_of_roofline:.1f}%)"
     if r.achievable_roofline_tok_per_s:

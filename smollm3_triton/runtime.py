@@ -285,6 +285,10 @@ class Runtime:
                 self.engine.abort(request_id)
 
 
+# The Python API's structured-output arguments, each one kind of StructuredOutputs.
+_STRUCTURED_ARGS = {"json_schema": "json", "regex": "regex", "choice": "choice", "grammar": "grammar"}
+
+
 def _params(kwargs: dict) -> SamplingParams:
     """SamplingParams from generate / chat's keyword arguments, with the structured-output
     shorthands (json_schema=, regex=, choice=, grammar=, response_format=) folded into one

@@ -148,3 +148,11 @@ def test_top_level_kernels_folder_never_shadows_the_pypi_package():
     assert not Path(pypi).resolve().is_relative_to(ROOT), pypi
     assert Path(ours).resolve().parent == (ROOT / "kernels").resolve()
     assert not (ROOT / "kernels" / "__init__.py").exists()
+
+
+def test_no_undefined_or_unused_names():
+    """pyflakes' checks (ruff's F rules) over the whole tree: a name lost in a merge is a
+    NameError only on the path that reaches it, which a test run may not take."""
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "F", "--output-format", "concise",
+                          str(ROOT)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

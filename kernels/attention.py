@@ -477,8 +477,10 @@ def attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out.zero_()
     query_start, seq_lens = query_start.contiguous(), seq_lens.contiguous()
     qk_scale = float(scale) * _LOG2E
-    dot_f32 = q.dtype == torch.float32 or q.device.type != "cuda"
     arch, sm_count = _arch_and_sms(q.device)
+    # fp32 operands for fp32 tensors and under the interpreter (no GPU: arch None); read from
+    # the arch, not the device, so bench.static_report compiles what the GPU would run.
+    dot_f32 = q.dtype == torch.float32 or arch is None
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                      v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
 

@@ -185,6 +185,9 @@ class Constraint:
     def terminated(self) -> bool:
         return self.matcher.is_terminated()
 
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+
     def advance(self, token: int, token_bytes) -> bool:
         """Take a sampled token; False if the grammar refuses it (never, for a masked row)."""
         if self.after is not None:
@@ -197,12 +200,13 @@ class Constraint:
         return self.matcher.accept_token(token)
 
 
-def apply_constraints(logits: torch.Tensor, rows: list[tuple[int, Constraint]]) -> None:
+def apply_constraints(logits: torch.Tensor, rows: list[tuple[int, object]]) -> None:
     """In place: the tokens each (row, constraint) forbids get -inf in that row; no other row
-    is read or written."""
+    is read or written. A constraint is anything that fills its bitmask row (`fill_bitmask`):
+    a grammar's Constraint, or a ThinkingBudget forcing its closing tag."""
     import xgrammar as xgr
     bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
     for row, c in rows:
-        c.matcher.fill_next_token_bitmask(bitmask, row)
+        c.fill_bitmask(bitmask, row)
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
                                     indices=[row for row, _ in rows])

@@ -1,0 +1,5 @@
+"""placeholder"""
+
+
+def describe(app) -> None:
+    pass

@@ -68,7 +68,7 @@ class _ChatAnswer:
 
         return {"content": [{**entry(lp.token_id, lp.logprob),
                              "top_logprobs": [entry(t, v) for t, v in lp.top[:self.req.top_logprobs]]}
-                            for lp in lps]}
+                            for lp in lps], "refusal": None}
 
     def _chunk(self, choices: list[dict], usage=None) -> dict:
         chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,

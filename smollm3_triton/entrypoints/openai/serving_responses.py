@@ -55,12 +55,12 @@ class _Response:
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
                 "completed_at": int(time.time()) if done else None, "error": None,
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-                "model": self.model, "output": output, "usage": {
+                "model": self.model, "output": output, **({"usage": {
                     "input_tokens": u.prompt_tokens,
                     "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
                     "output_tokens": u.completion_tokens,
                     "output_tokens_details": {"reasoning_tokens": self.choice.reasoning_tokens},
-                    "total_tokens": u.prompt_tokens + u.completion_tokens} if done else None,
+                    "total_tokens": u.prompt_tokens + u.completion_tokens}} if done else {}),
                 "store": False, "previous_response_id": None, "truncation": "disabled", "background": False,
                 "service_tier": "default", **self.req.echo}
 

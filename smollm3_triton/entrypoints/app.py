@@ -87,7 +87,7 @@ def create_app(load: Callable[[], object], *, served_model_name: str, api_key: s
 
     openai_routes.add_routes(app, state)
     anthropic_routes.add_routes(app, state)
-    describe(app)
+    describe(app, served_model_name)
     return app
 
 

@@ -65,10 +65,14 @@ SCHEMAS = {
     "AnthropicError": obj({"type": {"const": "error"}, "error": obj({"type": STR, "message": STR}, "type", "message")},
                           "type", "error"),
     "ChatCompletionRequest": obj({
-        **SAMPLING, "messages": arr(obj({"role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
-                                         "content": {"anyOf": [STR, arr(obj({"type": STR}, "type")), NULL]},
-                                         "tool_calls": opt(arr(OBJ)), "tool_call_id": opt(STR)}, "role"),
-                                    minItems=1),
+        **SAMPLING, "messages": arr({"anyOf": [
+            obj({"role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+                 "content": {"anyOf": [STR, arr({"anyOf": [
+                     obj({"type": {"const": "text"}, "text": STR}, "type", "text"),
+                     obj({"type": {"const": "image_url"}, "image_url": obj({"url": STR}, "url")},
+                         "type", "image_url")]})]}, "tool_call_id": STR}, "role", "content"),
+            obj({"role": {"const": "assistant"}, "content": opt(STR), "tool_calls": arr(TOOL_CALL, minItems=1)},
+                "role", "tool_calls")]}, minItems=1),
         "max_tokens": rng(INT, 1), "max_completion_tokens": rng(INT, 1), "logprobs": opt(BOOL),
         "top_logprobs": rng(INT, 0, 20), "tools": opt(arr(obj({"type": {"const": "function"}, "function": FUNCTION},
                                                               "function"))),
@@ -169,7 +173,13 @@ SCHEMAS = {
 }
 SCHEMAS["CountTokensRequest"] = {**SCHEMAS["MessagesRequest"], "required": ["messages"]}
 
-_SSE = {"text/event-stream": {"schema": STR}}
+# A stream's events, one schema each (OpenAPI 3.1 reads an event stream's schema per event):
+# OpenAI's chat and completions send `data:` lines only, a JSON chunk each and then [DONE];
+# the Messages and Responses APIs name every event (`event:`) and send its JSON as data.
+_DATA = {**STR, "description": "a JSON chunk, or [DONE] last"}
+_SSE = {"text/event-stream": {"schema": obj({"data": _DATA}, "data")}}
+_NAMED_SSE = {"text/event-stream": {"schema": obj({"event": STR, "data": {**STR, "contentMediaType": "application/json"}},
+                                                  "event", "data")}}
 
 
 def _json(schema: dict) -> dict:
@@ -182,9 +192,9 @@ def _errors(shape: str, *statuses: int) -> dict:
     return {str(s): {"description": words[s], "content": _json(ref(shape))} for s in statuses}
 
 
-def _operation(summary: str, ok: dict, *, body: str | None = None, stream: bool = False,
+def _operation(summary: str, ok: dict, *, body: str | None = None, stream: dict | None = None,
                errors: str = "OpenAIError", secured: bool = True) -> dict:
-    content = {**_json(ok), **(_SSE if stream else {})}
+    content = {**_json(ok), **(stream or {})}
     statuses = (400, 401, 404, 413, 503) if body else (401, 404, 503)
     op = {"summary": summary, "responses": {"200": {"description": "the answer" + (
         " (server-sent events when stream is true)" if stream else ""), "content": content},
@@ -198,13 +208,13 @@ def _operation(summary: str, ok: dict, *, body: str | None = None, stream: bool 
 
 PATHS = {
     "/v1/chat/completions": {"post": _operation("Chat completion (OpenAI)", ref("ChatCompletion"),
-                                                body="ChatCompletionRequest", stream=True)},
+                                                body="ChatCompletionRequest", stream=_SSE)},
     "/v1/completions": {"post": _operation("Completion (OpenAI, legacy)", ref("Completion"), body="CompletionRequest",
-                                           stream=True)},
+                                           stream=_SSE)},
     "/v1/responses": {"post": _operation("Response (OpenAI Responses API, stateless)", ref("Response"),
-                                         body="ResponsesRequest", stream=True)},
+                                         body="ResponsesRequest", stream=_NAMED_SSE)},
     "/v1/messages": {"post": _operation("Message (Anthropic Messages API)", ref("Message"), body="MessagesRequest",
-                                        stream=True, errors="AnthropicError")},
+                                        stream=_NAMED_SSE, errors="AnthropicError")},
     "/v1/messages/count_tokens": {"post": _operation("Prompt tokens of a Messages request",
                                                      obj({"input_tokens": INT}, "input_tokens"),
                                                      body="CountTokensRequest", errors="AnthropicError")},
@@ -224,10 +234,18 @@ PATHS = {
 }
 
 
-def describe(app: FastAPI) -> None:
-    """Serve this document instead of the one FastAPI would derive from the handlers' signatures."""
+_REQUESTS = ("ChatCompletionRequest", "CompletionRequest", "ResponsesRequest", "MessagesRequest", "CountTokensRequest")
+
+
+def describe(app: FastAPI, served_model_name: str) -> None:
+    """Serve this document instead of the one FastAPI would derive from the handlers' signatures;
+    a request's `model` is the served model's name or absent (another name is a 404)."""
+    schemas = dict(SCHEMAS)
+    for name in _REQUESTS:
+        schemas[name] = {**schemas[name], "properties": {**schemas[name]["properties"],
+                                                          "model": opt({"const": served_model_name})}}
     doc = {"openapi": "3.1.0", "info": {"title": app.title, "version": app.version, "description": app.description},
-           "paths": PATHS, "components": {"schemas": SCHEMAS, "securitySchemes": {
+           "paths": PATHS, "components": {"schemas": schemas, "securitySchemes": {
                "bearer": {"type": "http", "scheme": "bearer"},
                "x-api-key": {"type": "apiKey", "in": "header", "name": "x-api-key"}}}}
     app.openapi = lambda: doc

@@ -172,7 +172,9 @@ class Constraint:
 
     def __init__(self, compiled, stop_ids: set[int], after: str | None):
         import xgrammar as xgr
-        self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_ids),
+        # No stop token at all (ignore_eos without stop_token_ids): xgrammar refuses an empty
+        # override list, and the grammar's end then ends the sequence by itself.
+        self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_ids) or None,
                                           terminate_without_stop_token=not stop_ids)
         self.after = after.encode() if after else None
         self._tail = b""

@@ -8,6 +8,9 @@ With an API key, /health, /metrics (a Prometheus scraper has no key) and the Ope
 (/openapi.json, /docs) stay open, as vLLM's do; every API route asks for the key, as
 `Authorization: Bearer <key>` (OpenAI's clients) or `x-api-key: <key>` (Anthropic's).
 
+`GET /` is the chat page (webui.py; `webui=False`, the CLI's --no-webui, turns it off), and
+`GET /props` tells it what the loaded model takes (images, a thinking mode).
+
 The model loads on a background thread after the socket is open, so /health answers 503
 while loading, as llama-server does. Every refusal is an APIError, answered in the API's
 own shape; library refusals (RequestError) are translated with the API's field names.
@@ -27,6 +30,7 @@ from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException
 
 from ..errors import RequestError
+from . import webui as webui_routes
 from .anthropic import routes as anthropic_routes
 from .anthropic.protocol import API_NAMES as ANTHROPIC_NAMES
 from .errors import ANTHROPIC_PREFIX, APIError, api_error_of, error_body
@@ -41,8 +45,9 @@ MAX_BODY_BYTES = 8 * 2**20
 
 
 def create_app(load: Callable[[], object], *, served_model_name: str, api_key: str | None = None,
-               max_waiting: int = 256, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI app; `load()` builds the Runtime on a background thread at startup."""
+               max_waiting: int = 256, max_body_bytes: int = MAX_BODY_BYTES, webui: bool = True) -> FastAPI:
+    """The FastAPI app; `load()` builds the Runtime on a background thread at startup.
+    webui: serve the chat page at `/`."""
     state = ServerState(served_model_name, api_key, max_waiting, max_body_bytes)
 
     @contextlib.asynccontextmanager
@@ -85,9 +90,20 @@ def create_app(load: Callable[[], object], *, served_model_name: str, api_key: s
         return Response(generate_latest(state.metrics.registry),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    @app.get("/props")
+    async def props():
+        """llama-server's /props in small: what the page needs to know about the model."""
+        rt = state.ready()
+        return {"model": state.served_model_name, "max_model_len": rt.max_seq_len,
+                "modalities": {"vision": rt.vision is not None},
+                # the rule render_chat applies: a template with a thinking mode reads enable_thinking
+                "thinking": "enable_thinking" in (rt.tokenizer.chat_template or "")}
+
     openai_routes.add_routes(app, state)
     anthropic_routes.add_routes(app, state)
     describe(app, served_model_name)
+    if webui:
+        webui_routes.add_routes(app)
     return app
 
 
@@ -135,7 +151,7 @@ class _Guard:
 
     def _refusal(self, path: str, headers: dict) -> APIError | None:
         key = self.state.api_key
-        if key is not None and path not in _OPEN:
+        if key is not None and path not in _OPEN and not webui_routes.is_page_path(path):
             bearer = headers.get(b"authorization", b"")
             given = headers.get(b"x-api-key", bearer[7:] if bearer[:7].lower() == b"bearer " else b"")
             if not hmac.compare_digest(given, key.encode()):
@@ -155,8 +171,9 @@ class _Guard:
 
 
 _OPEN = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
-_ENDPOINTS = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses",
-              "/v1/messages", "/v1/messages/count_tokens", "/tokenize", "/detokenize", "/openapi.json", "/docs"}
+_ENDPOINTS = {"/health", "/metrics", "/props", "/", "/v1/models", "/v1/chat/completions", "/v1/completions",
+              "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/tokenize", "/detokenize",
+              "/openapi.json", "/docs"}
 
 
 def _endpoint(path: str) -> str:
@@ -167,15 +184,16 @@ def _endpoint(path: str) -> str:
 
 
 def run_server(load: Callable[[], object], *, host: str, port: int, served_model_name: str,
-               api_key: str | None, max_waiting: int, describe: str) -> int:
+               api_key: str | None, max_waiting: int, describe: str, webui: bool = True) -> int:
     """Serve until SIGINT/SIGTERM: uvicorn stops accepting, lets in-flight requests finish
     (up to a grace period), then the engine aborts what is left; exit status 0."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(load, served_model_name=served_model_name, api_key=api_key, max_waiting=max_waiting)
-    log.info("smollm3 serve: %s as %r on http://%s:%d%s", describe, served_model_name, host, port,
-             " (API key required)" if api_key else "")
+    app = create_app(load, served_model_name=served_model_name, api_key=api_key, max_waiting=max_waiting,
+                     webui=webui)
+    log.info("smollm3 serve: %s as %r on http://%s:%d%s%s", describe, served_model_name, host, port,
+             " (API key required)" if api_key else "", "" if webui else " (no chat page)")
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30,
                             access_log=False)
     # uvicorn handles the signal, shuts down gracefully, then re-raises it under the handler

@@ -227,6 +227,9 @@ PATHS = {
                                          "tokens", "count", "max_model_len"), body="TokenizeRequest")},
     "/detokenize": {"post": _operation("Token ids to text", obj({"content": STR, "prompt": STR}, "content", "prompt"),
                                        body="DetokenizeRequest")},
+    "/props": {"get": _operation("What the loaded model takes (the chat page asks)", obj({
+        "model": STR, "max_model_len": INT, "modalities": obj({"vision": BOOL}, "vision"), "thinking": BOOL},
+        "model", "max_model_len", "modalities", "thinking"))},
     "/health": {"get": _operation("Ready (200) or loading (503)", obj({"status": {"const": "ok"}}, "status"),
                                   secured=False)},
     "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {

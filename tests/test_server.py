@@ -318,9 +318,10 @@ def _error(r, status: int) -> dict:
 
 @pytest.mark.parametrize("field,value", [
     ("temperature", -1), ("top_p", 0), ("top_k", -5), ("min_p", 2), ("repetition_penalty", 0),
-    ("presence_penalty", 3), ("frequency_penalty", -2.5), ("seed", -1), ("stop", [""]), ("max_tokens", 0),
+    ("presence_penalty", 3), ("frequency_penalty", -2.5), ("seed", 1.5), ("stop", [""]), ("max_tokens", 0),
     ("max_completion_tokens", "many"), ("n", 0), ("top_logprobs", 99), ("temperature", "hot"), ("stop", 5),
-    ("tool_choice", "sometimes"), ("logit_bias", {"1": 5}), ("chat_template_kwargs", 3), ("stream_options", [])])
+    ("tool_choice", "sometimes"), ("logit_bias", {"1": 5}), ("chat_template_kwargs", 3), ("stream_options", []),
+    ("reasoning_effort", "extreme"), ("thinking_token_budget", -2), ("thinking_budget_tokens", "many")])
 def test_bad_field_is_400_naming_it(server, field, value):
     body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 4, field: value}
     if field == "top_logprobs":

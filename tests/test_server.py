@@ -485,6 +485,31 @@ def test_tool_call_streamed(server3, scripted):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_stop_reason_names_what_ended_the_choice(server3, scripted):
+    """vLLM's stop_reason: the stop string that matched, the stop_token_ids entry that was
+    sampled, or null for the model's end token and for running out of tokens. The oracle for
+    each cut is str.find on the scripted text and the tokenizer's own ids of it."""
+    text = "The sky is blue today."
+    ids = runtime(server3[1]).tokenizer.encode(text)
+    body = {"model": "smollm3", "messages": ASK, "max_tokens": 40, "temperature": 0,
+            "chat_template_kwargs": {"enable_thinking": False}}
+
+    def choice(**extra) -> dict:
+        scripted(text)
+        r = httpx.post(server3[0] + "/v1/chat/completions", json={**body, **extra}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0] | {"usage": r.json()["usage"]}
+
+    c = choice(stop=["never written", "blue", "sky"])            # the earliest match in the text ends it
+    assert (c["message"]["content"], c["finish_reason"], c["stop_reason"]) == (text[:text.find("sky")], "stop", "sky")
+    c = choice(stop_token_ids=[ids[3]])
+    assert (c["finish_reason"], c["stop_reason"], c["usage"]["completion_tokens"]) == ("stop", ids[3], 4)
+    c = choice()
+    assert (c["message"]["content"], c["finish_reason"], c["stop_reason"]) == (text, "stop", None)
+    c = choice(max_tokens=2)
+    assert (c["finish_reason"], c["stop_reason"]) == ("length", None)
+
+
 def test_named_tool_choice_decodes_the_call(server3, scripted, smollm3_folder):
     """tool_choice naming a function: the template sees only that tool, the answer is decoded
     under the call's grammar (here the scripted call fits it) and comes back as that call."""

@@ -1,0 +1,166 @@
+/* smollm3_triton._cpu: the CPU kernels' Python entry points. Tensors arrive as data
+ * pointers (tensor.data_ptr()) with their sizes; kernels/cpu_native.py checks dtypes,
+ * shapes and contiguity before any call, and keeps every buffer alive across it. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ops.h"
+#include "pool.h"
+#include "qgemm.h"
+
+static int ints(PyObject *const *args, Py_ssize_t n, Py_ssize_t want, long long *out, const char *name) {
+    if (n != want) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd arguments, got %zd", name, want, n);
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        out[i] = PyLong_AsLongLong(args[i]);
+        if (out[i] == -1 && PyErr_Occurred()) return 0;
+    }
+    return 1;
+}
+
+/* ---------------------------------------------------------------- matrices */
+
+static void free_matrix(PyObject *capsule) {
+    qg_matrix *m = PyCapsule_GetPointer(capsule, "qg_matrix");
+    if (m) {
+        for (int i = 0; i < m->n_seg; i++) free(m->seg[i].chunks);
+        free(m);
+    }
+}
+
+/* plan(kind, cols) -> row bytes, or -1 */
+static PyObject *py_plan(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[2];
+    if (!ints(args, n, 2, a, "plan")) return NULL;
+    if (a[1] <= 0 || a[1] > (1 << 24)) return PyLong_FromLong(-1);
+    qg_chunk *chunks = malloc(sizeof(qg_chunk) * qg_max_chunks((int)a[1]));
+    int64_t row_bytes = -1;
+    int ok = chunks && qg_plan((int)a[0], (int)a[1], chunks, &row_bytes) > 0;
+    free(chunks);
+    return PyLong_FromLongLong(ok ? row_bytes : -1);
+}
+
+/* matrix(cols, kind0, rows0, data0, kind1, rows1, data1, ...) -> capsule: row segments of one
+ * column count, each packed by pack() into data (row bytes from plan(), + 64 bytes). */
+static PyObject *py_matrix(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[1 + 3 * QG_MAX_SEGMENTS];
+    if (n < 4 || (n - 1) % 3 || n > 1 + 3 * QG_MAX_SEGMENTS) {
+        PyErr_SetString(PyExc_TypeError, "matrix(cols, kind, rows, data, ...): 1 to 8 segments");
+        return NULL;
+    }
+    if (!ints(args, n, n, a, "matrix")) return NULL;
+    qg_matrix *m = calloc(1, sizeof(qg_matrix));
+    if (!m) return PyErr_NoMemory();
+    m->cols = (int)a[0];
+    for (Py_ssize_t i = 1; i < n; i += 3) {
+        qg_weight *w = &m->seg[m->n_seg++];
+        w->kind = (int)a[i];
+        w->rows = (int)a[i + 1];
+        w->cols = m->cols;
+        w->data = (const uint8_t *)(intptr_t)a[i + 2];
+        w->chunks = malloc(sizeof(qg_chunk) * qg_max_chunks(m->cols));
+        if (!w->chunks || (w->n_chunks = qg_plan(w->kind, w->cols, w->chunks, &w->row_bytes)) <= 0) {
+            PyObject *cap = PyCapsule_New(m, "qg_matrix", free_matrix);   /* frees what was made */
+            Py_XDECREF(cap);
+            PyErr_Format(PyExc_ValueError, "no layout for kind %d with %d columns", (int)a[i], m->cols);
+            return NULL;
+        }
+        m->rows += w->rows;
+    }
+    return PyCapsule_New(m, "qg_matrix", free_matrix);
+}
+
+/* pack(kind, rows, cols, v, s, ls, f, lf, out) */
+static PyObject *py_pack(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[9];
+    if (!ints(args, n, 9, a, "pack")) return NULL;
+    qg_weight w = {.kind = (int)a[0], .rows = (int)a[1], .cols = (int)a[2]};
+    w.chunks = malloc(sizeof(qg_chunk) * qg_max_chunks(w.cols));
+    if (!w.chunks || (w.n_chunks = qg_plan(w.kind, w.cols, w.chunks, &w.row_bytes)) <= 0) {
+        free(w.chunks);
+        PyErr_Format(PyExc_ValueError, "no layout for kind %d with %d columns", w.kind, w.cols);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    qg_pack(&w, (const int16_t *)(intptr_t)a[3], (const uint8_t *)(intptr_t)a[4], a[5],
+            (const uint16_t *)(intptr_t)a[6], a[7], (uint8_t *)(intptr_t)a[8]);
+    Py_END_ALLOW_THREADS
+    free(w.chunks);
+    Py_RETURN_NONE;
+}
+
+static const qg_matrix *get_matrix(PyObject *o) { return PyCapsule_GetPointer(o, "qg_matrix"); }
+
+/* matmul(matrix, x, ldx, m, y, ldy, threads): y[m, rows] = x[m, cols] @ W^T (fp32) */
+static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[6];
+    if (n != 7) return PyErr_Format(PyExc_TypeError, "matmul takes 7 arguments, got %zd", n);
+    const qg_matrix *mat = get_matrix(args[0]);
+    if (!mat || !ints(args + 1, 6, 6, a, "matmul")) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = op_matmul(mat, (const float *)(intptr_t)a[0], a[1], (int)a[2], (float *)(intptr_t)a[3], a[4], (int)a[5], 0);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* gate_up_swiglu(matrix, x, ldx, m, h, ldh, threads): h = silu(x @ gate^T) * (x @ up^T), the
+ * matrix's rows being gate then up, rows / 2 each. */
+static PyObject *py_gate_up(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[6];
+    if (n != 7) return PyErr_Format(PyExc_TypeError, "gate_up_swiglu takes 7 arguments, got %zd", n);
+    const qg_matrix *mat = get_matrix(args[0]);
+    if (!mat || !ints(args + 1, 6, 6, a, "gate_up_swiglu")) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = op_matmul(mat, (const float *)(intptr_t)a[0], a[1], (int)a[2], (float *)(intptr_t)a[3], a[4], (int)a[5], 1);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------- settings */
+
+static PyObject *py_isa(PyObject *self, PyObject *noargs) { return PyUnicode_FromString(qg_isa()); }
+
+static PyObject *py_select(PyObject *self, PyObject *arg) {
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (!name) return NULL;
+    return PyBool_FromLong(qg_select(name));
+}
+
+static PyObject *py_spin_us(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[1];
+    if (n == 1) {
+        if (!ints(args, n, 1, a, "spin_us")) return NULL;
+        pool_set_spin_us((int)a[0]);
+    }
+    return PyLong_FromLong(pool_spin_us());
+}
+
+static PyMethodDef methods[] = {
+    {"plan", (PyCFunction)(void (*)(void))py_plan, METH_FASTCALL, "row bytes of a packed row, or -1"},
+    {"matrix", (PyCFunction)(void (*)(void))py_matrix, METH_FASTCALL, "a packed matrix's handle"},
+    {"pack", (PyCFunction)(void (*)(void))py_pack, METH_FASTCALL, "pack integer values and scales"},
+    {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "y = x @ W^T"},
+    {"gate_up_swiglu", (PyCFunction)(void (*)(void))py_gate_up, METH_FASTCALL, "silu(x @ gate^T) * (x @ up^T)"},
+    {"isa", py_isa, METH_NOARGS, "the instruction set in use"},
+    {"select", py_select, METH_O, "use 'avx512' or 'avx2'; False where this CPU cannot"},
+    {"spin_us", (PyCFunction)(void (*)(void))py_spin_us, METH_FASTCALL, "get / set the idle spin in us"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__cpu(void) {
+    if (!qg_select("avx512") && !qg_select("avx2")) {
+        PyErr_SetString(PyExc_ImportError, "the CPU kernels need AVX2, FMA and F16C");
+        return NULL;
+    }
+    return PyModule_Create(&module);
+}

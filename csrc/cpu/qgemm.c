@@ -1,0 +1,185 @@
+/* qgemm.h: the chunk plan, packing at load, activation quantization, the ISA choice. */
+#include "qgemm.h"
+
+#include <math.h>
+#include <string.h>
+
+int qg_bits(int kind) {
+    switch (kind) {
+    case QG_Q5_0: case QG_Q5_1: case QG_Q5_K: return 5;
+    case QG_Q6_K: return 6;
+    case QG_Q8_0: return 8;
+    default: return 4;
+    }
+}
+
+static int is_k_quant(int kind) { return kind == QG_Q4_K || kind == QG_Q5_K || kind == QG_Q6_K; }
+
+static int64_t quant_bytes(int kind, int steps) {
+    static const int per_step[9] = {0, 0, 0, 0, 16, 20, 24, 0, 32};
+    return (int64_t)per_step[qg_bits(kind)] * steps;
+}
+
+static int64_t scale_bytes(int kind, int width) {
+    int g = width / 32;
+    switch (kind) {
+    case QG_Q4_0: case QG_Q5_0: case QG_Q8_0: return 2 * g;
+    case QG_Q4_1: case QG_Q5_1: return 4 * g;
+    case QG_Q4_K: case QG_Q5_K: return 20;
+    default: return 18;        /* Q6_K */
+    }
+}
+
+int qg_max_chunks(int cols) { return cols / 256 + 4; }
+
+int qg_plan(int kind, int cols, qg_chunk *chunks, int64_t *row_bytes) {
+    if (kind < 0 || kind >= QG_N_KINDS || cols <= 0 || cols % (is_k_quant(kind) ? 256 : 32)) return -1;
+    int n = 0, k0 = 0, xoff = 0;
+    int64_t off = 0;
+    for (int width = 256; width >= 32; width /= 2) {
+        while (cols - k0 >= width) {
+            qg_chunk *c = &chunks[n++];
+            c->k0 = k0;
+            c->width = width;
+            c->steps = width / 32 < 2 ? 2 : width / 32;
+            c->gshift = kind == QG_Q6_K ? 8 : 9;
+            c->xoff = xoff;
+            c->qoff = (int)off;
+            off += quant_bytes(kind, c->steps);
+            c->soff = (int)off;
+            off += scale_bytes(kind, width);
+            xoff += 32 * c->steps;
+            k0 += width;
+            if (width < 256) break;
+        }
+    }
+    *row_bytes = off;
+    return n;
+}
+
+/* Weight offset (in the chunk) of slot j of step s; -1 for a padding slot. */
+static int slot_weight(const qg_chunk *c, int s, int j) {
+    int per_lane = c->width / 16, r = 2 * s + (j & 1);
+    return r < per_lane ? (j >> 1) * per_lane + r : -1;
+}
+
+void qg_pack(const qg_weight *w, const int16_t *v, const uint8_t *s, int64_t ls, const uint16_t *f, int64_t lf,
+             uint8_t *out) {
+    int kind = w->kind, bits = qg_bits(kind), K = w->cols;
+    for (int64_t r = 0; r < w->rows; r++) {
+        const int16_t *vr = v + r * K;
+        const uint8_t *sr = s ? s + r * ls : NULL;
+        const uint16_t *fr = f + r * lf;
+        uint8_t *o = out + r * w->row_bytes;
+        for (int ci = 0; ci < w->n_chunks; ci++) {
+            const qg_chunk *c = &w->chunks[ci];
+            uint8_t *q = o + c->qoff;
+            int steps = c->steps;
+            for (int st = 0; st < steps; st++) {
+                uint32_t m4 = 0, m5 = 0;
+                for (int j = 0; j < 32; j++) {
+                    int at = slot_weight(c, st, j);
+                    int val = at < 0 ? 0 : vr[c->k0 + at];
+                    if (bits == 8) {
+                        q[32 * st + j] = (uint8_t)(int8_t)val;
+                        continue;
+                    }
+                    uint8_t *byte = &q[32 * (st / 2) + j];
+                    *byte = st % 2 ? (uint8_t)(*byte | (val & 15) << 4) : (uint8_t)(val & 15);
+                    m4 |= (uint32_t)((val >> 4) & 1) << j;
+                    m5 |= (uint32_t)((val >> 5) & 1) << j;
+                }
+                uint32_t *hb = (uint32_t *)(q + 16 * steps);
+                if (bits == 5) hb[st] = m4;
+                if (bits == 6) hb[2 * st] = m4, hb[2 * st + 1] = m5;
+            }
+            uint8_t *sc = o + c->soff;
+            int g0 = c->k0 / 32, g = c->width / 32, sb = c->k0 / 256;
+            switch (kind) {
+            case QG_Q4_0: case QG_Q5_0: case QG_Q8_0:
+                memcpy(sc, fr + g0, 2 * g);
+                break;
+            case QG_Q4_1: case QG_Q5_1:
+                memcpy(sc, fr + g0, 2 * g);
+                memcpy(sc + 2 * g, fr + K / 32 + g0, 2 * g);
+                break;
+            case QG_Q4_K: case QG_Q5_K:
+                memcpy(sc, fr + sb, 2);
+                memcpy(sc + 2, fr + K / 256 + sb, 2);
+                memcpy(sc + 4, sr + g0, 8);
+                memcpy(sc + 12, sr + K / 32 + g0, 8);
+                break;
+            default:        /* Q6_K */
+                memcpy(sc, fr + sb, 2);
+                memcpy(sc + 2, sr + c->k0 / 16, 16);
+            }
+        }
+    }
+}
+
+int64_t qg_act_bytes(int m, int cols) {      /* slots: at most cols + 4 tail chunks' padding */
+    return (int64_t)m * ((cols + 128) * 2 + 2 * qg_max_chunks(cols) * 16 * 4) + 128;
+}
+
+void qg_quantize(const float *x, int64_t ldx, int m, int cols, void *buf, qg_act *out) {
+    qg_chunk chunks[cols / 256 + 4];
+    int64_t row_bytes;
+    int n = qg_plan(QG_Q8_0, cols, chunks, &row_bytes);
+    const qg_chunk *last = &chunks[n - 1];
+    out->m = m;
+    out->n_chunks = n;
+    out->stride = last->xoff + 32 * last->steps;
+    out->xq = (int16_t *)buf;
+    out->sx = (float *)(out->xq + m * out->stride + (-(m * out->stride) & 31));
+    out->xs = out->sx + (int64_t)m * n * 16;
+    for (int i = 0; i < m; i++) {
+        const float *xr = x + i * ldx;
+        for (int ci = 0; ci < n; ci++) {
+            const qg_chunk *c = &chunks[ci];
+            int16_t q[256], *dst = out->xq + i * out->stride + c->xoff;
+            float gsx[8];
+            for (int g = 0; g < c->width / 32; g++) {
+                const float *xg = xr + c->k0 + 32 * g;
+                float amax = 0.f;
+                for (int e = 0; e < 32; e++) amax = fmaxf(amax, fabsf(xg[e]));
+                float inv = amax > 0.f ? 32767.f / amax : 0.f;
+                gsx[g] = amax / 32767.f;
+                for (int e = 0; e < 32; e++) q[32 * g + e] = (int16_t)lrintf(xg[e] * inv);
+            }
+            memset(dst, 0, 32 * c->steps * sizeof(int16_t));
+            int per_lane = c->width / 16;
+            float *sx = out->sx + ((int64_t)i * n + ci) * 16, *xs = out->xs + ((int64_t)i * n + ci) * 16;
+            for (int l = 0; l < 16; l++) {
+                int sum = 0;
+                for (int e = 0; e < per_lane; e++) {
+                    int16_t val = q[l * per_lane + e];
+                    dst[32 * (e / 2) + 2 * l + (e & 1)] = val;
+                    sum += val;
+                }
+                sx[l] = gsx[l * per_lane / 32];
+                xs[l] = sx[l] * (float)sum;
+            }
+        }
+    }
+}
+
+qg_rows_fn qg_rows;
+static const char *isa_name = "none";
+
+const char *qg_isa(void) { return isa_name; }
+
+int qg_select(const char *isa) {
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    if (strcmp(isa, "avx512") == 0 && avx512) {
+        qg_rows = qg_rows_avx512;
+    } else if (strcmp(isa, "avx2") == 0 && avx2) {
+        qg_rows = qg_rows_avx2;
+    } else {
+        return 0;
+    }
+    isa_name = isa;
+    return 1;
+}

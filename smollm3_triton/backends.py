@@ -5,7 +5,8 @@ whether decode steps replay from CUDA graphs.
   tests' oracle); on the CPU every matrix is dequantized once at load.
 - "triton": the Triton kernels (weights repacked into the kernels' planes; CUDA graphs
   on a GPU). Without a GPU they run under TRITON_INTERPRET=1, for tests.
-- "cpu": the fast CPU path (kernels/cpu_fast.py: 4-bit weights on torch's int4 kernel).
+- "cpu": the fast CPU path: the compiled kernels (kernels/cpu_native.py, csrc/cpu/) for a
+  float32 model where they were built, else torch's ops on 4-bit weights (kernels/cpu_fast.py).
 
 `Runtime.load` picks one with `get_backend(name, device)`; the model only sees `ops`.
 """
@@ -78,6 +79,11 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     if name == "cpu":
         if device.type != "cpu":
             raise RequestError(f"backend='cpu' runs on the CPU only, not on {device}", param="backend")
+        from .kernels import cpu_native
+        if cpu_native.AVAILABLE and dtype == torch.float32:
+            ops = Ops(qmatmul=cpu_native.qmatmul, gate_up_swiglu=cpu_native.gate_up_swiglu,
+                      rope_qkv=cpu_native.rope_qkv, attention=cpu_native.attention, rms_norm=cpu_native.rms_norm)
+            return Backend(name, ops, cpu_native.prepare, cuda_graphs=False)
         from .kernels.cpu_fast import attention_cpu, gate_up_swiglu_cpu, prepare, qmatmul_cpu, rope_qkv_cpu
         ops = Ops(qmatmul=qmatmul_cpu, gate_up_swiglu=gate_up_swiglu_cpu, rope_qkv=rope_qkv_cpu,
                   attention=attention_cpu, rms_norm=rms_norm_torch)

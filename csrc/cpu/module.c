@@ -124,6 +124,59 @@ static PyObject *py_gate_up(PyObject *self, PyObject *const *args, Py_ssize_t n)
     Py_RETURN_NONE;
 }
 
+/* rms_norm(x, residual (0: none), w, eps, m, d, y, h) */
+static PyObject *py_rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[8];
+    if (n != 8) return PyErr_Format(PyExc_TypeError, "rms_norm takes 8 arguments, got %zd", n);
+    double eps = PyFloat_AsDouble(args[3]);
+    if (eps == -1.0 && PyErr_Occurred()) return NULL;
+    PyObject *rest[7] = {args[0], args[1], args[2], args[4], args[5], args[6], args[7]};
+    if (!ints(rest, 7, 7, a, "rms_norm")) return NULL;
+    op_rms_norm((const float *)(intptr_t)a[0], (const float *)(intptr_t)a[1], (const float *)(intptr_t)a[2],
+                (float)eps, (int)a[3], (int)a[4], (float *)(intptr_t)a[5], (float *)(intptr_t)a[6]);
+    Py_RETURN_NONE;
+}
+
+/* rope_kv(qkv, m, positions, slots, cos, sin, n_pos, n_heads, n_kv, d, use_rope, k_cache, v_cache,
+ *         dtype, n_slots, block_size, q) -> -1, or the first token with a bad position or slot */
+static PyObject *py_rope_kv(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[17];
+    if (!ints(args, n, 17, a, "rope_kv")) return NULL;
+    int bad = op_rope_kv((const float *)(intptr_t)a[0], (int)a[1], (const int64_t *)(intptr_t)a[2],
+                         (const int64_t *)(intptr_t)a[3], (const float *)(intptr_t)a[4],
+                         (const float *)(intptr_t)a[5], a[6], (int)a[7], (int)a[8], (int)a[9], (int)a[10],
+                         (void *)(intptr_t)a[11], (void *)(intptr_t)a[12], (int)a[13], a[14], (int)a[15],
+                         (float *)(intptr_t)a[16]);
+    return PyLong_FromLong(bad);
+}
+
+/* attention_decode(q, k_cache, v_cache, dtype, block_size, n_heads, n_kv_heads, d, n_seqs, tables,
+ *                  table_stride, seq_lens, rows, scale, out, threads) */
+static PyObject *py_attention_decode(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[16];
+    if (n != 16) return PyErr_Format(PyExc_TypeError, "attention_decode takes 16 arguments, got %zd", n);
+    double scale = PyFloat_AsDouble(args[13]);
+    if (scale == -1.0 && PyErr_Occurred()) return NULL;
+    PyObject *rest[16];
+    memcpy(rest, args, sizeof(rest));
+    rest[13] = args[0];     /* placeholder: parsed as a float above */
+    if (!ints(rest, 16, 16, a, "attention_decode")) return NULL;
+    attn_args at = {.q = (const float *)(intptr_t)a[0], .k_cache = (const void *)(intptr_t)a[1],
+                    .v_cache = (const void *)(intptr_t)a[2], .dtype = (int)a[3], .block_size = (int)a[4],
+                    .n_heads = (int)a[5], .n_kv_heads = (int)a[6], .d = (int)a[7], .n_seqs = (int)a[8],
+                    .tables = (const int32_t *)(intptr_t)a[9], .table_stride = a[10],
+                    .seq_lens = (const int32_t *)(intptr_t)a[11], .rows = (const int64_t *)(intptr_t)a[12],
+                    .scale = (float)scale, .out = (float *)(intptr_t)a[14]};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = op_attention_decode(&at, (int)a[15]);
+    Py_END_ALLOW_THREADS
+    if (rc == 1) return PyErr_NoMemory();
+    if (rc == 2) return PyErr_Format(PyExc_ValueError, "attention_decode: unsupported heads %d / %d or head dim %d",
+                                     at.n_heads, at.n_kv_heads, at.d);
+    Py_RETURN_NONE;
+}
+
 /* ---------------------------------------------------------------- settings */
 
 static PyObject *py_isa(PyObject *self, PyObject *noargs) { return PyUnicode_FromString(qg_isa()); }
@@ -149,6 +202,9 @@ static PyMethodDef methods[] = {
     {"pack", (PyCFunction)(void (*)(void))py_pack, METH_FASTCALL, "pack integer values and scales"},
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "y = x @ W^T"},
     {"gate_up_swiglu", (PyCFunction)(void (*)(void))py_gate_up, METH_FASTCALL, "silu(x @ gate^T) * (x @ up^T)"},
+    {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL, "residual add + RMSNorm"},
+    {"rope_kv", (PyCFunction)(void (*)(void))py_rope_kv, METH_FASTCALL, "RoPE on q, k; K/V cache write"},
+    {"attention_decode", (PyCFunction)(void (*)(void))py_attention_decode, METH_FASTCALL, "one-query attention"},
     {"isa", py_isa, METH_NOARGS, "the instruction set in use"},
     {"select", py_select, METH_O, "use 'avx512' or 'avx2'; False where this CPU cannot"},
     {"spin_us", (PyCFunction)(void (*)(void))py_spin_us, METH_FASTCALL, "get / set the idle spin in us"},

@@ -38,7 +38,7 @@ typedef struct {
 } qg_weight;
 
 typedef struct {                    /* M activation rows, quantized */
-    int m, n_chunks;
+    int m, cols, n_chunks;
     int64_t stride;                 /* int16 slots per row */
     int16_t *xq;                    /* [m][stride] */
     float *sx, *xs;                 /* [m][n_chunks][16]: lane scale, lane sum (scale x int sum) */
@@ -57,7 +57,9 @@ void qg_pack(const qg_weight *w, const int16_t *v, const uint8_t *s, int64_t ls,
              uint8_t *out);
 
 int64_t qg_act_bytes(int m, int cols);
-void qg_quantize(const float *x, int64_t ldx, int m, int cols, void *buf, qg_act *out);
+/* Lay out m quantized rows of cols in buf (qg_act_bytes), then fill rows i0 .. i1 - 1 from x. */
+void qg_act_layout(int m, int cols, void *buf, qg_act *out);
+void qg_quantize(const float *x, int64_t ldx, int i0, int i1, const qg_act *out);
 
 /* y[i][r - r0] = row r of w . activation row i, for r0 <= r < r1 and i < x->m; the
  * implementation picked at start-up. */

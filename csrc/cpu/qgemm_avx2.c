@@ -6,6 +6,10 @@
 
 #define TAVX2 __attribute__((target("avx2,fma,f16c")))
 #define INLINE static inline __attribute__((always_inline))
+/* Tile bounds: arrays of fixed size (not [R], a VLA) so that, with R and MB constant in each
+ * instantiation, the compiler keeps every accumulator in a register. */
+#define MAX_R 4
+#define MAX_MB 4
 
 typedef struct { __m256i a, b; } i16x32;    /* lanes 0-7 (slots 0-15), lanes 8-15 (slots 16-31) */
 
@@ -94,22 +98,22 @@ INLINE TAVX2 void tile(const int kind, const int R, const int MB, const qg_weigh
                        float *y, int64_t ldy, int col) {
     const int bits = bits_of(kind);
     const int64_t xs = x->stride;
-    __m256 accf[R][MB];
+    __m256 accf[MAX_R][MAX_MB];
     for (int r = 0; r < R; r++)
         for (int m = 0; m < MB; m++) accf[r][m] = _mm256_setzero_ps();
     for (int ci = 0; ci < w->n_chunks; ci++) {
         const qg_chunk *c = &w->chunks[ci];
         const int steps = c->steps;
         const int16_t *xc = x->xq + m0 * xs + c->xoff;
-        const uint8_t *row[R];
-        __m256i acc[R][MB][2];
+        const uint8_t *row[MAX_R];
+        __m256i acc[MAX_R][MAX_MB][2];
         for (int r = 0; r < R; r++) {
             row[r] = w->data + (int64_t)(r0 + r) * w->row_bytes;
             for (int m = 0; m < MB; m++) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_si256();
         }
         if (bits == 8) {
             for (int s = 0; s < steps; s++) {
-                __m256i wa[R], wb[R];
+                __m256i wa[MAX_R], wb[MAX_R];
                 for (int r = 0; r < R; r++) {
                     __m256i b = _mm256_loadu_si256((const __m256i *)(row[r] + c->qoff + 32 * s));
                     wa[r] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(b));
@@ -123,7 +127,7 @@ INLINE TAVX2 void tile(const int kind, const int R, const int MB, const qg_weigh
             }
         } else {
             for (int t = 0; t < steps / 2; t++) {
-                i16x32 lo[R], hi[R];
+                i16x32 lo[MAX_R], hi[MAX_R];
                 for (int r = 0; r < R; r++) unpack_pair(bits, row[r] + c->qoff, steps, t, &lo[r], &hi[r]);
                 for (int m = 0; m < MB; m++)
                     for (int r = 0; r < R; r++) {
@@ -152,15 +156,18 @@ INLINE TAVX2 void tile(const int kind, const int R, const int MB, const qg_weigh
         for (int m = 0; m < MB; m++) y[(int64_t)(m0 + m) * ldy + col + r] = hsum(accf[r][m]);
 }
 
+#define XB 64      /* activation rows per pass, as in qgemm_avx512.c */
 INLINE TAVX2 void rows(const int kind, const qg_weight *w, const qg_act *x, int r0, int r1, float *y, int64_t ldy) {
-    int M = x->m, r = r0;
-    for (; r + 2 <= r1; r += 2) {
-        int i = 0;
-        for (; i + 2 <= M; i += 2) tile(kind, 2, 2, w, x, i, r, y, ldy, r - r0);
-        for (; i < M; i++) tile(kind, 2, 1, w, x, i, r, y, ldy, r - r0);
+    for (int b0 = 0; b0 < x->m; b0 += XB) {
+        int b1 = b0 + XB < x->m ? b0 + XB : x->m, r = r0;
+        for (; r + 2 <= r1; r += 2) {
+            int i = b0;
+            for (; i + 2 <= b1; i += 2) tile(kind, 2, 2, w, x, i, r, y, ldy, r - r0);
+            for (; i < b1; i++) tile(kind, 2, 1, w, x, i, r, y, ldy, r - r0);
+        }
+        for (; r < r1; r++)
+            for (int i = b0; i < b1; i++) tile(kind, 1, 1, w, x, i, r, y, ldy, r - r0);
     }
-    for (; r < r1; r++)
-        for (int i = 0; i < M; i++) tile(kind, 1, 1, w, x, i, r, y, ldy, r - r0);
 }
 
 #define KIND_FN(K) \

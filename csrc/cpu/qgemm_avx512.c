@@ -5,6 +5,10 @@
 
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 #define INLINE static inline __attribute__((always_inline))
+/* Tile bounds: arrays of fixed size (not [R], a VLA) so that, with R and MB constant in each
+ * instantiation, the compiler keeps every accumulator in a register. */
+#define MAX_R 4
+#define MAX_MB 4
 
 INLINE int bits_of(int kind) {
     return kind == QG_Q5_0 || kind == QG_Q5_1 || kind == QG_Q5_K ? 5 : kind == QG_Q6_K ? 6 : kind == QG_Q8_0 ? 8 : 4;
@@ -63,22 +67,22 @@ INLINE T512 void tile(const int kind, const int R, const int MB, const qg_weight
                       float *y, int64_t ldy, int col) {
     const int bits = bits_of(kind);
     const int64_t xs = x->stride;
-    __m512 accf[R][MB];
+    __m512 accf[MAX_R][MAX_MB];
     for (int r = 0; r < R; r++)
         for (int m = 0; m < MB; m++) accf[r][m] = _mm512_setzero_ps();
     for (int ci = 0; ci < w->n_chunks; ci++) {
         const qg_chunk *c = &w->chunks[ci];
         const int steps = c->steps;
         const int16_t *xc = x->xq + m0 * xs + c->xoff;
-        const uint8_t *row[R];
-        __m512i acc[R][MB];
+        const uint8_t *row[MAX_R];
+        __m512i acc[MAX_R][MAX_MB];
         for (int r = 0; r < R; r++) {
             row[r] = w->data + (int64_t)(r0 + r) * w->row_bytes;
             for (int m = 0; m < MB; m++) acc[r][m] = _mm512_setzero_si512();
         }
         if (bits == 8) {
             for (int s = 0; s < steps; s++) {
-                __m512i wv[R];
+                __m512i wv[MAX_R];
                 for (int r = 0; r < R; r++)
                     wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row[r] + c->qoff + 32 * s)));
                 for (int m = 0; m < MB; m++) {
@@ -88,7 +92,7 @@ INLINE T512 void tile(const int kind, const int R, const int MB, const qg_weight
             }
         } else {
             for (int t = 0; t < steps / 2; t++) {
-                __m512i lo[R], hi[R];
+                __m512i lo[MAX_R], hi[MAX_R];
                 for (int r = 0; r < R; r++) unpack_pair(bits, row[r] + c->qoff, steps, t, &lo[r], &hi[r]);
                 for (int m = 0; m < MB; m++) {
                     __m512i xl = _mm512_loadu_si512(xc + m * xs + 64 * t);
@@ -100,7 +104,7 @@ INLINE T512 void tile(const int kind, const int R, const int MB, const qg_weight
                 }
             }
         }
-        __m512 mul[R], bias[R];
+        __m512 mul[MAX_R], bias[MAX_R];
         for (int r = 0; r < R; r++) lane_scales(kind, row[r] + c->soff, c, &mul[r], &bias[r]);
         for (int m = 0; m < MB; m++) {
             int64_t at = ((int64_t)(m0 + m) * x->n_chunks + ci) * 16;
@@ -115,22 +119,28 @@ INLINE T512 void tile(const int kind, const int R, const int MB, const qg_weight
         for (int m = 0; m < MB; m++) y[(int64_t)(m0 + m) * ldy + col + r] = _mm512_reduce_add_ps(accf[r][m]);
 }
 
-/* Activation rows in fours against weight-row pairs; fewer than four rows (decode) against
+/* Activation rows in fours against weight-row pairs, XB rows at a time (their int16 rows
+ * stay in L2 while the tile's weight rows pass); fewer than four rows (decode) against
  * weight rows in fours, whose independent sums keep the dot-product unit busy. */
+#define XB 64
 INLINE T512 void rows(const int kind, const qg_weight *w, const qg_act *x, int r0, int r1, float *y, int64_t ldy) {
-    int M = x->m, r = r0;
+    int M = x->m;
     if (M >= 4) {
-        for (; r + 2 <= r1; r += 2) {
-            int i = 0;
-            for (; i + 4 <= M; i += 4) tile(kind, 2, 4, w, x, i, r, y, ldy, r - r0);
-            for (; i < M; i++) tile(kind, 2, 1, w, x, i, r, y, ldy, r - r0);
-        }
-        for (; r < r1; r++) {
-            int i = 0;
-            for (; i + 4 <= M; i += 4) tile(kind, 1, 4, w, x, i, r, y, ldy, r - r0);
-            for (; i < M; i++) tile(kind, 1, 1, w, x, i, r, y, ldy, r - r0);
+        for (int b0 = 0; b0 < M; b0 += XB) {
+            int b1 = b0 + XB < M ? b0 + XB : M, r = r0;
+            for (; r + 2 <= r1; r += 2) {
+                int i = b0;
+                for (; i + 4 <= b1; i += 4) tile(kind, 2, 4, w, x, i, r, y, ldy, r - r0);
+                for (; i < b1; i++) tile(kind, 2, 1, w, x, i, r, y, ldy, r - r0);
+            }
+            for (; r < r1; r++) {
+                int i = b0;
+                for (; i + 4 <= b1; i += 4) tile(kind, 1, 4, w, x, i, r, y, ldy, r - r0);
+                for (; i < b1; i++) tile(kind, 1, 1, w, x, i, r, y, ldy, r - r0);
+            }
         }
     } else {
+        int r = r0;
         for (; r + 4 <= r1; r += 4)
             for (int i = 0; i < M; i++) tile(kind, 4, 1, w, x, i, r, y, ldy, r - r0);
         for (; r < r1; r++)

@@ -13,6 +13,8 @@
 #include "pool.h"
 
 #define TAVX2 __attribute__((target("avx2,fma,f16c")))
+/* The same code with AVX-512VL's 32 vector registers: more sums held at once, no spills. */
+#define T512VL __attribute__((target("avx512f,avx512vl,avx2,fma,f16c")))
 #define INLINE static inline __attribute__((always_inline))
 #define SUB 16              /* keys scored together */
 #define MAX_GROUP 16
@@ -56,9 +58,57 @@ typedef struct {
     float *part;            /* [task][group][D + 2]: weighted values, then max, sum */
 } attn_job;
 
-INLINE TAVX2 void span_task(const attn_job *j, int t, const int dtype) {
+/* Four sums at once: [sum a, sum b, sum c, sum d]. */
+INLINE TAVX2 __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+/* Scores of keys i .. i + KB - 1 of a sub-block for the G heads: KB x G independent sums
+ * (enough to hide the FMA latency), reduced four at a time. */
+INLINE TAVX2 void score_keys(const int G, const int KB, const int dtype, const float (*q)[MAX_D], const void *keys,
+                             int64_t at, int D, int i, float (*sc)[SUB]) {
+    __m256 acc[32];
+    for (int a = 0; a < KB * G; a++) acc[a] = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 8)
+        for (int kb = 0; kb < KB; kb++) {
+            __m256 k = load8(keys, at + (int64_t)(i + kb) * D + d, dtype);
+            for (int g = 0; g < G; g++) acc[kb * G + g] = _mm256_fmadd_ps(_mm256_load_ps(&q[g][d]), k, acc[kb * G + g]);
+        }
+    float out[32] __attribute__((aligned(16)));
+    int a = 0;
+    for (; a + 4 <= KB * G; a += 4) _mm_store_ps(out + a, hsum4(acc[a], acc[a + 1], acc[a + 2], acc[a + 3]));
+    for (; a < KB * G; a++) out[a] = hsum(acc[a]);
+    for (int kb = 0; kb < KB; kb++)
+        for (int g = 0; g < G; g++) sc[g][i + kb] = out[kb * G + g];
+}
+
+/* o[g][d0 .. d0 + 8 DB) += sum over the n keys of p[g][i] v[i][...] */
+INLINE TAVX2 void add_values(const int G, const int DB, const int dtype, const float (*p)[SUB], const void *values,
+                             int64_t at, int D, int n, int d0, float (*o)[MAX_D]) {
+    __m256 acc[32];
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < DB; c++) acc[g * DB + c] = _mm256_load_ps(&o[g][d0 + 8 * c]);
+    for (int i = 0; i < n; i++) {
+        __m256 v[8];
+        for (int c = 0; c < DB; c++) v[c] = load8(values, at + (int64_t)i * D + d0 + 8 * c, dtype);
+        for (int g = 0; g < G; g++) {
+            __m256 pg = _mm256_broadcast_ss(&p[g][i]);
+            for (int c = 0; c < DB; c++) acc[g * DB + c] = _mm256_fmadd_ps(pg, v[c], acc[g * DB + c]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < DB; c++) _mm256_store_ps(&o[g][d0 + 8 * c], acc[g * DB + c]);
+}
+
+/* One task: keys k0 .. k1 - 1 of sequence b for KV head kh's group of G query heads. */
+INLINE TAVX2 void span_task(const int G, const int dtype, const int regs, const attn_job *j, int t) {
+    /* Keys scored together (KB x G sums + a key) and 8-float columns of o kept in registers
+     * (G x DB sums + DB values + a weight), within the vector registers. */
+    const int KB = (regs - 4) / G >= 4 ? 4 : (regs - 4) / G >= 2 ? 2 : 1;
+    const int DB = (regs - 1) / (G + 1) >= 8 ? 8 : (regs - 1) / (G + 1) >= 4 ? 4 : (regs - 1) / (G + 1) >= 2 ? 2 : 1;
     const attn_args *a = j->a;
-    int D = a->d, G = j->group, hkv = a->n_kv_heads;
+    int D = a->d, hkv = a->n_kv_heads;
     int sp = t % j->splits, kh = (t / j->splits) % hkv, b = t / j->splits / hkv;
     int len = a->seq_lens[b], k0 = sp * j->span, k1 = k0 + j->span < len ? k0 + j->span : len;
     float *part = j->part + (int64_t)t * G * (D + 2);
@@ -73,26 +123,20 @@ INLINE TAVX2 void span_task(const attn_job *j, int t, const int dtype) {
     }
     const int32_t *table = a->tables + (int64_t)b * a->table_stride;
     int bs = a->block_size;
-    for (int s0 = k0; s0 < k1; s0 += SUB) {
+    for (int s0 = k0; s0 < k1;) {
         int n = k1 - s0 < SUB ? k1 - s0 : SUB;
-        if ((s0 + n - 1) / bs != s0 / bs) n = bs - s0 % bs;   /* stay inside one block */
+        if (s0 % bs + n > bs) n = bs - s0 % bs;                  /* stay inside one block */
         int64_t base = (((int64_t)table[s0 / bs] * hkv + kh) * bs + s0 % bs) * D;
         float sc[MAX_GROUP][SUB] __attribute__((aligned(32)));
-        for (int i = 0; i < n; i++) {
-            __m256 acc[MAX_GROUP];
-            for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
-            for (int d = 0; d < D; d += 8) {
-                __m256 k = load8(a->k_cache, base + (int64_t)i * D + d, dtype);
-                for (int g = 0; g < G; g++) acc[g] = _mm256_fmadd_ps(_mm256_load_ps(&q[g][d]), k, acc[g]);
-            }
-            for (int g = 0; g < G; g++) sc[g][i] = hsum(acc[g]);
-        }
-        for (int i = n; i < SUB; i++)
+        int i = 0;
+        for (; i + KB <= n; i += KB) score_keys(G, KB, dtype, q, a->k_cache, base, D, i, sc);
+        for (; i < n; i++) score_keys(G, 1, dtype, q, a->k_cache, base, D, i, sc);
+        for (i = n; i < SUB; i++)
             for (int g = 0; g < G; g++) sc[g][i] = -INFINITY;
         float p[MAX_GROUP][SUB] __attribute__((aligned(32)));
         for (int g = 0; g < G; g++) {
             float m = mx[g];
-            for (int i = 0; i < n; i++) m = sc[g][i] > m ? sc[g][i] : m;
+            for (i = 0; i < n; i++) m = sc[g][i] > m ? sc[g][i] : m;
             float corr = mx[g] == -INFINITY ? 0.f : m == mx[g] ? 1.f : expf(mx[g] - m);
             __m256 mv = _mm256_set1_ps(m);
             __m256 p0 = exp_neg(_mm256_sub_ps(_mm256_load_ps(&sc[g][0]), mv));
@@ -106,15 +150,11 @@ INLINE TAVX2 void span_task(const attn_job *j, int t, const int dtype) {
                 for (int d = 0; d < D; d += 8) _mm256_store_ps(&o[g][d], _mm256_mul_ps(_mm256_load_ps(&o[g][d]), cv));
             }
         }
-        for (int d = 0; d < D; d += 8) {
-            __m256 acc[MAX_GROUP];
-            for (int g = 0; g < G; g++) acc[g] = _mm256_load_ps(&o[g][d]);
-            for (int i = 0; i < n; i++) {
-                __m256 v = load8(a->v_cache, base + (int64_t)i * D + d, dtype);
-                for (int g = 0; g < G; g++) acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(p[g][i]), v, acc[g]);
-            }
-            for (int g = 0; g < G; g++) _mm256_store_ps(&o[g][d], acc[g]);
-        }
+        /* o += p v: DB columns of 8 floats of every head's o in registers per pass */
+        int d0 = 0;
+        for (; d0 + 8 * DB <= D; d0 += 8 * DB) add_values(G, DB, dtype, p, a->v_cache, base, D, n, d0, o);
+        for (; d0 < D; d0 += 8) add_values(G, 1, dtype, p, a->v_cache, base, D, n, d0, o);
+        s0 += n;
     }
     for (int g = 0; g < G; g++) {
         memcpy(part + g * (D + 2), o[g], sizeof(float) * D);
@@ -123,9 +163,19 @@ INLINE TAVX2 void span_task(const attn_job *j, int t, const int dtype) {
     }
 }
 
-static TAVX2 void task_f32(void *ctx, int t) { span_task(ctx, t, KV_F32); }
-static TAVX2 void task_f16(void *ctx, int t) { span_task(ctx, t, KV_F16); }
-static TAVX2 void task_bf16(void *ctx, int t) { span_task(ctx, t, KV_BF16); }
+#define GROUP_FNS(G) \
+    static TAVX2 void f32_##G(void *ctx, int t) { span_task(G, KV_F32, 16, ctx, t); } \
+    static TAVX2 void f16_##G(void *ctx, int t) { span_task(G, KV_F16, 16, ctx, t); } \
+    static TAVX2 void bf16_##G(void *ctx, int t) { span_task(G, KV_BF16, 16, ctx, t); } \
+    static T512VL void f32_512_##G(void *ctx, int t) { span_task(G, KV_F32, 32, ctx, t); } \
+    static T512VL void f16_512_##G(void *ctx, int t) { span_task(G, KV_F16, 32, ctx, t); } \
+    static T512VL void bf16_512_##G(void *ctx, int t) { span_task(G, KV_BF16, 32, ctx, t); }
+GROUP_FNS(1) GROUP_FNS(2) GROUP_FNS(3) GROUP_FNS(4) GROUP_FNS(5) GROUP_FNS(6) GROUP_FNS(7) GROUP_FNS(8)
+GROUP_FNS(9) GROUP_FNS(10) GROUP_FNS(11) GROUP_FNS(12) GROUP_FNS(13) GROUP_FNS(14) GROUP_FNS(15) GROUP_FNS(16)
+#define ROW(G) {{f32_##G, f16_##G, bf16_##G}, {f32_512_##G, f16_512_##G, bf16_512_##G}}
+static const pool_task_fn tasks[MAX_GROUP][2][3] = {ROW(1), ROW(2), ROW(3), ROW(4), ROW(5), ROW(6), ROW(7), ROW(8),
+                                                    ROW(9), ROW(10), ROW(11), ROW(12), ROW(13), ROW(14), ROW(15),
+                                                    ROW(16)};
 
 int op_attention_decode(const attn_args *a, int threads) {
     int G = a->n_heads / a->n_kv_heads, D = a->d, max_len = 0;
@@ -139,8 +189,7 @@ int op_attention_decode(const attn_args *a, int threads) {
     j.part = malloc(sizeof(float) * (size_t)n_tasks * G * (D + 2));
     if (!j.part) return 1;
     int64_t work = (int64_t)max_len * a->n_seqs * a->n_heads * D;
-    pool_run(work < ATTN_PARALLEL_MIN ? 1 : threads, n_tasks,
-             a->dtype == KV_F16 ? task_f16 : a->dtype == KV_BF16 ? task_bf16 : task_f32, &j);
+    pool_run(work < ATTN_PARALLEL_MIN ? 1 : threads, n_tasks, tasks[G - 1][strcmp(qg_isa(), "avx512") == 0][a->dtype], &j);
     for (int b = 0; b < a->n_seqs; b++) {
         int used = (a->seq_lens[b] + KEY_SPAN - 1) / KEY_SPAN;
         for (int kh = 0; kh < a->n_kv_heads; kh++)

@@ -56,6 +56,9 @@ class Backend:
     ops: Ops
     prepare_matrix: Callable          # one weight matrix -> what the ops take, once at load
     cuda_graphs: bool                 # decode steps replayed from CUDA graphs
+    # (model, forward) -> the engine's runner in forward's place (the cpu backend's decode
+    # steps in one compiled call); None: forward itself
+    step_runner: Callable | None = None
 
     def prepare_weights(self, weights: ModelWeights) -> ModelWeights:
         """Every matrix prepared for the ops. A tied LM head stays one object with the
@@ -83,7 +86,7 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
         if cpu_native.AVAILABLE and dtype == torch.float32:
             ops = Ops(qmatmul=cpu_native.qmatmul, gate_up_swiglu=cpu_native.gate_up_swiglu,
                       rope_qkv=cpu_native.rope_qkv, attention=cpu_native.attention, rms_norm=cpu_native.rms_norm)
-            return Backend(name, ops, cpu_native.prepare, cuda_graphs=False)
+            return Backend(name, ops, cpu_native.prepare, cuda_graphs=False, step_runner=_cpu_step_runner)
         from .kernels.cpu_fast import attention_cpu, gate_up_swiglu_cpu, prepare, qmatmul_cpu, rope_qkv_cpu
         ops = Ops(qmatmul=qmatmul_cpu, gate_up_swiglu=gate_up_swiglu_cpu, rope_qkv=rope_qkv_cpu,
                   attention=attention_cpu, rms_norm=rms_norm_torch)
@@ -92,6 +95,11 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
         raise RequestError("backend='triton' on the CPU needs TRITON_INTERPRET=1 set before smollm3_triton is "
                            "imported (it is set automatically without CUDA)", param="backend")
     return Backend(name, triton_ops(), _repack(), cuda_graphs=device.type == "cuda")
+
+
+def _cpu_step_runner(model, forward: Callable) -> Callable:
+    from .kernels import cpu_step
+    return cpu_step.DecodeStepRunner(model, forward) if cpu_step.supported(model) else forward
 
 
 def triton_ops() -> Ops:

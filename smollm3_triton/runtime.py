@@ -100,10 +100,13 @@ class Runtime:
         model = Transformer(config, weights, backend.ops, max_seq_len=max_seq_len, dtype=dtype, device=device)
         vision = load_vision(path, mmproj, config, tokenizer, device, dtype)
         eos_ids |= {i for i in [tokenizer.eos_id, *map(tokenizer.token_to_id, END_TOKENS)] if i is not None}
-        return cls(model, tokenizer, config, path, eos_ids, backend.name, vision, max_num_seqs=max_num_seqs,
-                   max_num_batched_tokens=max_num_batched_tokens, kv_cache_tokens=kv_cache_tokens,
-                   gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
-                   cuda_graphs=backend.cuda_graphs)
+        rt = cls(model, tokenizer, config, path, eos_ids, backend.name, vision, max_num_seqs=max_num_seqs,
+                 max_num_batched_tokens=max_num_batched_tokens, kv_cache_tokens=kv_cache_tokens,
+                 gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
+                 cuda_graphs=backend.cuda_graphs)
+        if backend.step_runner is not None:
+            rt.engine.runner = backend.step_runner(model, rt.engine.runner)
+        return rt
 
     # ------------------------------------------------------------------ inference
     def logits(self, token_ids, mm_embeds: list | None = None):

@@ -9,6 +9,7 @@
 #include "ops.h"
 #include "pool.h"
 #include "qgemm.h"
+#include "step.h"
 
 static int ints(PyObject *const *args, Py_ssize_t n, Py_ssize_t want, long long *out, const char *name) {
     if (n != want) {
@@ -177,6 +178,76 @@ static PyObject *py_attention_decode(PyObject *self, PyObject *const *args, Py_s
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------- the decode step */
+
+static void free_step(PyObject *capsule) { free(PyCapsule_GetPointer(capsule, "step_model")); }
+
+/* step_model((n_layers, hidden, n_heads, n_kv_heads, head_dim, inter, vocab, n_pos, n_slots, kv_dtype,
+ *             block_size, cos, sin, final_norm), eps, scale, lm_head, layers) -> capsule; layers: a list of
+ * (attn_norm, ffn_norm, qkv, o, gate_up, down, k_cache, v_cache, use_rope), matrices as capsules.
+ * The caller keeps every matrix and buffer alive while the capsule lives. */
+static PyObject *py_step_model(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long c[14];
+    if (n != 5 || !PyTuple_Check(args[0]) || PyTuple_GET_SIZE(args[0]) != 14 || !PyList_Check(args[4]))
+        return PyErr_Format(PyExc_TypeError, "step_model(config, eps, scale, lm_head, layers)");
+    if (!ints(&PyTuple_GET_ITEM(args[0], 0), 14, 14, c, "step_model")) return NULL;
+    double eps = PyFloat_AsDouble(args[1]), scale = PyFloat_AsDouble(args[2]);
+    const qg_matrix *head = get_matrix(args[3]);
+    if (PyErr_Occurred() || !head) return NULL;
+    Py_ssize_t L = PyList_GET_SIZE(args[4]);
+    if (L != c[0]) return PyErr_Format(PyExc_ValueError, "%zd layers given for %lld", L, c[0]);
+    step_model *m = calloc(1, sizeof(step_model) + sizeof(step_layer) * L);
+    if (!m) return PyErr_NoMemory();
+    *m = (step_model){.n_layers = (int)c[0], .hidden = (int)c[1], .n_heads = (int)c[2], .n_kv_heads = (int)c[3],
+                      .head_dim = (int)c[4], .inter = (int)c[5], .vocab = (int)c[6], .n_pos = c[7], .n_slots = c[8],
+                      .kv_dtype = (int)c[9], .block_size = (int)c[10], .cos = (const float *)(intptr_t)c[11],
+                      .sin = (const float *)(intptr_t)c[12], .final_norm = (const float *)(intptr_t)c[13],
+                      .eps = (float)eps, .scale = (float)scale, .lm_head = head};
+    for (Py_ssize_t i = 0; i < L; i++) {
+        PyObject *t = PyList_GET_ITEM(args[4], i);
+        long long p[5];
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 9) {
+            free(m);
+            return PyErr_Format(PyExc_TypeError, "layer %zd: a 9-tuple", i);
+        }
+        PyObject *ip[5] = {PyTuple_GET_ITEM(t, 0), PyTuple_GET_ITEM(t, 1), PyTuple_GET_ITEM(t, 6),
+                           PyTuple_GET_ITEM(t, 7), PyTuple_GET_ITEM(t, 8)};
+        step_layer *l = &m->layers[i];
+        if (!ints(ip, 5, 5, p, "step_model layer") || !(l->qkv = get_matrix(PyTuple_GET_ITEM(t, 2))) ||
+            !(l->o = get_matrix(PyTuple_GET_ITEM(t, 3))) || !(l->gate_up = get_matrix(PyTuple_GET_ITEM(t, 4))) ||
+            !(l->down = get_matrix(PyTuple_GET_ITEM(t, 5)))) {
+            free(m);
+            return NULL;
+        }
+        l->attn_norm = (const float *)(intptr_t)p[0];
+        l->ffn_norm = (const float *)(intptr_t)p[1];
+        l->k_cache = (void *)(intptr_t)p[2];
+        l->v_cache = (void *)(intptr_t)p[3];
+        l->use_rope = (int)p[4];
+    }
+    return PyCapsule_New(m, "step_model", free_step);
+}
+
+/* decode_step(model, x, B, positions, slots, tables, table_stride, seq_lens, logit_rows, R, logits, threads) */
+static PyObject *py_decode_step(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[11];
+    if (n != 12) return PyErr_Format(PyExc_TypeError, "decode_step takes 12 arguments, got %zd", n);
+    const step_model *m = PyCapsule_GetPointer(args[0], "step_model");
+    if (!m || !ints(args + 1, 11, 11, a, "decode_step")) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = step_decode(m, (float *)(intptr_t)a[0], (int)a[1], (const int64_t *)(intptr_t)a[2],
+                     (const int64_t *)(intptr_t)a[3], (const int32_t *)(intptr_t)a[4], a[5],
+                     (const int32_t *)(intptr_t)a[6], (const int64_t *)(intptr_t)a[7], (int)a[8],
+                     (float *)(intptr_t)a[9], (int)a[10]);
+    Py_END_ALLOW_THREADS
+    if (rc == 1) return PyErr_NoMemory();
+    if (rc == 2) return PyErr_Format(PyExc_ValueError, "decode_step: unsupported attention shape");
+    if (rc == 3) return PyErr_Format(PyExc_IndexError, "decode_step: a position outside the RoPE tables or a slot "
+                                     "outside the KV pool");
+    Py_RETURN_NONE;
+}
+
 /* ---------------------------------------------------------------- settings */
 
 static PyObject *py_isa(PyObject *self, PyObject *noargs) { return PyUnicode_FromString(qg_isa()); }
@@ -205,6 +276,8 @@ static PyMethodDef methods[] = {
     {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL, "residual add + RMSNorm"},
     {"rope_kv", (PyCFunction)(void (*)(void))py_rope_kv, METH_FASTCALL, "RoPE on q, k; K/V cache write"},
     {"attention_decode", (PyCFunction)(void (*)(void))py_attention_decode, METH_FASTCALL, "one-query attention"},
+    {"step_model", (PyCFunction)(void (*)(void))py_step_model, METH_FASTCALL, "a decode step's model"},
+    {"decode_step", (PyCFunction)(void (*)(void))py_decode_step, METH_FASTCALL, "one decode step"},
     {"isa", py_isa, METH_NOARGS, "the instruction set in use"},
     {"select", py_select, METH_O, "use 'avx512' or 'avx2'; False where this CPU cannot"},
     {"spin_us", (PyCFunction)(void (*)(void))py_spin_us, METH_FASTCALL, "get / set the idle spin in us"},

@@ -59,6 +59,7 @@ class Backend:
     # (model, forward) -> the engine's runner in forward's place (the cpu backend's decode
     # steps in one compiled call); None: forward itself
     step_runner: Callable | None = None
+    kv_dtype: torch.dtype | None = None  # the KV cache's dtype; None: the model's compute dtype
 
     def prepare_weights(self, weights: ModelWeights) -> ModelWeights:
         """Every matrix prepared for the ops. A tied LM head stays one object with the
@@ -86,7 +87,10 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
         if cpu_native.AVAILABLE and dtype == torch.float32:
             ops = Ops(qmatmul=cpu_native.qmatmul, gate_up_swiglu=cpu_native.gate_up_swiglu,
                       rope_qkv=cpu_native.rope_qkv, attention=cpu_native.attention, rms_norm=cpu_native.rms_norm)
-            return Backend(name, ops, cpu_native.prepare, cuda_graphs=False, step_runner=_cpu_step_runner)
+            # An fp16 cache, as llama.cpp's default: half the bytes a long context's decode
+            # reads, 2^-11 relative rounding of K and V (fp32 attention math).
+            return Backend(name, ops, cpu_native.prepare, cuda_graphs=False, step_runner=_cpu_step_runner,
+                           kv_dtype=torch.float16)
         from .kernels.cpu_fast import attention_cpu, gate_up_swiglu_cpu, prepare, qmatmul_cpu, rope_qkv_cpu
         ops = Ops(qmatmul=qmatmul_cpu, gate_up_swiglu=gate_up_swiglu_cpu, rope_qkv=rope_qkv_cpu,
                   attention=attention_cpu, rms_norm=rms_norm_torch)

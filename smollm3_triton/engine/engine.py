@@ -91,7 +91,7 @@ class Engine:
         memory left after the weights (vLLM's gpu_memory_utilization); on the CPU two
         full-length sequences' worth."""
         model = self.model
-        per_block = PagedKVCache.bytes_per_token(model.config, model.dtype) * self.block_size
+        per_block = PagedKVCache.bytes_per_token(model.config, model.kv_dtype) * self.block_size
         device = model.device
         if kv_cache_tokens is not None:
             if isinstance(kv_cache_tokens, bool) or not isinstance(kv_cache_tokens, int) or kv_cache_tokens < 1:

@@ -314,7 +314,7 @@ def run_bench(args) -> int:
     rt = Runtime.load(path, device=device, dtype=args.dtype, backend=args.backend, max_seq_len=max_seq_len,
                       threads=args.threads)
     backend = rt.backend
-    cost = model_cost(path, rt.config, rt.model.dtype)
+    cost = model_cost(path, rt.config, rt.model.kv_dtype)
     peaks = device_peaks(device, args.peak_gbps, args.peak_tflops)
     print(f"model {path} on {peaks.name}: {cost.weight_bytes / 1e9:.3f} GB of weights read per token; "
           f"peak {peaks.peak_gbps or '?'} GB/s, measured copy "

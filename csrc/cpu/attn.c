@@ -122,11 +122,20 @@ INLINE TAVX2 void span_task(const int G, const int dtype, const int regs, const 
         sum[g] = 0.f;
     }
     const int32_t *table = a->tables + (int64_t)b * a->table_stride;
-    int bs = a->block_size;
+    int bs = a->block_size, elem = dtype == KV_F32 ? 4 : 2;
     for (int s0 = k0; s0 < k1;) {
         int n = k1 - s0 < SUB ? k1 - s0 : SUB;
         if (s0 % bs + n > bs) n = bs - s0 % bs;                  /* stay inside one block */
         int64_t base = (((int64_t)table[s0 / bs] * hkv + kh) * bs + s0 % bs) * D;
+        if (s0 % bs == 0 && s0 + bs < k1) {
+            /* the next block's keys and values of this head: blocks lie anywhere in the pool,
+             * beyond what the hardware prefetchers guess */
+            int64_t next = ((int64_t)table[s0 / bs + 1] * hkv + kh) * bs * D * elem;
+            for (int64_t off = 0; off < (int64_t)bs * D * elem; off += 64) {
+                _mm_prefetch((const char *)a->k_cache + next + off, _MM_HINT_T0);
+                _mm_prefetch((const char *)a->v_cache + next + off, _MM_HINT_T0);
+            }
+        }
         float sc[MAX_GROUP][SUB] __attribute__((aligned(32)));
         int i = 0;
         for (; i + KB <= n; i += KB) score_keys(G, KB, dtype, q, a->k_cache, base, D, i, sc);

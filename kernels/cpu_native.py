@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from ..gguf.constants import GGMLType
 from ..gguf.tensors import QuantTensor, SegmentedTensor
 from . import cpu_fast
-from .repack import prepare_weight
 from .rms_norm import rms_norm_torch
 
 try:
@@ -41,37 +40,35 @@ AVAILABLE = _cpu is not None
 KINDS = {GGMLType.Q4_0: 0, GGMLType.Q4_1: 1, GGMLType.Q5_0: 2, GGMLType.Q5_1: 3, GGMLType.Q8_0: 4,
          GGMLType.Q4_K: 5, GGMLType.Q5_K: 6, GGMLType.Q6_K: 7}
 KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-# Rows packed per call at load: bounds the int16 copy of a large matrix (the LM head).
-PACK_ROWS = 4096
 
 
 @dataclass(frozen=True)
 class NativeWeight:
-    """A matrix packed for the kernels (row segments of one type each), and the GGUF tensor
-    itself for embedding-row lookups."""
+    """A matrix packed for the kernels: row segments of one GGUF type each. Its rows
+    dequantize back to GGUF's exact values (embedding lookups of a tied LM head), so the
+    GGUF tensor itself need not be kept."""
     handle: object                       # the C matrix (a capsule); points into `packed`
     packed: tuple[torch.Tensor, ...]
     shape: tuple[int, int]
-    source: QuantTensor | SegmentedTensor
 
     def dequantize_rows(self, rows: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.source.dequantize_rows(rows, dtype)
+        rows = torch.arange(self.shape[0]) if rows is None else rows.to(torch.int64).contiguous()
+        if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < self.shape[0]):
+            raise IndexError(f"rows outside 0..{self.shape[0] - 1}")
+        out = torch.empty((rows.numel(), self.shape[1]), dtype=torch.float32)
+        _cpu.dequant_rows(self.handle, rows.data_ptr(), rows.numel(), out.data_ptr())
+        return out.view(*rows.shape, self.shape[1]).to(dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.source.dequantize(dtype)
+        return self.dequantize_rows(None, dtype)
 
 
 def _pack(w: QuantTensor) -> torch.Tensor:
+    """w's GGUF blocks in the kernels' layout (csrc/cpu/qgemm.h), decoded in C."""
     kind, (n, k) = KINDS[w.qtype], w.shape
-    row_bytes = _cpu.plan(kind, k)
-    out = torch.zeros(n * row_bytes + 64, dtype=torch.uint8)    # + 64: the kernels' vector loads overrun
-    for r0 in range(0, n, PACK_ROWS):
-        p = prepare_weight(QuantTensor(w.data[r0:r0 + PACK_ROWS], w.qtype, (min(PACK_ROWS, n - r0), k)))
-        v = p.int_values().to(torch.int16).contiguous()
-        s = None if p.s is None else p.s.contiguous()
-        f = p.f.contiguous()
-        _cpu.pack(kind, v.shape[0], k, v.data_ptr(), 0 if s is None else s.data_ptr(), 0 if s is None else s.shape[1],
-                  f.data_ptr(), f.shape[1], out.data_ptr() + r0 * row_bytes)
+    out = torch.empty(n * _cpu.plan(kind, k) + 64, dtype=torch.uint8)    # + 64: vector loads overrun
+    data = w.data.contiguous()
+    _cpu.pack_gguf(kind, n, k, data.data_ptr(), data.shape[1], out.data_ptr())
     return out
 
 
@@ -84,7 +81,7 @@ def prepare(w: QuantTensor | SegmentedTensor):
     args = [w.shape[1]]
     for p, buf in zip(parts, packed):
         args += [KINDS[p.qtype], p.shape[0], buf.data_ptr()]
-    return NativeWeight(_cpu.matrix(*args), packed, w.shape, w)
+    return NativeWeight(_cpu.matrix(*args), packed, w.shape)
 
 
 # ---------------------------------------------------------------- ops (the torch references' contracts)

@@ -96,6 +96,49 @@ static PyObject *py_pack(PyObject *self, PyObject *const *args, Py_ssize_t n) {
 
 static const qg_matrix *get_matrix(PyObject *o) { return PyCapsule_GetPointer(o, "qg_matrix"); }
 
+/* pack_gguf(kind, rows, cols, raw, raw_row_bytes, out) */
+static PyObject *py_pack_gguf(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[6];
+    if (!ints(args, n, 6, a, "pack_gguf")) return NULL;
+    qg_weight w = {.kind = (int)a[0], .rows = (int)a[1], .cols = (int)a[2]};
+    w.chunks = malloc(sizeof(qg_chunk) * qg_max_chunks(w.cols));
+    if (!w.chunks || (w.n_chunks = qg_plan(w.kind, w.cols, w.chunks, &w.row_bytes)) <= 0) {
+        free(w.chunks);
+        return PyErr_Format(PyExc_ValueError, "no layout for kind %d with %d columns", w.kind, w.cols);
+    }
+    if (a[4] != (long long)w.cols / qg_block_elems(w.kind) * qg_block_bytes(w.kind)) {
+        free(w.chunks);
+        return PyErr_Format(PyExc_ValueError, "rows of %lld bytes for %d columns of kind %d", a[4], w.cols, w.kind);
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = qg_pack_gguf(&w, (const uint8_t *)(intptr_t)a[3], a[4], (uint8_t *)(intptr_t)a[5]);
+    Py_END_ALLOW_THREADS
+    free(w.chunks);
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* dequant_rows(matrix, rows (int64), n, out [n, cols] fp32); rows must be < the matrix's rows */
+static PyObject *py_dequant_rows(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[3];
+    if (n != 4) return PyErr_Format(PyExc_TypeError, "dequant_rows takes 4 arguments, got %zd", n);
+    const qg_matrix *m = get_matrix(args[0]);
+    if (!m || !ints(args + 1, 3, 3, a, "dequant_rows")) return NULL;
+    const int64_t *rows = (const int64_t *)(intptr_t)a[0];
+    float *out = (float *)(intptr_t)a[2];
+    for (long long i = 0; i < a[1]; i++) {
+        int64_t r = rows[i], base = 0;
+        for (int s = 0; s < m->n_seg; base += m->seg[s++].rows)
+            if (r - base < m->seg[s].rows) {
+                int64_t local = r - base;
+                qg_dequant_rows(&m->seg[s], &local, 1, out + i * m->cols);
+                break;
+            }
+    }
+    Py_RETURN_NONE;
+}
+
 /* matmul(matrix, x, ldx, m, y, ldy, threads): y[m, rows] = x[m, cols] @ W^T (fp32) */
 static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     long long a[6];
@@ -271,6 +314,8 @@ static PyMethodDef methods[] = {
     {"plan", (PyCFunction)(void (*)(void))py_plan, METH_FASTCALL, "row bytes of a packed row, or -1"},
     {"matrix", (PyCFunction)(void (*)(void))py_matrix, METH_FASTCALL, "a packed matrix's handle"},
     {"pack", (PyCFunction)(void (*)(void))py_pack, METH_FASTCALL, "pack integer values and scales"},
+    {"pack_gguf", (PyCFunction)(void (*)(void))py_pack_gguf, METH_FASTCALL, "pack rows of GGUF blocks"},
+    {"dequant_rows", (PyCFunction)(void (*)(void))py_dequant_rows, METH_FASTCALL, "packed rows back to fp32"},
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "y = x @ W^T"},
     {"gate_up_swiglu", (PyCFunction)(void (*)(void))py_gate_up, METH_FASTCALL, "silu(x @ gate^T) * (x @ up^T)"},
     {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL, "residual add + RMSNorm"},

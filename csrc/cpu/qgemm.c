@@ -58,12 +58,6 @@ int qg_plan(int kind, int cols, qg_chunk *chunks, int64_t *row_bytes) {
     return n;
 }
 
-/* Weight offset (in the chunk) of slot j of step s; -1 for a padding slot. */
-static int slot_weight(const qg_chunk *c, int s, int j) {
-    int per_lane = c->width / 16, r = 2 * s + (j & 1);
-    return r < per_lane ? (j >> 1) * per_lane + r : -1;
-}
-
 void qg_pack(const qg_weight *w, const int16_t *v, const uint8_t *s, int64_t ls, const uint16_t *f, int64_t lf,
              uint8_t *out) {
     int kind = w->kind, bits = qg_bits(kind), K = w->cols;
@@ -75,24 +69,27 @@ void qg_pack(const qg_weight *w, const int16_t *v, const uint8_t *s, int64_t ls,
         for (int ci = 0; ci < w->n_chunks; ci++) {
             const qg_chunk *c = &w->chunks[ci];
             uint8_t *q = o + c->qoff;
-            int steps = c->steps;
-            for (int st = 0; st < steps; st++) {
-                uint32_t m4 = 0, m5 = 0;
-                for (int j = 0; j < 32; j++) {
-                    int at = slot_weight(c, st, j);
-                    int val = at < 0 ? 0 : vr[c->k0 + at];
-                    if (bits == 8) {
-                        q[32 * st + j] = (uint8_t)(int8_t)val;
-                        continue;
-                    }
-                    uint8_t *byte = &q[32 * (st / 2) + j];
-                    *byte = st % 2 ? (uint8_t)(*byte | (val & 15) << 4) : (uint8_t)(val & 15);
-                    m4 |= (uint32_t)((val >> 4) & 1) << j;
-                    m5 |= (uint32_t)((val >> 5) & 1) << j;
-                }
+            int steps = c->steps, per_lane = c->width / 16;
+            int16_t sl[256];        /* the chunk's slots, step by step (see qgemm.h) */
+            memset(sl, 0, sizeof(int16_t) * 32 * steps);
+            for (int l = 0; l < 16; l++)
+                for (int e = 0; e < per_lane; e++) sl[32 * (e / 2) + 2 * l + (e & 1)] = vr[c->k0 + l * per_lane + e];
+            if (bits == 8) {
+                for (int i = 0; i < 32 * steps; i++) q[i] = (uint8_t)(int8_t)sl[i];
+            } else {
+                for (int t = 0; t < steps / 2; t++)
+                    for (int j = 0; j < 32; j++)
+                        q[32 * t + j] = (uint8_t)((sl[64 * t + j] & 15) | (sl[64 * t + 32 + j] & 15) << 4);
                 uint32_t *hb = (uint32_t *)(q + 16 * steps);
-                if (bits == 5) hb[st] = m4;
-                if (bits == 6) hb[2 * st] = m4, hb[2 * st + 1] = m5;
+                for (int st = 0; st < steps && bits > 4; st++) {
+                    uint32_t m4 = 0, m5 = 0;
+                    for (int j = 0; j < 32; j++) {
+                        m4 |= (uint32_t)((sl[32 * st + j] >> 4) & 1) << j;
+                        m5 |= (uint32_t)((sl[32 * st + j] >> 5) & 1) << j;
+                    }
+                    if (bits == 5) hb[st] = m4;
+                    else hb[2 * st] = m4, hb[2 * st + 1] = m5;
+                }
             }
             uint8_t *sc = o + c->soff;
             int g0 = c->k0 / 32, g = c->width / 32, sb = c->k0 / 256;

@@ -56,6 +56,13 @@ int qg_bits(int kind);
 void qg_pack(const qg_weight *w, const int16_t *v, const uint8_t *s, int64_t ls, const uint16_t *f, int64_t lf,
              uint8_t *out);
 
+/* Pack rows straight from GGUF blocks (raw_row_bytes apart); nonzero when out of memory. */
+int qg_pack_gguf(const qg_weight *w, const uint8_t *raw, int64_t raw_row_bytes, uint8_t *out);
+int qg_block_bytes(int kind);
+int qg_block_elems(int kind);
+/* Rows of the packed matrix back to fp32, element = int * mul + bias as GGUF defines it. */
+void qg_dequant_rows(const qg_weight *w, const int64_t *rows, int n, float *out);
+
 int64_t qg_act_bytes(int m, int cols);
 /* Lay out m quantized rows of cols in buf (qg_act_bytes), then fill rows i0 .. i1 - 1 from x. */
 void qg_act_layout(int m, int cols, void *buf, qg_act *out);

@@ -310,6 +310,13 @@ static PyObject *py_spin_us(PyObject *self, PyObject *const *args, Py_ssize_t n)
     return PyLong_FromLong(pool_spin_us());
 }
 
+static PyObject *py_pool_stats(PyObject *self, PyObject *noargs) {
+    pool_stats s = pool_get_stats();
+    return Py_BuildValue("{s:K,s:K,s:K,s:d}", "parallel_jobs", (unsigned long long)s.parallel_jobs, "solo_jobs",
+                         (unsigned long long)s.solo_jobs, "stalls", (unsigned long long)s.stalls, "wait_s",
+                         s.wait_ns / 1e9);
+}
+
 static PyMethodDef methods[] = {
     {"plan", (PyCFunction)(void (*)(void))py_plan, METH_FASTCALL, "row bytes of a packed row, or -1"},
     {"matrix", (PyCFunction)(void (*)(void))py_matrix, METH_FASTCALL, "a packed matrix's handle"},
@@ -324,6 +331,7 @@ static PyMethodDef methods[] = {
     {"step_model", (PyCFunction)(void (*)(void))py_step_model, METH_FASTCALL, "a decode step's model"},
     {"decode_step", (PyCFunction)(void (*)(void))py_decode_step, METH_FASTCALL, "one decode step"},
     {"isa", py_isa, METH_NOARGS, "the instruction set in use"},
+    {"pool_stats", py_pool_stats, METH_NOARGS, "jobs run in parallel / on the caller alone, stalls, the caller's waits"},
     {"select", py_select, METH_O, "use 'avx512' or 'avx2'; False where this CPU cannot"},
     {"spin_us", (PyCFunction)(void (*)(void))py_spin_us, METH_FASTCALL, "get / set the idle spin in us"},
     {NULL, NULL, 0, NULL},

@@ -5,9 +5,10 @@ torch's, on a thread pool that behaves on a shared machine.
 - matmuls: GGUF's 4/5/6/8-bit types in a layout packed once at load (csrc/cpu/qgemm.h);
   activations rounded to int16 per 32 elements, int32 dot products, fp32 scales and sums;
   gate/up with SwiGLU in one pass.
-- RMSNorm with the residual add; RoPE with the K/V cache write; one-query attention
-  straight from the paged cache (fp32, fp16 or bf16). Prompts' attention: torch's SDPA
-  on the sequence's keys converted to fp32, causally masked.
+- RMSNorm with the residual add; RoPE with the K/V cache write; attention straight from
+  the paged cache (fp32, fp16 or bf16), every query row against the keys up to its own
+  position (a prompt's rows too), so a row's result does not depend on the batch or on
+  how its prompt was chunked.
 - threads: torch.get_num_threads() (Runtime.load's `threads=`), on the extension's own
   pool (csrc/cpu/pool.h), not OpenMP's.
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..gguf.constants import GGMLType
 from ..gguf.tensors import QuantTensor, SegmentedTensor
@@ -144,66 +144,44 @@ def rope_qkv(x: torch.Tensor, w_qkv, positions: torch.Tensor, cos: torch.Tensor,
 
 
 @dataclass(frozen=True)
-class _DecodePlan:
-    """The one-query sequences of a step: their rows, tables and lengths as the kernel reads them."""
-    rows: torch.Tensor           # int64 [B]
+class _AttentionPlan:
+    """Every query row of a step as the kernel reads them: its row, the keys it sees (its
+    position + 1: a prompt's rows causally) and its sequence's row of the block tables."""
+    rows: torch.Tensor           # int64 [E]
+    lens: torch.Tensor           # int32 [E]
+    table_index: torch.Tensor    # int32 [E]
     tables: torch.Tensor         # int32 [B, max_blocks], contiguous
-    lens: torch.Tensor           # int32 [B]
-    prompts: tuple[int, ...]     # sequences with several queries
 
 
-def _decode_plan(query_start, seq_lens, block_tables) -> _DecodePlan:
+def _attention_plan(query_start, seq_lens, block_tables) -> _AttentionPlan:
     starts, lens = query_start.tolist(), seq_lens.tolist()
-    singles = [b for b in range(len(lens)) if starts[b + 1] - starts[b] == 1 and lens[b] > 0]
-    prompts = tuple(b for b in range(len(lens)) if starts[b + 1] - starts[b] > 1 and lens[b] > 0)
-    idx = torch.tensor(singles, dtype=torch.int64)
-    return _DecodePlan(torch.tensor([starts[b] for b in singles], dtype=torch.int64),
-                       block_tables.to(torch.int32)[idx].contiguous(), seq_lens.to(torch.int32)[idx].contiguous(),
-                       prompts)
+    rows, keys, index = [], [], []
+    for b, n in enumerate(lens):
+        n_q = starts[b + 1] - starts[b]
+        if n == 0:
+            continue
+        rows += range(starts[b], starts[b + 1])
+        keys += range(n - n_q + 1, n + 1)
+        index += [b] * n_q
+    return _AttentionPlan(torch.tensor(rows, dtype=torch.int64), torch.tensor(keys, dtype=torch.int32),
+                          torch.tensor(index, dtype=torch.int32), block_tables.to(torch.int32).contiguous())
 
 
-_plan_step = cpu_fast._PerStep(_decode_plan)
+_plan_step = cpu_fast._PerStep(_attention_plan)
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_start: torch.Tensor,
               seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int, scale: float) -> torch.Tensor:
+    """attention_torch's contract: each query row against the keys up to its position."""
     N, H, D = q.shape
     if q.dtype != torch.float32 or k_cache.dtype not in KV_DTYPES or D % 8 or H // k_cache.shape[1] > 16 \
             or D > 256 or not (q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()):
         return cpu_fast.attention_cpu(q, k_cache, v_cache, query_start, seq_lens, block_tables, max_query_len, scale)
     plan = _plan_step((query_start, seq_lens, block_tables))
-    out = torch.empty_like(q) if not plan.prompts and len(plan.rows) == N else torch.zeros_like(q)
+    out = torch.empty_like(q) if len(plan.rows) == N else torch.zeros_like(q)    # rows of idle sequences: 0
     if len(plan.rows):
-        _cpu.attention_decode(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), KV_DTYPES[k_cache.dtype],
-                              k_cache.shape[2], H, k_cache.shape[1], D, len(plan.rows), plan.tables.data_ptr(),
-                              plan.tables.shape[1], plan.lens.data_ptr(), plan.rows.data_ptr(), scale, out.data_ptr(),
-                              torch.get_num_threads())
-    starts, lens = query_start.tolist(), seq_lens.tolist()
-    for b in plan.prompts:
-        rows = slice(starts[b], starts[b + 1])
-        out[rows] = _prompt_attention(q[rows], k_cache, v_cache, block_tables[b], lens[b], scale)
-    return out
-
-
-def _prompt_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
-                      n_keys: int, scale: float) -> torch.Tensor:
-    """A prompt's queries (the last len(q) of its n_keys positions), causally, in tiles of
-    cpu_fast.QUERY_TILE rows; keys padded to whole cpu_fast.KEY_BLOCKs as cpu_fast does, so
-    a row's sums run over the same blocks whatever chunk it is in."""
-    n_q, H, D = q.shape
-    hkv, bs = k_cache.shape[1], k_cache.shape[2]
-    group = H // hkv
-    padded = -(-n_keys // cpu_fast.KEY_BLOCK) * cpu_fast.KEY_BLOCK
-    blocks = table[:-(-n_keys // bs)].long()
-    blocks = F.pad(blocks, (0, padded // bs - len(blocks)))
-    k = k_cache[blocks].transpose(0, 1).reshape(1, hkv, padded, D).float()
-    v = v_cache[blocks].transpose(0, 1).reshape(1, hkv, padded, D).float()
-    out = torch.empty_like(q)
-    key_pos = torch.arange(padded)
-    for t0 in range(0, n_q, cpu_fast.QUERY_TILE):
-        r = min(cpu_fast.QUERY_TILE, n_q - t0)
-        pos = n_keys - n_q + t0 + torch.arange(r).repeat_interleave(group)
-        tile = q[t0:t0 + r].view(r, hkv, group, D).permute(1, 0, 2, 3).reshape(1, hkv, r * group, D)
-        o = F.scaled_dot_product_attention(tile, k, v, attn_mask=key_pos[None, :] <= pos[:, None], scale=scale)
-        out[t0:t0 + r] = o[0].view(hkv, r, group, D).permute(1, 0, 2, 3).reshape(r, H, D)
+        _cpu.attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), KV_DTYPES[k_cache.dtype],
+                       k_cache.shape[2], H, k_cache.shape[1], D, len(plan.rows), plan.tables.data_ptr(),
+                       plan.tables.shape[1], plan.table_index.data_ptr(), plan.lens.data_ptr(), plan.rows.data_ptr(),
+                       scale, out.data_ptr(), torch.get_num_threads())
     return out

@@ -1,9 +1,9 @@
-/* Decode attention on the paged KV cache (AVX2 + FMA + F16C): each sequence's one query
- * against exactly its own keys, fp32 math on fp32 / fp16 / bf16 keys and values.
+/* Attention on the paged KV cache (AVX2 + FMA + F16C): each query against exactly the keys
+ * up to its own position, fp32 math on fp32 / fp16 / bf16 keys and values.
  * Tasks are (sequence, KV head, span of keys); a KV head's GQA group of query heads reads
  * each key once. Spans keep an online softmax (running max, sum, weighted values) and are
- * merged at the end in span order, so a sequence's result depends only on its own context
- * length, never on the batch it is in. */
+ * merged at the end in span order, so a query's result depends only on its own keys, never
+ * on the batch or the prompt chunk it is in. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>
@@ -121,7 +121,7 @@ INLINE TAVX2 void span_task(const int G, const int dtype, const int regs, const 
         mx[g] = -INFINITY;
         sum[g] = 0.f;
     }
-    const int32_t *table = a->tables + (int64_t)b * a->table_stride;
+    const int32_t *table = a->tables + (int64_t)(a->table_index ? a->table_index[b] : b) * a->table_stride;
     int bs = a->block_size, elem = dtype == KV_F32 ? 4 : 2;
     for (int s0 = k0; s0 < k1;) {
         int n = k1 - s0 < SUB ? k1 - s0 : SUB;
@@ -186,7 +186,7 @@ static const pool_task_fn tasks[MAX_GROUP][2][3] = {ROW(1), ROW(2), ROW(3), ROW(
                                                     ROW(9), ROW(10), ROW(11), ROW(12), ROW(13), ROW(14), ROW(15),
                                                     ROW(16)};
 
-int op_attention_decode(const attn_args *a, int threads) {
+int op_attention(const attn_args *a, int threads) {
     int G = a->n_heads / a->n_kv_heads, D = a->d, max_len = 0;
     if (G > MAX_GROUP || D > MAX_D || D % 8 || G * a->n_kv_heads != a->n_heads) return 2;
     for (int b = 0; b < a->n_seqs; b++) max_len = a->seq_lens[b] > max_len ? a->seq_lens[b] : max_len;

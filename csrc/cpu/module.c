@@ -194,29 +194,29 @@ static PyObject *py_rope_kv(PyObject *self, PyObject *const *args, Py_ssize_t n)
     return PyLong_FromLong(bad);
 }
 
-/* attention_decode(q, k_cache, v_cache, dtype, block_size, n_heads, n_kv_heads, d, n_seqs, tables,
- *                  table_stride, seq_lens, rows, scale, out, threads) */
-static PyObject *py_attention_decode(PyObject *self, PyObject *const *args, Py_ssize_t n) {
-    long long a[16];
-    if (n != 16) return PyErr_Format(PyExc_TypeError, "attention_decode takes 16 arguments, got %zd", n);
-    double scale = PyFloat_AsDouble(args[13]);
+/* attention(q, k_cache, v_cache, dtype, block_size, n_heads, n_kv_heads, d, n, tables, table_stride,
+ *           table_index (0: none), seq_lens, rows, scale, out, threads) */
+static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[17];
+    if (n != 17) return PyErr_Format(PyExc_TypeError, "attention takes 17 arguments, got %zd", n);
+    double scale = PyFloat_AsDouble(args[14]);
     if (scale == -1.0 && PyErr_Occurred()) return NULL;
-    PyObject *rest[16];
+    PyObject *rest[17];
     memcpy(rest, args, sizeof(rest));
-    rest[13] = args[0];     /* placeholder: parsed as a float above */
-    if (!ints(rest, 16, 16, a, "attention_decode")) return NULL;
+    rest[14] = args[0];     /* parsed as a float above */
+    if (!ints(rest, 17, 17, a, "attention")) return NULL;
     attn_args at = {.q = (const float *)(intptr_t)a[0], .k_cache = (const void *)(intptr_t)a[1],
                     .v_cache = (const void *)(intptr_t)a[2], .dtype = (int)a[3], .block_size = (int)a[4],
                     .n_heads = (int)a[5], .n_kv_heads = (int)a[6], .d = (int)a[7], .n_seqs = (int)a[8],
                     .tables = (const int32_t *)(intptr_t)a[9], .table_stride = a[10],
-                    .seq_lens = (const int32_t *)(intptr_t)a[11], .rows = (const int64_t *)(intptr_t)a[12],
-                    .scale = (float)scale, .out = (float *)(intptr_t)a[14]};
+                    .table_index = (const int32_t *)(intptr_t)a[11], .seq_lens = (const int32_t *)(intptr_t)a[12],
+                    .rows = (const int64_t *)(intptr_t)a[13], .scale = (float)scale, .out = (float *)(intptr_t)a[15]};
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = op_attention_decode(&at, (int)a[15]);
+    rc = op_attention(&at, (int)a[16]);
     Py_END_ALLOW_THREADS
     if (rc == 1) return PyErr_NoMemory();
-    if (rc == 2) return PyErr_Format(PyExc_ValueError, "attention_decode: unsupported heads %d / %d or head dim %d",
+    if (rc == 2) return PyErr_Format(PyExc_ValueError, "attention: unsupported heads %d / %d or head dim %d",
                                      at.n_heads, at.n_kv_heads, at.d);
     Py_RETURN_NONE;
 }
@@ -327,7 +327,7 @@ static PyMethodDef methods[] = {
     {"gate_up_swiglu", (PyCFunction)(void (*)(void))py_gate_up, METH_FASTCALL, "silu(x @ gate^T) * (x @ up^T)"},
     {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL, "residual add + RMSNorm"},
     {"rope_kv", (PyCFunction)(void (*)(void))py_rope_kv, METH_FASTCALL, "RoPE on q, k; K/V cache write"},
-    {"attention_decode", (PyCFunction)(void (*)(void))py_attention_decode, METH_FASTCALL, "one-query attention"},
+    {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL, "causal attention, row by row"},
     {"step_model", (PyCFunction)(void (*)(void))py_step_model, METH_FASTCALL, "a decode step's model"},
     {"decode_step", (PyCFunction)(void (*)(void))py_decode_step, METH_FASTCALL, "one decode step"},
     {"isa", py_isa, METH_NOARGS, "the instruction set in use"},

@@ -36,10 +36,11 @@ typedef struct {
     const float *q;                 /* [rows, n_heads, d] */
     const void *k_cache, *v_cache;  /* [n_blocks, n_kv_heads, block_size, d] of dtype */
     int dtype, block_size, n_heads, n_kv_heads, d, n_seqs;
-    const int32_t *tables;          /* [n_seqs, table_stride] block ids */
+    const int32_t *tables;          /* [*, table_stride] block ids */
     int64_t table_stride;
-    const int32_t *seq_lens;        /* keys of each sequence (its query is the last) */
-    const int64_t *rows;            /* each sequence's query row in q and out */
+    const int32_t *table_index;     /* each query's row of tables (NULL: query i reads row i) */
+    const int32_t *seq_lens;        /* keys each query sees (its own position + 1) */
+    const int64_t *rows;            /* each query's row in q and out */
     float scale;
     float *out;                     /* [rows, n_heads, d] */
 } attn_args;
@@ -49,8 +50,9 @@ typedef struct {
 /* Below this many multiply-adds (keys x heads x d over the batch) attention runs on one thread. */
 #define ATTN_PARALLEL_MIN (1 << 18)
 
-/* One query per sequence (decode). Returns 0, 1 when out of memory, 2 for an unsupported
- * shape (group > 16, d > 256 or not a multiple of 8). */
-int op_attention_decode(const attn_args *a, int threads);
+/* n_seqs queries, each against the first seq_lens[i] keys of its sequence: a decode step's
+ * one query per sequence, or a prompt's rows each at its own position (causal). Returns 0,
+ * 1 when out of memory, 2 for an unsupported shape (group > 16, d > 256 or not a multiple of 8). */
+int op_attention(const attn_args *a, int threads);
 
 #endif

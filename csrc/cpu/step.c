@@ -40,7 +40,7 @@ int step_decode(const step_model *m, float *x, int B, const int64_t *positions, 
         }
         at.k_cache = l->k_cache;
         at.v_cache = l->v_cache;
-        if ((rc = op_attention_decode(&at, threads))) break;
+        if ((rc = op_attention(&at, threads))) break;
         if ((rc = op_matmul(l->o, attn, m->n_heads * D, B, x, H, threads, 0))) break;
         op_rms_norm(x, res, l->ffn_norm, m->eps, B, H, y, h);
         float *t = res;         /* h (= x + res) is the new stream */

@@ -18,7 +18,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import RequestError
+from .errors import FieldError, RequestError
 
 __all__ = ["render_chat", "split_reasoning", "THINK_OPEN", "THINK_CLOSE"]
 
@@ -122,6 +122,9 @@ def render_chat(
             # Templates read the reasoning under different names; give it under each.
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         chat.append(message)
+    if thinking and "enable_thinking" not in template:
+        raise FieldError("thinking", "is on, but this model's chat template has no thinking mode (it never reads "
+                                     "enable_thinking)")
     variables = dict(extra)
     if thinking is not None:
         variables["enable_thinking"] = bool(thinking)

@@ -5,10 +5,16 @@ Hermes-style, each as `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_ca
 possibly several, with text around them that is content. `ChatTextParser` splits the
 text as it streams in: a tail that could still grow into one of those tags is held
 back until the next piece shows what it is, so a tag never leaks into content.
+
+A call comes out as a "tool_call" delta (id and name) followed by "tool_arguments" deltas
+whose texts join into its arguments: once the call's head `{"name": "...", "arguments": `
+has come, the arguments object streams piece by piece as the model writes it (as vLLM and
+llama-server stream them); a call written any other way comes whole when it closes.
 """
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -30,9 +36,31 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class Delta:
-    kind: str               # "reasoning" | "content" | "tool_call"
+    kind: str               # "reasoning" | "content" | "tool_call" (id, name) | "tool_arguments" (a piece)
     text: str = ""
     call: ToolCall | None = None
+
+
+def tool_calls(deltas: list[Delta]) -> list[ToolCall]:
+    """The calls that deltas describe, each with its argument pieces joined."""
+    calls: list[ToolCall] = []
+    for d in deltas:
+        if d.kind == "tool_call":
+            calls.append(d.call)
+        elif d.kind == "tool_arguments":
+            last = calls[-1]
+            calls[-1] = ToolCall(last.id, last.name, last.arguments + d.text)
+    return calls
+
+
+def _call_deltas(call: ToolCall) -> list[Delta]:
+    return [Delta("tool_call", call=ToolCall(call.id, call.name, "")), Delta("tool_arguments", call.arguments)]
+
+
+# The head of a call whose arguments object can stream: `<tool_call>{"name": "x", "arguments": `
+# (or "parameters"), followed by the object's `{`.
+_CALL_HEAD = re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,'
+                        r'\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
 
 
 def parse_tool_call(body: str) -> ToolCall | None:
@@ -76,6 +104,7 @@ class ChatTextParser:
         self.lead = False                   # strip the whitespace after <think> or </think>
         self.parse_tools = parse_tools
         self.buffer = ""
+        self._depth, self._in_string, self._escaped = 0, False, False   # inside a streaming arguments object
 
     def push(self, text: str) -> list[Delta]:
         self.buffer += text
@@ -90,7 +119,9 @@ class ChatTextParser:
         rest, self.buffer = self.buffer, ""
         if self.state == "call":
             call = parse_tool_call(rest[len(CALL_OPEN):])
-            out.append(Delta("tool_call", call=call) if call else Delta("content", rest))
+            out += _call_deltas(call) if call else [Delta("content", rest)]
+        elif self.state in ("arguments", "call_tail"):
+            pass                            # cut off inside the call: its arguments so far stay
         elif rest:
             out.append(Delta("reasoning" if self.state == "reasoning" else "content", rest))
         return [d for d in out if d.text or d.call]
@@ -153,27 +184,61 @@ class ChatTextParser:
         return False
 
     def _call(self, out: list[Delta]) -> bool:
+        head = _CALL_HEAD.match(self.buffer)
         end = self.buffer.find(CALL_CLOSE)
+        if head and (end < 0 or head.end() < end):
+            try:
+                name = json.loads(head.group(1))
+            except ValueError:
+                name = ""
+            if name:
+                out.append(Delta("tool_call", call=ToolCall(f"call_{uuid.uuid4().hex[:24]}", name, "")))
+                self.buffer = self.buffer[head.end():]
+                self.state, self._depth, self._in_string, self._escaped = "arguments", 0, False, False
+                return True
         if end < 0:
             return False
         body = self.buffer[len(CALL_OPEN):end]
         call = parse_tool_call(body)
         # Text that only looks like a call stays content, tags and all.
-        out.append(Delta("tool_call", call=call) if call else Delta("content", self.buffer[:end + len(CALL_CLOSE)]))
+        out += _call_deltas(call) if call else [Delta("content", self.buffer[:end + len(CALL_CLOSE)])]
         self.buffer = self.buffer[end + len(CALL_CLOSE):]
         self.state = "content"
         return True
 
+    def _arguments(self, out: list[Delta]) -> bool:
+        """The arguments object, passed on as it comes, up to its closing brace."""
+        for i, ch in enumerate(self.buffer):
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif ch == "\\":
+                    self._escaped = True
+                elif ch == '"':
+                    self._in_string = False
+            elif ch == '"':
+                self._in_string = True
+            elif ch in "{[":
+                self._depth += 1
+            elif ch in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    out.append(Delta("tool_arguments", self.buffer[:i + 1]))
+                    self.buffer = self.buffer[i + 1:]
+                    self.state = "call_tail"
+                    return True
+        out.append(Delta("tool_arguments", self.buffer))
+        self.buffer = ""
+        return False
 
-def split_message(text: str, *, in_reasoning: bool = False, parse_tools: bool = False
-                  ) -> tuple[str | None, str, list[ToolCall]]:
-    """A whole generated text -> (reasoning or None, content, tool calls)."""
-    parser = ChatTextParser(in_reasoning=in_reasoning, parse_tools=parse_tools)
-    deltas = parser.push(text) + parser.finish()
-    reasoning = "".join(d.text for d in deltas if d.kind == "reasoning")
-    content = "".join(d.text for d in deltas if d.kind == "content")
-    calls = [d.call for d in deltas if d.kind == "tool_call"]
-    return (reasoning if parser.thought else None), content, calls
+    def _call_tail(self, out: list[Delta]) -> bool:
+        """After the arguments: the rest of the call object, up to the closing tag, dropped."""
+        end = self.buffer.find(CALL_CLOSE)
+        if end < 0:
+            return False
+        self.buffer = self.buffer[end + len(CALL_CLOSE):]
+        self.state = "content"
+        return True
 
 
 def tool_calls_as_text(message: dict) -> dict:

@@ -1,6 +1,7 @@
 """`Runtime`: load a model from anywhere, then logits / generate / stream / chat."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -10,17 +11,19 @@ from typing import Iterator
 import torch
 
 from . import hub
-from .chat import render_chat, split_reasoning
+from .chat import THINK_CLOSE, THINK_OPEN, render_chat
+from .chat_parser import ChatTextParser, ToolCall, tool_calls
 from .config import ModelConfig
-from .engine.detokenizer import TextStream
 from .engine.engine import Engine
 from .engine.outputs import RequestOutput
 from .errors import ModelFormatError, RequestError
 from .model import Batch, Transformer
-from .sampling_params import SamplingParams, check_max_seq_len, check_token_ids
+from .sampling_params import SamplingParams, StructuredOutputs, check_max_seq_len, check_token_ids
 from .tokenizer import Tokenizer
 from .tools.perplexity import DEFAULT_CTX, KLDResult, PerplexityResult, kl_divergence, perplexity
-from .vision.model import VisionModel, expand_images, load_vision, split_image_parts, template_takes_parts
+from .vision.encoder import VisionModel
+from .vision.loader import load_vision
+from .vision.prompt import expand_images, split_image_parts, template_takes_parts
 from .weights import load_gguf, load_safetensors_folder, to_device
 
 # A default context that fits comfortably; the KV cache is allocated for it up front.
@@ -33,8 +36,9 @@ END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<
 @dataclass(frozen=True)
 class ChatResponse:
     content: str
-    reasoning: str | None
-    text: str            # everything generated, reasoning included
+    reasoning: str | None          # the <think> block's text; None when the model did not think
+    text: str                      # everything generated, reasoning included
+    tool_calls: tuple[ToolCall, ...] = ()   # when the request offered tools and the model called them
 
     def __str__(self) -> str:
         return self.content
@@ -107,8 +111,13 @@ class Runtime:
                  gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
                  cuda_graphs=backend.cuda_graphs)
         if backend.step_runner is not None:
-            rt.engine.runner = backend.step_runner(model, rt.engine.runner)
+            rt.engine.runner.forward = backend.step_runner(model, rt.engine.runner.forward)
         return rt
+
+    @property
+    def max_seq_len(self) -> int:
+        """The context a request's prompt and new tokens must fit in."""
+        return self.model.max_seq_len
 
     # ------------------------------------------------------------------ inference
     def logits(self, token_ids, mm_embeds: list | None = None):
@@ -145,31 +154,78 @@ class Runtime:
 
     def stream(self, prompt: str, **kwargs) -> Iterator[str]:
         """Continue a raw prompt (no template, no BOS), yielding text as it is decoded."""
-        params = SamplingParams(**kwargs)
+        params = _params(kwargs)
         return self._stream_ids(self._encode(prompt), [], params)
 
     def generate(self, prompt: str | list[str], **kwargs) -> str | list[str]:
         """Continue a raw prompt; returns only the new text. temperature=0 is greedy.
-        A list of prompts runs together (one batch) and gives a list of texts, in order."""
+        A list of prompts runs together (one batch) and gives a list of texts, in order.
+        Structured output: json_schema= (a schema dict, or a pydantic model class), regex=,
+        choice= (a list of strings), grammar= (GBNF) or structured_outputs=StructuredOutputs(...)."""
         if isinstance(prompt, list):
-            params = SamplingParams(**kwargs)
-            return self._run_many([(self._encode(p), []) for p in prompt], params)
+            params = _params(kwargs)
+            return self._run_many([(self._encode(p), [], params) for p in prompt])
         return "".join(self.stream(prompt, **kwargs))
 
     def chat(self, messages: list[dict] | list[list[dict]], *, thinking: bool | None = None,
              tools: list | None = None, **kwargs) -> ChatResponse | list[ChatResponse]:
-        """One assistant turn through the file's chat template; reasoning is returned apart.
-        A list of conversations runs together and gives a list of responses, in order."""
-        if messages and all(isinstance(m, list) for m in messages):
-            params = SamplingParams(**kwargs)
+        """One assistant turn through the file's chat template; reasoning and tool calls are
+        returned apart from the answer. A list of conversations runs together and gives a
+        list of responses, in order. response_format= (OpenAI's shape, or a pydantic model
+        class) or generate's structured-output arguments constrain the answer; with thinking
+        on, the reasoning stays free and the constraint starts after it."""
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages must be a non-empty list of messages (or of conversations)",
+                               param="messages")
+        params = _params(kwargs)
+        if all(isinstance(m, list) for m in messages):
             prompts = [self.encode_chat(m, thinking=thinking, tools=tools) for m in messages]
-            return [_chat_response(text) for text in self._run_many(prompts, params)]
-        return _chat_response("".join(self.stream_chat(messages, thinking=thinking, tools=tools, **kwargs)))
+            texts = self._run_many([(ids, mm, self._after_reasoning(params, ids)) for ids, mm in prompts])
+            return [self._chat_response(ids, text, tools) for (ids, _), text in zip(prompts, texts)]
+        ids, mm_embeds = self.encode_chat(messages, thinking=thinking, tools=tools)
+        text = "".join(self._stream_ids(ids, mm_embeds, self._after_reasoning(params, ids)))
+        return self._chat_response(ids, text, tools)
+
+    def _after_reasoning(self, params: SamplingParams, prompt_ids: list[int]) -> SamplingParams:
+        so = params.structured_outputs
+        if so is None:
+            return params
+        return dataclasses.replace(params, structured_outputs=dataclasses.replace(
+            so, after=self.reasoning_end(prompt_ids)))
 
     def stream_chat(self, messages: list[dict], *, thinking: bool | None = None, tools: list | None = None,
                     **kwargs) -> Iterator[str]:
-        params = SamplingParams(**kwargs)
-        return self._stream_ids(*self.encode_chat(messages, thinking=thinking, tools=tools), params)
+        params = _params(kwargs)
+        ids, mm_embeds = self.encode_chat(messages, thinking=thinking, tools=tools)
+        return self._stream_ids(ids, mm_embeds, self._after_reasoning(params, ids))
+
+    def reasoning_end(self, prompt_ids: list[int]) -> str | None:
+        """Where a structured output's constraint starts in this prompt's answer: after
+        `</think>` when the model reasons first (the prompt opened a think block, or the
+        template has a thinking mode that the prompt did not close: SmolLM3 with thinking on),
+        else None (at once)."""
+        tail = self.tokenizer.decode(prompt_ids[-8:]).rstrip()
+        if tail.endswith(THINK_OPEN) or (THINK_OPEN in (self.tokenizer.chat_template or "")
+                                         and not tail.endswith(THINK_CLOSE)):
+            return THINK_CLOSE
+        return None
+
+    def opens_reasoning(self, prompt_ids: list[int]) -> bool:
+        """Whether the prompt itself opened a think block (a template that ends its
+        generation prompt with <think>): the answer then begins inside the reasoning."""
+        return self.tokenizer.decode(prompt_ids[-8:]).rstrip().endswith(THINK_OPEN)
+
+    def chat_parser(self, prompt_ids: list[int], parse_tools: bool = False) -> ChatTextParser:
+        """The splitter of this prompt's answer into reasoning, content and tool calls."""
+        return ChatTextParser(in_reasoning=self.opens_reasoning(prompt_ids), parse_tools=parse_tools)
+
+    def _chat_response(self, prompt_ids: list[int], text: str, tools: list | None) -> ChatResponse:
+        parser = self.chat_parser(prompt_ids, parse_tools=bool(tools))
+        deltas = parser.push(text) + parser.finish()
+        return ChatResponse(content="".join(d.text for d in deltas if d.kind == "content"),
+                            reasoning="".join(d.text for d in deltas if d.kind == "reasoning") if parser.thought
+                            else None,
+                            text=text, tool_calls=tuple(tool_calls(deltas)))
 
     def render_chat(self, messages: list[dict], *, thinking: bool | None = None, tools: list | None = None,
                     **template_kwargs) -> str:
@@ -200,11 +256,11 @@ class Runtime:
     def _stream_ids(self, prompt_ids: list[int], mm_embeds: list, params: SamplingParams) -> Iterator[str]:
         return (out.text for out in self.outputs(prompt_ids, params, mm_embeds) if out.text)
 
-    def _run_many(self, prompts: list[tuple[list[int], list]], params: SamplingParams) -> list[str]:
-        """prompts: (prompt ids, mm_embeds) each."""
-        for ids, _ in prompts:
+    def _run_many(self, requests: list[tuple[list[int], list, SamplingParams]]) -> list[str]:
+        """requests: (prompt ids, mm_embeds, params) each."""
+        for ids, _, params in requests:
             self.engine.check(len(ids), params)
-        results = self.engine.run([(ids, params, mm) for ids, mm in prompts])
+        results = self.engine.run([(ids, params, mm) for ids, mm, params in requests])
         return ["".join(o.text for o in outs) for outs in results]
 
     def generate_ids(self, prompt_ids: list[int], params: SamplingParams, mm_embeds: list | None = None) -> Iterator[int]:
@@ -233,21 +289,31 @@ class Runtime:
             if not finished:
                 self.engine.abort(request_id)
 
-    def detokenize(self, tokens: Iterator[int], stop: tuple[str, ...] = ()) -> Iterator[str]:
-        """Decoded text without the end token; cut at the first stop string, holding back
-        any tail that could still become one."""
-        text = TextStream(self.tokenizer, stop)
-        for token in tokens:
-            if token in self.eos_ids:
-                break
-            piece, stopped = text.push(token)
-            if piece:
-                yield piece
-            if stopped:
-                return
-        piece = text.flush()
-        if piece:
-            yield piece
+
+# The Python API's structured-output arguments, each one kind of StructuredOutputs.
+_STRUCTURED_ARGS = {"json_schema": "json", "regex": "regex", "choice": "choice", "grammar": "grammar"}
+
+
+def _params(kwargs: dict) -> SamplingParams:
+    """SamplingParams from generate / chat's keyword arguments, with the structured-output
+    shorthands (json_schema=, regex=, choice=, grammar=, response_format=) folded into one
+    StructuredOutputs named after the argument that gave it."""
+    kwargs = dict(kwargs)
+    given = [k for k in (*_STRUCTURED_ARGS, "response_format", "structured_outputs") if kwargs.get(k) is not None]
+    if len(given) > 1:
+        raise RequestError(f"{given[1]} cannot be combined with {given[0]}: one output constraint per request",
+                           param=given[1])
+    for name in list(_STRUCTURED_ARGS) + ["response_format"]:
+        value = kwargs.pop(name, None)
+        if value is None:
+            continue
+        if name == "response_format":
+            kwargs["structured_outputs"] = StructuredOutputs.from_response_format(value)
+        else:
+            if name == "json_schema" and isinstance(value, type) and hasattr(value, "model_json_schema"):
+                value = value.model_json_schema()
+            kwargs["structured_outputs"] = StructuredOutputs(**{_STRUCTURED_ARGS[name]: value}, param=name)
+    return SamplingParams(**kwargs)
 
 
 def _flatten_text_parts(message, i: int):
@@ -264,11 +330,6 @@ def _flatten_text_parts(message, i: int):
                                f"({{'type': 'text', 'text': ...}}), got {kind!r}")
         texts.append(part["text"])
     return {**message, "content": "\n".join(texts)}
-
-
-def _chat_response(text: str) -> ChatResponse:
-    reasoning, content = split_reasoning(text)
-    return ChatResponse(content=content, reasoning=reasoning, text=text)
 
 
 def _dtype(dtype, device: torch.device) -> torch.dtype:

@@ -1,20 +1,113 @@
-"""What a request may ask for (SamplingParams), the limits checked before any work, and the
-reference sampling filters (sampling_probs) that the engine's vectorised sampler is held to."""
+"""What a request may ask for (SamplingParams), and the limits checked before any work."""
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ContextLengthError, FieldError, RequestError
 
+if TYPE_CHECKING:     # torch and numpy are imported where used: the CLI checks SamplingParams before torch loads
+    import torch
+
 # The most top alternatives a request may ask for per token (vLLM's default cap is 20).
 MAX_LOGPROBS = 20
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "structural_tag")
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """What the output must match, enforced while decoding (vLLM's StructuredOutputsParams).
+
+    Exactly one of:
+      json: a JSON schema (a dict, or its JSON text); True: any JSON object
+      regex: a regular expression the whole output matches
+      choice: the output is one of these strings
+      grammar: a GBNF grammar (llama.cpp's format; the start rule is `root`)
+      structural_tag: xgrammar's structural tag ({"type": "structural_tag", "format": {...}})
+    after: the constraint starts once the output contains this text (a reasoning model's
+      "</think>": the reasoning before it stays free).
+    param: the request field it came from, named in errors (each API sets its own name).
+    """
+    json: dict | str | bool | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    structural_tag: dict | str | None = None
+    after: str | None = None
+    param: str = "structured_outputs"
+
+    def __post_init__(self):
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise FieldError(self.param, f"must set exactly one of {', '.join(STRUCTURED_KINDS)}; got "
+                                         f"{', '.join(given) or 'none'}")
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind in ("json", "structural_tag"):
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError as e:
+                    raise FieldError(self.param, f"is not valid JSON: {e}") from None
+            if kind == "json" and value is True:
+                value = {"type": "object"}
+            if not isinstance(value, dict) or isinstance(value, bool):
+                raise FieldError(self.param, f"must be a JSON object (a schema), got {type(value).__name__}")
+        elif kind == "choice":
+            if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+                raise FieldError(self.param, f"must be a non-empty list of strings, got {value!r}"[:300])
+            for i, c in enumerate(value):
+                if not isinstance(c, str) or not c:
+                    raise FieldError(self.param, f"must be a non-empty string, got {c!r}"[:300], where=f"[{i}]")
+            value = tuple(value)
+        elif not isinstance(value, str) or not value.strip():
+            raise FieldError(self.param, f"must be a non-empty string, got {value!r}"[:300])
+        object.__setattr__(self, kind, value)
+        if self.after is not None and (not isinstance(self.after, str) or not self.after):
+            raise FieldError("after", f"must be a non-empty string, got {self.after!r}")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) is not None)
+
+    @property
+    def value(self):
+        return getattr(self, self.kind)
+
+    @classmethod
+    def from_response_format(cls, fmt, param: str = "response_format") -> StructuredOutputs | None:
+        """OpenAI's `response_format` (as llama-server and vLLM also take it): {"type": "text"}
+        (None: no constraint), {"type": "json_object"} (with llama-server's optional "schema"),
+        {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}, or vLLM's
+        {"type": "structural_tag", ...}; a pydantic model class stands for its JSON schema."""
+        if isinstance(fmt, type) and hasattr(fmt, "model_json_schema"):
+            return cls(json=fmt.model_json_schema(), param=param)
+        if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+            raise FieldError(param, f'must be an object with a "type", got {fmt!r}'[:300])
+        kind = fmt["type"]
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            schema = fmt.get("schema", {"type": "object"})
+            return cls(json=schema, param=f"{param}.schema" if "schema" in fmt else param)
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or "schema" not in spec:
+                raise FieldError(f"{param}.json_schema", 'must be an object with a "schema" (and a "name")')
+            return cls(json=spec["schema"], param=f"{param}.json_schema.schema")
+        if kind == "structural_tag":
+            return cls(structural_tag=fmt, param=param)
+        raise FieldError(f"{param}.type", f"must be one of text, json_object, json_schema, structural_tag; "
+                                          f"got {kind!r}"[:300])
+
+    def key(self) -> str:
+        """The grammar's identity (the compile cache's key): kind and spec, not where it came from."""
+        return json.dumps([self.kind, self.value], sort_keys=True, ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -38,6 +131,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None         # per new token: its logprob and this many top alternatives
     prompt_logprobs: int | None = None  # the same for each prompt token after the first
+    structured_outputs: StructuredOutputs | None = None   # a grammar the output must match
 
     def __post_init__(self):
         def number(name: str, check, rule: str) -> None:
@@ -85,6 +179,15 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise FieldError("stop", f"must be a non-empty string, got {s!r}", where=f"[{i}]")
         object.__setattr__(self, "stop", tuple(stop))
+        so = self.structured_outputs
+        if so is not None and not isinstance(so, StructuredOutputs):
+            if not isinstance(so, dict):
+                raise FieldError("structured_outputs", f"must be a StructuredOutputs or a dict of its fields, "
+                                                       f"got {type(so).__name__}")
+            unknown = sorted(set(so) - {*STRUCTURED_KINDS, "after", "param"})
+            if unknown:
+                raise FieldError("structured_outputs", f"has unknown keys {unknown}; known: {list(STRUCTURED_KINDS)}")
+            object.__setattr__(self, "structured_outputs", StructuredOutputs(**so))
 
 
 # ---------------------------------------------------------------- limits, checked before any work
@@ -105,7 +208,7 @@ def check_max_seq_len(max_seq_len, config, dtype: torch.dtype, device: torch.dev
         raise FieldError("max_seq_len", f"must be >= 1, got {max_seq_len}")
     # K and V of every layer, plus the RoPE tables (float64 angles, cos, sin while built).
     per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim * dtype.itemsize + 12 * config.head_dim
-    total = _device_memory(device)
+    total = device_memory(device)
     if max_seq_len * per_token > total:
         raise RequestError(f"max_seq_len {max_seq_len} needs {max_seq_len * per_token / 2**30:.1f} GiB for the KV "
                            f"cache alone, more than the {total / 2**30:.1f} GiB of memory of {device}")
@@ -116,7 +219,9 @@ def check_max_seq_len(max_seq_len, config, dtype: torch.dtype, device: torch.dev
     return max_seq_len
 
 
-def _device_memory(device: torch.device) -> int:
+def device_memory(device: torch.device) -> int:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -125,6 +230,9 @@ def _device_memory(device: torch.device) -> int:
 def check_token_ids(token_ids, vocab_size: int, max_seq_len: int) -> torch.Tensor:
     """token_ids (a sequence of ints, or a 1-D integer tensor / array) as a long tensor,
     every id inside the vocabulary and the whole within the context."""
+    import numpy as np
+    import torch
+
     if isinstance(token_ids, (str, bytes)):
         raise RequestError(f"token_ids must be a sequence of integers, got {type(token_ids).__name__}")
     if isinstance(token_ids, (torch.Tensor, np.ndarray)):
@@ -160,35 +268,3 @@ def check_request(n_prompt: int, params: SamplingParams, max_seq_len: int) -> No
                            param="prompt")
     if n_prompt + params.max_new_tokens > max_seq_len:
         raise ContextLengthError(n_prompt, params.max_new_tokens, max_seq_len)
-
-
-def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor | None, penalty: float) -> torch.Tensor:
-    """Seen tokens get their logit divided by the penalty when positive, multiplied when negative."""
-    if penalty == 1.0 or history is None or not history.numel():
-        return logits
-    seen = history.unique()
-    picked = logits[seen]
-    logits = logits.clone()
-    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits
-
-
-def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution a non-greedy draw uses: temperature, then top-k, top-p, min-p
-    (the order of llama.cpp's default chain and of transformers' warpers)."""
-    # Shifted so the best logit is 0, and divided in float64 (where a temperature of 1e-300
-    # is not 0): a tiny temperature then gives 0 and -inf, never 0/0 or inf - inf = NaN.
-    logits = ((logits.double() - logits.max()) / params.temperature).float()
-    if params.top_k and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if params.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        before = sorted_p.cumsum(-1) - sorted_p        # mass ranked above each token
-        drop = torch.zeros_like(probs, dtype=torch.bool)
-        drop[order] = before >= params.top_p           # keep the smallest prefix reaching top_p
-        probs = probs.masked_fill(drop, 0.0)
-    if params.min_p > 0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    return probs / probs.sum()

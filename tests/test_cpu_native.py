@@ -197,7 +197,7 @@ def test_runtime_uses_the_kernels_and_an_fp16_cache(native):
     from smollm3_triton.kernels.cpu_step import DecodeStepRunner
     assert isinstance(native.model.weights.layers[0].qkv, cpu_native.NativeWeight)
     assert native.model.cache.k.dtype == torch.float16
-    assert isinstance(native.engine.runner, DecodeStepRunner)
+    assert isinstance(native.engine.runner.forward, DecodeStepRunner)
 
 
 def test_decode_step_equals_the_forward(native):
@@ -223,7 +223,7 @@ def test_decode_step_equals_the_forward(native):
         ref = model.forward(step)
         k_ref = model.cache.k.clone()
         model.cache.k.copy_(k0)
-        out = eng.runner(step)
+        out = eng.runner.forward(step)
         assert torch.equal(out, ref) and torch.equal(model.cache.k, k_ref)
 
 
@@ -236,13 +236,13 @@ def test_engine_tokens_and_logprobs_with_and_without_the_step(native):
         outs = native.engine.run([(p, params) for p in prompts])
         return [[(o.token_ids, o.logprobs[0].logprob, o.logprobs[0].top) for o in seq] for seq in outs]
 
-    step = native.engine.runner
+    step = native.engine.runner.forward
     with_step = run()
-    native.engine.runner = native.model.forward
+    native.engine.runner.forward = native.model.forward
     try:
         without = run()
     finally:
-        native.engine.runner = step
+        native.engine.runner.forward = step
     assert with_step == without
 
 

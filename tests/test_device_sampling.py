@@ -1,4 +1,4 @@
-"""The device-side randomness of sampling (smollm3_triton.device_sampling): the
+"""The device-side randomness of sampling (smollm3_triton.engine.sampler): the
 counter-hash exponential noise that smollm3_triton.sampling races the filtered
 probabilities against. Exp(1) by a KS test at p >= 1e-3 with fixed seeds (so it is
 deterministic), uncorrelated across steps and tokens, finite at the hash's extremes;

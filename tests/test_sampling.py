@@ -10,9 +10,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from smollm3_triton.engine.sampler import SamplerState, filtered_probs
+from smollm3_triton.engine.sampler import SamplerState, apply_repetition_penalty, filtered_probs, sampling_probs
 from smollm3_triton.engine.sampler import sample as sample_batch
-from smollm3_triton.sampling_params import SamplingParams, apply_repetition_penalty, sampling_probs
+from smollm3_triton.sampling_params import SamplingParams
 
 
 def sample(logits, params, step=0, history=()):

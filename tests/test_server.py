@@ -275,7 +275,7 @@ def test_health_is_503_while_loading(llama_folder):
 
     import uvicorn
 
-    from smollm3_triton.entrypoints.openai.app import create_app
+    from smollm3_triton.entrypoints.app import create_app
     app = create_app(slow_load, served_model_name="tiny")
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -435,14 +435,14 @@ def server3(smollm3_folder):
 def scripted(server3):
     """Make the next request's model output `text` (then the end token)."""
     rt = runtime(server3[1])
-    real = rt.engine.runner
+    real = rt.engine.runner.forward
 
     def script(text: str):
         ids = rt.tokenizer.encode(text) + [rt.tokenizer.token_to_id("<|im_end|>")]
-        rt.engine.runner = ScriptedRunner(rt.model, ids)
+        rt.engine.runner.forward = ScriptedRunner(rt.model, ids)
 
     yield script
-    rt.engine.runner = real
+    rt.engine.runner.forward = real
 
 
 def hf_prompt_len(folder, messages, **kwargs) -> int:
@@ -484,13 +484,15 @@ def test_tool_call_streamed(server3, scripted):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-def test_named_tool_choice_forces_the_call(server3, scripted):
-    """tool_choice naming a function begins the call in the prompt: the model only writes
-    the arguments (here scripted), and the call is that function."""
+def test_named_tool_choice_decodes_the_call(server3, scripted, smollm3_folder):
+    """tool_choice naming a function: the template sees only that tool, the answer is decoded
+    under the call's grammar (here the scripted call fits it) and comes back as that call."""
     client = server3[2]
-    scripted('{"city": "Oslo"}}\n</tool_call>')
+    scripted('<tool_call>\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n</tool_call>')
     r = client.chat.completions.create(model="smollm3", messages=ASK, tools=TOOLS, max_tokens=40, temperature=0,
-                                       tool_choice={"type": "function", "function": {"name": "get_time"}})
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert r.usage.prompt_tokens == hf_prompt_len(smollm3_folder, ASK, xml_tools=TOOLS[1:], enable_thinking=False)
     (call,) = r.choices[0].message.tool_calls
     assert call.function.name == "get_time" and json.loads(call.function.arguments) == {"city": "Oslo"}
     assert r.choices[0].message.content is None and r.choices[0].finish_reason == "tool_calls"
@@ -671,7 +673,8 @@ def test_random_bodies_never_get_a_500(server):
     fields = ["messages", "prompt", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
               "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop", "n", "stream",
               "stream_options", "logprobs", "top_logprobs", "echo", "tools", "tool_choice", "chat_template_kwargs",
-              "response_format", "ignore_eos", "stop_token_ids", "best_of", "content", "tokens"]
+              "response_format", "structured_outputs", "json_schema", "grammar", "ignore_eos", "stop_token_ids",
+              "best_of", "content", "tokens"]
     good = {"messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "max_tokens": 2}
     paths = ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"]
     http = httpx.Client(base_url=server[0], timeout=60)

@@ -22,7 +22,6 @@ class AsyncEngine:
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Condition()
         self._stopping = False
-        self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="smollm3-engine", daemon=True)
         self._thread.start()
 
@@ -36,7 +35,6 @@ class AsyncEngine:
             try:
                 outputs = self.engine.step()
             except BaseException as e:       # a broken step fails every request, never hangs them
-                self.error = e
                 self._fail_all(e)
                 continue
             for out in outputs:
@@ -81,6 +79,10 @@ class AsyncEngine:
             self._queues.pop(request_id, None)
             if not finished:
                 self.engine.abort(request_id)
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine.max_num_seqs
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)

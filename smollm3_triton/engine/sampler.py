@@ -2,11 +2,11 @@
 
 Every row goes through row-wise ops only (penalties, softmax, sort, cumsum over its
 own vocabulary), so a sequence's draw does not depend on what else is in the batch.
-The randomness is the counter-hash exponential race of device_sampling: token =
-argmax p_i / E_i with E_i a hash of (seed, step, token id), so a seeded request
-gives the same tokens alone, in a batch, after a preemption, on any device.
+The randomness is a counter-hash exponential race: token = argmax p_i / E_i with
+E_i ~ Exp(1) a hash of (seed, step, token id), so a seeded request gives the same
+tokens alone, in a batch, after a preemption, on any device.
 
-The distribution is generation.sampling_probs' (temperature, top-k, top-p, min-p,
+The distribution is sampling_probs' (the one-row reference below: temperature, top-k, top-p, min-p,
 the order of llama.cpp's chain and transformers' warpers), after the penalties:
 repetition (prompt and output, llama.cpp/transformers semantics) and OpenAI's
 presence / frequency (output only: logit -= presence * [count > 0] + frequency * count).
@@ -21,7 +21,9 @@ import torch
 from ..sampling_params import SamplingParams
 
 # ---------------------------------------------------------------- the noise
-
+# A counter-based hash of (seed, step, token id) in int64 tensor ops, not a stateful
+# generator: the same seed gives the same tokens on any device, in any batch and after a
+# preemption, and the CPU tests run exactly the code the GPU runs.
 
 MASK32 = 0xFFFFFFFF
 # Thomas Mueller's 32-bit integer hash multiplier: below 2**27, so x * _MIX for
@@ -56,6 +58,40 @@ def exponential_noise(hashes: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     bits = mix32(hashes ^ keys) >> (32 - _U_BITS)
     u = (bits.to(torch.float32) + 0.5) * 2.0 ** -_U_BITS
     return -torch.log(u)
+
+
+# ---------------------------------------------------------------- the reference, one row at a time
+
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """Seen tokens get their logit divided by the penalty when positive, multiplied when negative."""
+    if penalty == 1.0 or history is None or not history.numel():
+        return logits
+    seen = history.unique()
+    picked = logits[seen]
+    logits = logits.clone()
+    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a non-greedy draw uses: temperature, then top-k, top-p, min-p
+    (the order of llama.cpp's default chain and of transformers' warpers)."""
+    # Shifted so the best logit is 0, and divided in float64 (where a temperature of 1e-300
+    # is not 0): a tiny temperature then gives 0 and -inf, never 0/0 or inf - inf = NaN.
+    logits = ((logits.double() - logits.max()) / params.temperature).float()
+    if params.top_k and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p        # mass ranked above each token
+        drop = torch.zeros_like(probs, dtype=torch.bool)
+        drop[order] = before >= params.top_p           # keep the smallest prefix reaching top_p
+        probs = probs.masked_fill(drop, 0.0)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    return probs / probs.sum()
 
 
 # ---------------------------------------------------------------- the batch sampler

@@ -21,7 +21,6 @@ from .sequence import FINISHED, RUNNING, WAITING, Sequence
 @dataclass
 class ScheduledStep:
     work: list[tuple[Sequence, int]]      # (sequence, tokens computed this step), in batch order
-    preempted: list[Sequence]
 
 
 class Scheduler:
@@ -37,9 +36,6 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
 
     # ------------------------------------------------------------------ blocks
     def _blocks_needed(self, seq: Sequence, n: int) -> int:
@@ -138,7 +134,7 @@ class Scheduler:
             self.running.append(seq)
             work.append((seq, n))
             budget -= n
-        return ScheduledStep(work, preempted)
+        return ScheduledStep(work)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         if seq.status == RUNNING:

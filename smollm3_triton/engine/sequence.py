@@ -6,17 +6,22 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sampling_params import SamplingParams
+from .detokenizer import TextStream
+from .outputs import TokenLogprob
 from .sampler import SamplerState
+from .structured_output import Constraint
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
 
 @dataclass(eq=False)
 class Sequence:
+    """Everything the engine knows of one request: the one owner of its state."""
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
     sampler: SamplerState
+    text: TextStream               # the output's text so far, cut at stop strings
     # (prompt offset, embeddings [n, hidden], content hash): rows that replace token embeddings
     mm_embeds: list[tuple[int, torch.Tensor, bytes]] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
@@ -26,14 +31,13 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)   # prefix-cache keys of the full blocks so far
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_sent: bool = False
+    constraint: Constraint | None = None   # the grammar its output must match (structured output)
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
-
-    def token(self, i: int) -> int:
-        n = len(self.prompt_ids)
-        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
 
     def tokens(self, start: int, end: int) -> list[int]:
         return (self.prompt_ids + self.output_ids)[start:end] if end > len(self.prompt_ids) \

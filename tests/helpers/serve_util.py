@@ -43,7 +43,7 @@ def running_server(load, *, timeout: float = 120, **app_options):
     import httpx
     import uvicorn
 
-    from smollm3_triton.entrypoints.openai.app import create_app
+    from smollm3_triton.entrypoints.app import create_app
 
     app = create_app(load, served_model_name=app_options.pop("served_model_name", "tiny"), **app_options)
     port = free_port()
@@ -70,7 +70,7 @@ def running_server(load, *, timeout: float = 120, **app_options):
 
 
 class ScriptedRunner:
-    """A test hook in place of the engine's runner: the real forward runs (the KV cache
+    """A test hook in place of the model runner's forward: the real forward runs (the KV cache
     fills as usual), then every sampled row's logits are replaced so that the next token is
     the next of `script` — a crafted model output, for what a random model never writes."""
 

@@ -3,49 +3,27 @@
 A request body is untrusted JSON: every field the server reads is type- and range-checked
 here, and a bad one is an `APIError` naming it (`param`), answered as OpenAI answers:
 `{"error": {"message", "type", "param", "code"}}`. Fields we do not implement but that
-would change the result if ignored (logit_bias, response_format beyond text, suffix) are
-refused; fields that only describe the caller (user, metadata) are ignored.
+would change the result if ignored (logit_bias, suffix) are refused; fields that only
+describe the caller (user, metadata) are ignored.
+
+Structured output comes in any of the shapes clients send, each parsed into one
+StructuredOutputs: OpenAI's `response_format`, vLLM's `structured_outputs` ({json | regex |
+choice | grammar | structural_tag | json_object}) and llama-server's `json_schema` and
+`grammar` (GBNF) fields. Whether the schema, regex or grammar compiles is checked later,
+by the pipeline, before any compute.
 """
 from __future__ import annotations
 
-import dataclasses
 import numbers
 from dataclasses import dataclass
 
-from ...errors import ContextLengthError, FieldError, RequestError
-from ...sampling_params import MAX_LOGPROBS, SamplingParams
+from ...errors import FieldError
+from ...sampling_params import MAX_LOGPROBS, STRUCTURED_KINDS, SamplingParams, StructuredOutputs
+from ..errors import APIError, bad
 
 MAX_N = 16                 # choices per request
 MAX_STOP = 16              # stop strings per request
 ROLES = ("system", "developer", "user", "assistant", "tool")
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def api_error_of(e: RequestError, prompt_param: str = "messages") -> APIError:
-    """A library refusal in the API's words: its names for the fields (max_tokens, not
-    max_new_tokens; the prompt's field) and the server's way to a longer context."""
-    names = {**_API_NAMES, "prompt": prompt_param}
-    param = names.get(e.param, e.param)
-    if isinstance(e, ContextLengthError):
-        message = e.describe(max_tokens="max_tokens", remedy="start the server with a larger --max-seq-len")
-    elif isinstance(e, FieldError):
-        message = e.renamed(param)
-    else:
-        message = str(e)
-    return APIError(400, message, param=param, code=e.code)
-
-
-def bad(param: str, message: str) -> APIError:
-    return APIError(400, f"{param}: {message}", param=param)
 
 
 def _field(body: dict, name: str, kinds, default=None, *, what: str):
@@ -100,8 +78,8 @@ class CompletionRequest(Common):
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                     "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos")
-# SamplingParams reports a bad field under its own name; the API's names for them.
-_API_NAMES = {"max_new_tokens": "max_tokens"}
+# The library's argument names as this API calls them.
+API_NAMES = {"max_new_tokens": "max_tokens", "thinking": "chat_template_kwargs.enable_thinking"}
 
 
 def sampling_params(body: dict, max_tokens: int | None, *, logprobs: int | None, prompt_logprobs: int | None,
@@ -118,10 +96,44 @@ def sampling_params(body: dict, max_tokens: int | None, *, logprobs: int | None,
         fields["top_k"] = 0
     try:
         return SamplingParams(max_new_tokens=max_tokens or default_max_tokens, logprobs=logprobs,
-                              prompt_logprobs=prompt_logprobs, **fields)
+                              prompt_logprobs=prompt_logprobs, structured_outputs=structured_outputs(body),
+                              **fields)
     except FieldError as e:
-        param = _API_NAMES.get(e.param, e.param)
+        param = API_NAMES.get(e.param, e.param)
         raise APIError(400, e.renamed(param), param=param) from None
+
+
+def structured_outputs(body: dict) -> StructuredOutputs | None:
+    """The one output constraint of a request, whichever field gave it (FieldError naming it)."""
+    fmt = body.get("response_format")
+    given = [name for name in ("response_format", "structured_outputs", "json_schema", "grammar")
+             if body.get(name) is not None and not (name == "response_format" and isinstance(fmt, dict)
+                                                     and fmt.get("type") == "text")]
+    if len(given) > 1:
+        raise FieldError(given[1], f"cannot be combined with {given[0]}: a request takes one output constraint")
+    if not given:
+        return None
+    name = given[0]
+    value = body[name]
+    if name == "response_format":
+        return StructuredOutputs.from_response_format(value)
+    if name == "json_schema":
+        return StructuredOutputs(json=value, param=name)
+    if name == "grammar":
+        return StructuredOutputs(grammar=value, param=name)
+    if not isinstance(value, dict):
+        raise FieldError(name, f"must be an object with one of {list(STRUCTURED_KINDS)}, got {value!r}"[:300])
+    unknown = sorted(set(value) - {*STRUCTURED_KINDS, "json_object"})
+    if unknown:
+        raise FieldError(name, f"has keys this server does not support: {unknown}")
+    spec = {k: v for k, v in value.items() if v is not None and v is not False}
+    if spec.pop("json_object", None) is True:
+        spec.setdefault("json", {"type": "object"})
+    if len(spec) != 1:
+        raise FieldError(name, f"must set exactly one of {list(STRUCTURED_KINDS) + ['json_object']}, got "
+                               f"{sorted(spec) or 'none'}")
+    (kind, v), = spec.items()
+    return StructuredOutputs(**{kind: v}, param=f"{name}.{kind}")
 
 
 def _common(body: dict, max_tokens: int | None, *, logprobs: int | None, prompt_logprobs: int | None,
@@ -196,9 +208,6 @@ def parse_chat(body: dict, default_max_tokens: int) -> ChatRequest:
     thinking = kwargs.pop("enable_thinking", None)
     if thinking is not None and not isinstance(thinking, bool):
         raise bad("chat_template_kwargs.enable_thinking", f"must be true or false, got {thinking!r}")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise bad("response_format", "only {'type': 'text'} is supported")
 
     logprobs = _bool(body, "logprobs")
     top = _int(body, "top_logprobs", low=0, high=MAX_LOGPROBS)
@@ -240,15 +249,3 @@ def parse_completion(body: dict, default_max_tokens: int) -> CompletionRequest:
 def _token_list(value) -> bool:
     return isinstance(value, list) and bool(value) and all(
         isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in value)
-
-
-def with_max_tokens(req: Common, n_prompt: int, context: int, param: str) -> SamplingParams:
-    """The request's sampling params with max_new_tokens filled in: what it asked for, or
-    (asked for nothing) the rest of the context."""
-    if req.max_tokens is not None:
-        return req.params
-    room = context - n_prompt
-    if room < 1:
-        raise APIError(400, f"the prompt has {n_prompt} tokens, which fills the context of {context} tokens "
-                            f"(at most {context - 1} leave room for an answer)", param=param, code="context_length_exceeded")
-    return dataclasses.replace(req.params, max_new_tokens=min(room, req.params.max_new_tokens))

@@ -1,0 +1,86 @@
+"""Host time of one engine decode step, the model replaced by a no-op: what the Python side
+(scheduling, batch preparation, sampling, detokenizing) costs per step, which must fit inside
+the GPU's ~0.4-1 ms step at 2,000+ tok/s.
+
+    python -m bench.host_step [--batches 1,16,64] [--contexts 192,1024,4096,16384] [--steps 50]
+
+A tiny random SmolLM3-shaped model (1 layer: the KV pool stays small) with the real
+SmolLM2 vocabulary size; its forward is replaced by one that returns zero logits, so only
+the engine's own work is timed. Greedy, and one sampled (temperature 0.7, top-p 0.9) run.
+Each figure is the median over --steps decode steps once every sequence is decoding.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from smollm3_triton.sampling_params import SamplingParams
+from tests.helpers.gguf_export import export_gguf, random_hf_model
+
+VOCAB = 49152
+
+
+def tiny_model(folder: Path) -> Path:
+    hf = random_hf_model("smollm3", seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB,
+                         max_position_embeddings=32768)
+    return export_gguf(hf, folder / "tiny.gguf", "f32")
+
+
+def step_ms(path: Path, batch: int, context: int, steps: int, params: SamplingParams) -> float:
+    from smollm3_triton import Runtime
+
+    rt = Runtime.load(path, device="cpu", backend="torch", max_seq_len=context + steps + 8,
+                      kv_cache_tokens=batch * (context + steps + 8), max_num_seqs=batch,
+                      max_num_batched_tokens=max(512, min(batch * context, 16384)))
+    engine = rt.engine
+
+    def no_op_forward(b):
+        return torch.zeros(b.logits_rows.shape[0], VOCAB)
+
+    engine.runner.forward = no_op_forward
+    params = dataclasses.replace(params, max_new_tokens=steps + 8)
+    g = torch.Generator().manual_seed(batch + context)
+    for _ in range(batch):
+        engine.add_request(torch.randint(100, VOCAB, (context,), generator=g).tolist(), params)
+    while engine.stats().running < batch or any(s.num_computed < context for s in engine.scheduler.running):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--contexts", default="192,1024,4096,16384")
+    p.add_argument("--steps", type=int, default=50)
+    args = p.parse_args()
+    torch.set_num_threads(1)      # OMP_NUM_THREADS=1 too on a shared machine: a pool spinning on busy cores
+    with tempfile.TemporaryDirectory() as tmp:
+        path = tiny_model(Path(tmp))
+        batches = [int(b) for b in args.batches.split(",")]
+        contexts = [int(c) for c in args.contexts.split(",")]
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"host ms per decode step (no-op model, vocab {VOCAB}, 1 torch thread); load {load}")
+        for name, params in (("greedy", SamplingParams(temperature=0, ignore_eos=True)),
+                             ("sampled", SamplingParams(temperature=0.7, top_p=0.9,
+                                                        seed=1, ignore_eos=True))):
+            print(f"\n{name:8s} " + " ".join(f"{'ctx ' + str(c):>10s}" for c in contexts))
+            for b in batches:
+                row = [step_ms(path, b, c, args.steps, params) for c in contexts]
+                print(f"batch {b:<3d} " + " ".join(f"{v:10.2f}" for v in row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from smollm3_triton.gguf.constants import GGMLType
-from smollm3_triton.gguf.tensors import QuantTensor, concat_rows
+from smollm3_triton.gguf.tensors import concat_rows
 from smollm3_triton.kernels import cpu_fast, cpu_native
 from smollm3_triton.kernels.attention import attention_torch
 from smollm3_triton.kernels.rms_norm import rms_norm_torch
@@ -266,6 +266,6 @@ def test_without_the_extension_the_torch_ops_serve(smollm2_path, monkeypatch):
     assert backend.ops.qmatmul is cpu_fast.qmatmul_cpu and backend.step_runner is None
     rt = Runtime.load(smollm2_path, device="cpu", backend="cpu", max_seq_len=64)
     assert isinstance(rt.model.weights.layers[0].qkv, cpu_fast.CpuWeight)
-    assert rt.engine.runner == rt.model.forward
+    assert rt.engine.runner.forward == rt.model.forward
     monkeypatch.undo()
     assert get_backend("cpu", torch.device("cpu"), torch.bfloat16).ops.qmatmul is cpu_fast.qmatmul_cpu

@@ -15,7 +15,9 @@ kernels/cpu_step.py) against independent oracles.
 """
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
 import sys
 
 import pytest
@@ -269,3 +271,16 @@ def test_without_the_extension_the_torch_ops_serve(smollm2_path, monkeypatch):
     assert rt.engine.runner.forward == rt.model.forward
     monkeypatch.undo()
     assert get_backend("cpu", torch.device("cpu"), torch.bfloat16).ops.qmatmul is cpu_fast.qmatmul_cpu
+
+
+@pytest.mark.parametrize("given, expected", [(None, "1000"), ("5", "5")])
+def test_import_bounds_libgomp_spin_unless_the_user_set_it(given, expected):
+    """A fresh process: importing the package (before torch) sets GOMP_SPINCOUNT where the
+    user has not, and leaves a user's value alone."""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if given is not None:
+        env["GOMP_SPINCOUNT"] = given
+    out = subprocess.run([sys.executable, "-c", "import os, smollm3_triton; print(os.environ['GOMP_SPINCOUNT'])"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected

@@ -98,6 +98,25 @@ class ConfigFields:
     def fail(self, key: str, problem: str, error=ModelFormatError) -> Exception:
         return error(f"{self.source}: {self.name(key)} {problem}")
 
+    def attention_heads(self, heads: str, kv_heads: str, hidden: str, head_dim: str) -> tuple[int, int, int]:
+        """(heads, kv heads, head dim) from the four fields every format names its own way; the head
+        dim is the hidden size over the heads unless the file gives it."""
+        n_heads = self.integer(heads)
+        n_kv = self.integer(kv_heads, n_heads)
+        if n_heads % n_kv:
+            raise self.fail(heads, f"({n_heads}) is not a multiple of {self.label}{kv_heads} ({n_kv})")
+        width = self.integer(hidden)
+        if self.has(head_dim):
+            dim, key = self.integer(head_dim), head_dim
+        elif width % n_heads:
+            raise self.fail(hidden, f"({width}) is not divisible by {self.label}{heads} ({n_heads}) and there is "
+                                    f"no {self.label}{head_dim}")
+        else:
+            dim, key = width // n_heads, hidden
+        if dim % 2:
+            raise self.fail(key, f"gives a head dim of {dim}, which must be even for RoPE")
+        return n_heads, n_kv, dim
+
     def has(self, key: str) -> bool:
         return self.data.get(self.prefix + key) is not None
 
@@ -199,21 +218,8 @@ class ModelConfig:
 
         n_layers = f.integer("block_count", hi=MAX_LAYERS)
         hidden = f.integer("embedding_length")
-        n_heads = f.integer("attention.head_count")
-        n_kv = f.integer("attention.head_count_kv", n_heads)
-        if n_heads % n_kv:
-            raise f.fail("attention.head_count", f"({n_heads}) is not a multiple of {arch}.attention.head_count_kv "
-                                                 f"({n_kv})")
-        if f.has("attention.key_length"):
-            head_dim = f.integer("attention.key_length")
-        elif hidden % n_heads:
-            raise f.fail("embedding_length", f"({hidden}) is not divisible by {arch}.attention.head_count "
-                                             f"({n_heads}) and the file has no {arch}.attention.key_length")
-        else:
-            head_dim = hidden // n_heads
-        if head_dim % 2:
-            key = "attention.key_length" if f.has("attention.key_length") else "embedding_length"
-            raise f.fail(key, f"gives a head dim of {head_dim}, which must be even for RoPE")
+        n_heads, n_kv, head_dim = f.attention_heads("attention.head_count", "attention.head_count_kv",
+                                                    "embedding_length", "attention.key_length")
         if f.integer("attention.value_length", head_dim) != head_dim:
             raise f.fail("attention.value_length", f"{md[f'{arch}.attention.value_length']} differs from the key "
                                                    f"length {head_dim}", UnsupportedModelError)
@@ -272,20 +278,9 @@ class ModelConfig:
                 raise f.fail(key, "is true: bias terms are not supported", UnsupportedModelError)
 
         n_layers = f.integer("num_hidden_layers", hi=MAX_LAYERS)
-        n_heads = f.integer("num_attention_heads")
-        n_kv = f.integer("num_key_value_heads", n_heads)
-        if n_heads % n_kv:
-            raise f.fail("num_attention_heads", f"({n_heads}) is not a multiple of num_key_value_heads ({n_kv})")
         hidden = f.integer("hidden_size")
-        if f.has("head_dim"):
-            head_dim = f.integer("head_dim")
-        elif hidden % n_heads:
-            raise f.fail("hidden_size", f"({hidden}) is not divisible by num_attention_heads ({n_heads}) and "
-                                        f"there is no head_dim")
-        else:
-            head_dim = hidden // n_heads
-        if head_dim % 2:
-            raise f.fail("head_dim", f"must be even for RoPE, got {head_dim}")
+        n_heads, n_kv, head_dim = f.attention_heads("num_attention_heads", "num_key_value_heads", "hidden_size",
+                                                    "head_dim")
         vocab = f.integer("vocab_size")
         max_pos = f.integer("max_position_embeddings")
         for key in HF_TOKEN_ID_FIELDS:

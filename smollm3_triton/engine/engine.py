@@ -21,6 +21,7 @@ import threading
 
 import torch
 
+from ..chat import THINK_CLOSE, THINK_OPEN
 from ..errors import ContextLengthError, RequestError
 from ..model import Transformer
 from ..sampling_params import SamplingParams, check_request
@@ -31,7 +32,7 @@ from .model_runner import ModelRunner
 from .outputs import EngineStats, RequestOutput, TokenLogprob
 from .sampler import SamplerState, logprobs, sample
 from .scheduler import Scheduler
-from .sequence import FINISHED, RUNNING, Sequence
+from .sequence import FINISHED, RUNNING, Sequence, ThinkingBudget
 from .structured_output import GrammarCompiler, apply_constraints
 
 DEFAULT_BLOCK_SIZE = 16
@@ -65,6 +66,9 @@ class Engine:
         self.scheduler = Scheduler(self.pool, block_size, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens)
         self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)
+        # A spent thinking budget writes the closing tag as the model writes it after its
+        # thoughts (SmolLM3's template closes an empty block with "\n</think>\n").
+        self._think_close_ids = tokenizer.encode(f"\n{THINK_CLOSE}\n")
         self._sequences: dict[str, Sequence] = {}
         self._aborted: list[RequestOutput] = []
         self._lock = threading.RLock()
@@ -106,13 +110,20 @@ class Engine:
         if params.structured_outputs is not None:
             stop_ids = (set() if params.ignore_eos else self.eos_ids) | set(params.stop_token_ids)
             constraint = self.grammars.constraint(params.structured_outputs, stop_ids)
+        thinking = None
+        if params.thinking_budget is not None:
+            # The prompt itself may have opened the block (a template ending with <think>).
+            opened = self.tokenizer.decode(prompt_ids[-8:]).rstrip().endswith(THINK_OPEN)
+            thinking = ThinkingBudget(params.thinking_budget, THINK_OPEN.encode(), THINK_CLOSE.encode(),
+                                      self._think_close_ids, opened)
         with self._lock:
             if request_id is None:
                 request_id = f"req-{next(self._ids)}"
             if request_id in self._sequences:
                 raise RequestError(f"request id {request_id!r} is already in use")
             seq = Sequence(request_id, prompt_ids, params, SamplerState.start(params),
-                           TextStream(self.tokenizer, params.stop), mm_embeds=mm_embeds, constraint=constraint)
+                           TextStream(self.tokenizer, params.stop), mm_embeds=mm_embeds, constraint=constraint,
+                           thinking=thinking)
             self._sequences[request_id] = seq
             self.scheduler.add(seq)
         return request_id
@@ -192,8 +203,14 @@ class Engine:
             return outputs
         rows = torch.tensor([row for _, row in live], device=logits.device)
         picked = logits[rows]           # a copy: masking it leaves `logits` as the model gave it
-        constrained = [(i, s.constraint) for i, (s, _) in enumerate(live)
-                       if s.constraint is not None and s.constraint.active]
+        # One mask source per row: an active grammar, else a spent thinking budget's closing tag
+        # (a grammar gated on "</think>" is inactive until that tag is written).
+        constrained = []
+        for i, (s, _) in enumerate(live):
+            if s.constraint is not None and s.constraint.active:
+                constrained.append((i, s.constraint))
+            elif s.thinking is not None and s.thinking.active:
+                constrained.append((i, s.thinking))
         if constrained:
             apply_constraints(picked, constrained)
         tokens = sample(picked, [s.sampler for s, _ in live], [(s.prompt_ids, s.output_ids) for s, _ in live])
@@ -210,8 +227,11 @@ class Engine:
             seq.output_ids.append(token)
             self.generated_tokens += 1
             p = seq.params
-            ended = (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids
-            text, stopped = ("", False) if ended else seq.text.push(token)
+            if seq.thinking is not None:
+                seq.thinking.advance(token, self.tokenizer.token_bytes)
+            eos = token in self.eos_ids and not p.ignore_eos
+            ended = eos or token in p.stop_token_ids
+            text, stopped = ("", None) if ended else seq.text.push(token)
             # The grammar is complete (its stop token taken, or no stop token to wait for), or
             # refused the token (a masked row never samples one it refuses).
             complete = seq.constraint is not None and (
@@ -226,7 +246,9 @@ class Engine:
                     text += seq.text.flush()
                 self.scheduler.finish(seq, reason)
                 del self._sequences[seq.request_id]
-            outputs.append(self._output(seq, [token], text, reason, token_lps.get(i)))
+            out = self._output(seq, [token], text, reason, token_lps.get(i))
+            out.stop_reason = stopped if stopped is not None else (token if ended and not eos else None)
+            outputs.append(out)
         return outputs
 
     def _collect_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, lo: int, hi: int) -> None:

@@ -172,7 +172,9 @@ class Constraint:
 
     def __init__(self, compiled, stop_ids: set[int], after: str | None):
         import xgrammar as xgr
-        self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_ids),
+        # No stop token at all (ignore_eos without stop_token_ids): xgrammar refuses an empty
+        # override list, and the grammar's end then ends the sequence by itself.
+        self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_ids) or None,
                                           terminate_without_stop_token=not stop_ids)
         self.after = after.encode() if after else None
         self._tail = b""
@@ -184,6 +186,9 @@ class Constraint:
     @property
     def terminated(self) -> bool:
         return self.matcher.is_terminated()
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
 
     def advance(self, token: int, token_bytes) -> bool:
         """Take a sampled token; False if the grammar refuses it (never, for a masked row)."""
@@ -197,12 +202,13 @@ class Constraint:
         return self.matcher.accept_token(token)
 
 
-def apply_constraints(logits: torch.Tensor, rows: list[tuple[int, Constraint]]) -> None:
+def apply_constraints(logits: torch.Tensor, rows: list[tuple[int, object]]) -> None:
     """In place: the tokens each (row, constraint) forbids get -inf in that row; no other row
-    is read or written."""
+    is read or written. A constraint is anything that fills its bitmask row (`fill_bitmask`):
+    a grammar's Constraint, or a ThinkingBudget forcing its closing tag."""
     import xgrammar as xgr
     bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
     for row, c in rows:
-        c.matcher.fill_next_token_bitmask(bitmask, row)
+        c.fill_bitmask(bitmask, row)
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
                                     indices=[row for row, _ in rows])

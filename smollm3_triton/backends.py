@@ -5,7 +5,8 @@ whether decode steps replay from CUDA graphs.
   tests' oracle); on the CPU every matrix is dequantized once at load.
 - "triton": the Triton kernels (weights repacked into the kernels' tile layout; CUDA graphs
   on a GPU). Without a GPU they run under TRITON_INTERPRET=1, for tests.
-- "cpu": the fast CPU path (kernels/cpu_fast.py: 4-bit weights on torch's int4 kernel).
+- "cpu": the fast CPU path: the compiled kernels (kernels/cpu_native.py, csrc/cpu/) for a
+  float32 model where they were built, else torch's ops on 4-bit weights (kernels/cpu_fast.py).
 
 `Runtime.load` picks one with `get_backend(name, device)`; the model only sees `ops`.
 """
@@ -50,11 +51,12 @@ class Ops:
     norm_logits: Callable          # (h, stats, norm_w, eps, w_lm_head) -> fp32 logits
 
 
-def composed_ops(qmatmul: Callable, gate_up_swiglu: Callable, rope_qkv: Callable, attention: Callable) -> Ops:
-    """The op table of per-step kernels: every norm computed on its own (rms_norm_torch), the
-    residual add in torch; no stats."""
+def composed_ops(qmatmul: Callable, gate_up_swiglu: Callable, rope_qkv: Callable, attention: Callable,
+                 rms_norm: Callable = rms_norm_torch) -> Ops:
+    """The op table of per-step kernels: every norm computed on its own (`rms_norm`, with
+    rms_norm_torch's contract), the residual add in torch; no stats."""
     def normed(h, norm_w, eps):
-        return rms_norm_torch(h, norm_w, eps)[0]
+        return rms_norm(h, norm_w, eps)[0]
 
     return Ops(embed=lambda ids, embed, dtype, eps: (embed.dequantize_rows(ids, dtype), None),
                row_stats=lambda h, eps: None,
@@ -74,6 +76,10 @@ class Backend:
     ops: Ops
     prepare_matrix: Callable          # one weight matrix -> what the ops take, once at load
     cuda_graphs: bool                 # decode steps replayed from CUDA graphs
+    # (model, forward) -> the engine's runner in forward's place (the cpu backend's decode
+    # steps in one compiled call); None: forward itself
+    step_runner: Callable | None = None
+    kv_dtype: torch.dtype | None = None  # the KV cache's dtype; None: the model's compute dtype
 
     def prepare_weights(self, weights: ModelWeights) -> ModelWeights:
         """Every matrix prepared for the ops. A tied LM head stays one object with the
@@ -97,6 +103,14 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     if name == "cpu":
         if device.type != "cpu":
             raise RequestError(f"backend='cpu' runs on the CPU only, not on {device}", param="backend")
+        from .kernels import cpu_native
+        if cpu_native.AVAILABLE and dtype == torch.float32:
+            ops = composed_ops(cpu_native.qmatmul, cpu_native.gate_up_swiglu, cpu_native.rope_qkv,
+                               cpu_native.attention, rms_norm=cpu_native.rms_norm)
+            # An fp16 cache, as llama.cpp's default: half the bytes a long context's decode
+            # reads, 2^-11 relative rounding of K and V (fp32 attention math).
+            return Backend(name, ops, cpu_native.prepare, cuda_graphs=False, step_runner=_cpu_step_runner,
+                           kv_dtype=torch.float16)
         from .kernels.cpu_fast import attention_cpu, gate_up_swiglu_cpu, prepare, qmatmul_cpu, rope_qkv_cpu
         return Backend(name, composed_ops(qmatmul_cpu, gate_up_swiglu_cpu, rope_qkv_cpu, attention_cpu), prepare,
                        cuda_graphs=False)
@@ -110,6 +124,11 @@ def triton_backend(*, cuda_graphs: bool) -> Backend:
     """The Triton backend without the device checks of get_backend (bench/static_report.py
     builds one on a machine without a GPU to record what it would launch)."""
     return Backend("triton", triton_ops(), _repack(), cuda_graphs=cuda_graphs)
+
+
+def _cpu_step_runner(model, forward: Callable) -> Callable:
+    from .kernels import cpu_step
+    return cpu_step.DecodeStepRunner(model, forward) if cpu_step.supported(model) else forward
 
 
 def triton_ops() -> Ops:

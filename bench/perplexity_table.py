@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from smollm3_triton import Runtime, hub  # noqa: E402
-from smollm3_triton.tools.perplexity import read_text_file  # noqa: E402
+from smollm3_triton.cli.perplexity import read_text_file  # noqa: E402
 from tests.helpers.gguf_export import quantize_with_llama_cpp  # noqa: E402
 from tests.helpers.perplexity_data import LLAMA_PERPLEXITY, english_text, run_llama_perplexity, smollm2_float  # noqa: E402
 

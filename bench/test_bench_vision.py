@@ -27,8 +27,9 @@ pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 
 from smollm3_triton.config import ModelConfig  # noqa: E402
+from smollm3_triton.vision.encoder import VisionModel, encode_tiles  # noqa: E402
 from smollm3_triton.vision.image_processing import ImageProcessorConfig, decode_image, preprocess  # noqa: E402
-from smollm3_triton.vision.model import VisionModel, encode_tiles, load_hf_vision  # noqa: E402
+from smollm3_triton.vision.loader import load_hf_vision  # noqa: E402
 from tests.helpers import vision_export as V  # noqa: E402
 
 SMOLVLM_256M_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,

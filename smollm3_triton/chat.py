@@ -18,7 +18,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import RequestError
+from .errors import FieldError, RequestError
 
 __all__ = ["render_chat", "split_reasoning", "THINK_OPEN", "THINK_CLOSE"]
 
@@ -123,8 +123,8 @@ def render_chat(
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         chat.append(message)
     if thinking and "enable_thinking" not in template:
-        raise RequestError("thinking was asked for, but this model's chat template has no thinking mode "
-                           "(it never reads enable_thinking)", param="thinking")
+        raise FieldError("thinking", "is on, but this model's chat template has no thinking mode (it never reads "
+                                     "enable_thinking)")
     variables = dict(extra)
     if thinking is not None:
         variables["enable_thinking"] = bool(thinking)

@@ -67,7 +67,7 @@ class RopeScaling:
 _REQUIRED = object()
 
 
-def _show(value, limit: int = 80) -> str:
+def show_value(value, limit: int = 80) -> str:
     """repr of a value from the file, cut short: a hostile value may be megabytes long."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({type(value).__name__})"
@@ -81,7 +81,7 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-class _Fields:
+class ConfigFields:
     """Typed reads from one mapping of a config; every failure names source and field.
 
     A value of None counts as absent: config.json writes unset fields as null.
@@ -97,6 +97,25 @@ class _Fields:
 
     def fail(self, key: str, problem: str, error=ModelFormatError) -> Exception:
         return error(f"{self.source}: {self.name(key)} {problem}")
+
+    def attention_heads(self, heads: str, kv_heads: str, hidden: str, head_dim: str) -> tuple[int, int, int]:
+        """(heads, kv heads, head dim) from the four fields every format names its own way; the head
+        dim is the hidden size over the heads unless the file gives it."""
+        n_heads = self.integer(heads)
+        n_kv = self.integer(kv_heads, n_heads)
+        if n_heads % n_kv:
+            raise self.fail(heads, f"({n_heads}) is not a multiple of {self.label}{kv_heads} ({n_kv})")
+        width = self.integer(hidden)
+        if self.has(head_dim):
+            dim, key = self.integer(head_dim), head_dim
+        elif width % n_heads:
+            raise self.fail(hidden, f"({width}) is not divisible by {self.label}{heads} ({n_heads}) and there is "
+                                    f"no {self.label}{head_dim}")
+        else:
+            dim, key = width // n_heads, hidden
+        if dim % 2:
+            raise self.fail(key, f"gives a head dim of {dim}, which must be even for RoPE")
+        return n_heads, n_kv, dim
 
     def has(self, key: str) -> bool:
         return self.data.get(self.prefix + key) is not None
@@ -115,7 +134,7 @@ class _Fields:
             return self.raw(key, default)
         value = self.data[self.prefix + key]
         if not _is_int(value):
-            raise self.fail(key, f"must be an integer, got {_show(value)}")
+            raise self.fail(key, f"must be an integer, got {show_value(value)}")
         if value < lo or (hi is not None and value > hi):
             bounds = f">= {lo}" if hi is None else f"in {lo}..{hi}"
             raise self.fail(key, f"must be {bounds}, got {value}")
@@ -126,7 +145,7 @@ class _Fields:
             return self.raw(key, default)
         value = self.data[self.prefix + key]
         if not _is_number(value) or not math.isfinite(value):
-            raise self.fail(key, f"must be a finite number, got {_show(value)}")
+            raise self.fail(key, f"must be a finite number, got {show_value(value)}")
         if positive and value <= 0:
             raise self.fail(key, f"must be > 0, got {value}")
         return float(value)
@@ -136,7 +155,7 @@ class _Fields:
             return self.raw(key, default)
         value = self.data[self.prefix + key]
         if not isinstance(value, bool):
-            raise self.fail(key, f"must be true or false, got {_show(value)}")
+            raise self.fail(key, f"must be true or false, got {show_value(value)}")
         return value
 
     def string(self, key: str, default=_REQUIRED) -> str:
@@ -144,7 +163,7 @@ class _Fields:
             return self.raw(key, default)
         value = self.data[self.prefix + key]
         if not isinstance(value, str):
-            raise self.fail(key, f"must be a string, got {_show(value)}")
+            raise self.fail(key, f"must be a string, got {show_value(value)}")
         return value
 
 
@@ -194,26 +213,13 @@ class ModelConfig:
         arch = md.get("general.architecture")
         if not isinstance(arch, str) or arch not in GGUF_ARCHES:
             raise UnsupportedModelError(
-                f"{source}: architecture {_show(arch)} is not supported (supported: {sorted(GGUF_ARCHES)})")
-        f = _Fields(md, source, prefix=f"{arch}.", kind="metadata key")
+                f"{source}: architecture {show_value(arch)} is not supported (supported: {sorted(GGUF_ARCHES)})")
+        f = ConfigFields(md, source, prefix=f"{arch}.", kind="metadata key")
 
         n_layers = f.integer("block_count", hi=MAX_LAYERS)
         hidden = f.integer("embedding_length")
-        n_heads = f.integer("attention.head_count")
-        n_kv = f.integer("attention.head_count_kv", n_heads)
-        if n_heads % n_kv:
-            raise f.fail("attention.head_count", f"({n_heads}) is not a multiple of {arch}.attention.head_count_kv "
-                                                 f"({n_kv})")
-        if f.has("attention.key_length"):
-            head_dim = f.integer("attention.key_length")
-        elif hidden % n_heads:
-            raise f.fail("embedding_length", f"({hidden}) is not divisible by {arch}.attention.head_count "
-                                             f"({n_heads}) and the file has no {arch}.attention.key_length")
-        else:
-            head_dim = hidden // n_heads
-        if head_dim % 2:
-            key = "attention.key_length" if f.has("attention.key_length") else "embedding_length"
-            raise f.fail(key, f"gives a head dim of {head_dim}, which must be even for RoPE")
+        n_heads, n_kv, head_dim = f.attention_heads("attention.head_count", "attention.head_count_kv",
+                                                    "embedding_length", "attention.key_length")
         if f.integer("attention.value_length", head_dim) != head_dim:
             raise f.fail("attention.value_length", f"{md[f'{arch}.attention.value_length']} differs from the key "
                                                    f"length {head_dim}", UnsupportedModelError)
@@ -256,12 +262,12 @@ class ModelConfig:
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> ModelConfig:
         if not isinstance(cfg, dict):
             raise ModelFormatError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
-        f = _Fields(cfg, source)
+        f = ConfigFields(cfg, source)
         arch = _hf_arch(f)
         if f.has("quantization_config"):
             quant = cfg["quantization_config"]
             method = quant.get("quant_method") if isinstance(quant, dict) else None
-            raise f.fail("quantization_config", f"(quant_method {_show(method)}) is present: pre-quantized "
+            raise f.fail("quantization_config", f"(quant_method {show_value(method)}) is present: pre-quantized "
                                                 f"safetensors are not supported; use a GGUF file",
                          UnsupportedModelError)
         act = f.string("hidden_act", "silu")
@@ -272,27 +278,16 @@ class ModelConfig:
                 raise f.fail(key, "is true: bias terms are not supported", UnsupportedModelError)
 
         n_layers = f.integer("num_hidden_layers", hi=MAX_LAYERS)
-        n_heads = f.integer("num_attention_heads")
-        n_kv = f.integer("num_key_value_heads", n_heads)
-        if n_heads % n_kv:
-            raise f.fail("num_attention_heads", f"({n_heads}) is not a multiple of num_key_value_heads ({n_kv})")
         hidden = f.integer("hidden_size")
-        if f.has("head_dim"):
-            head_dim = f.integer("head_dim")
-        elif hidden % n_heads:
-            raise f.fail("hidden_size", f"({hidden}) is not divisible by num_attention_heads ({n_heads}) and "
-                                        f"there is no head_dim")
-        else:
-            head_dim = hidden // n_heads
-        if head_dim % 2:
-            raise f.fail("head_dim", f"must be even for RoPE, got {head_dim}")
+        n_heads, n_kv, head_dim = f.attention_heads("num_attention_heads", "num_key_value_heads", "hidden_size",
+                                                    "head_dim")
         vocab = f.integer("vocab_size")
         max_pos = f.integer("max_position_embeddings")
         for key in HF_TOKEN_ID_FIELDS:
             ids = f.raw(key, [])
             for token_id in ids if isinstance(ids, list) else [ids]:
                 if not _is_int(token_id) or not 0 <= token_id < vocab:
-                    raise f.fail(key, f"{_show(token_id)} is not a token id in 0..{vocab - 1} (vocab_size {vocab})")
+                    raise f.fail(key, f"{show_value(token_id)} is not a token id in 0..{vocab - 1} (vocab_size {vocab})")
         _hf_check_attention_layout(f, n_layers)
         rope_theta, scaling = _hf_rope(f, arch, max_pos)
         return cls(arch=arch, vocab_size=vocab, hidden_size=hidden, intermediate_size=f.integer("intermediate_size"),
@@ -317,17 +312,17 @@ def hf_text_config(cfg: dict, source: str) -> tuple[dict, str]:
         return cfg, source
     text = cfg.get("text_config")
     if not isinstance(text, dict):
-        raise ModelFormatError(f"{source}: field text_config must be an object, got {_show(text)}")
-    tie = _Fields(cfg, source).boolean("tie_word_embeddings", False)
+        raise ModelFormatError(f"{source}: field text_config must be an object, got {show_value(text)}")
+    tie = ConfigFields(cfg, source).boolean("tie_word_embeddings", False)
     return {**text, "tie_word_embeddings": tie}, f"{source} text_config"
 
 
-def _hf_arch(f: _Fields) -> str:
+def _hf_arch(f: ConfigFields) -> str:
     """Our arch name from `model_type` (what transformers' Auto classes dispatch on) and
     `architectures` (the class saved with the weights); both, when present, must agree."""
     archs = f.raw("architectures", [])
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
-        raise f.fail("architectures", f"must be a list of class names, got {_show(archs)}")
+        raise f.fail("architectures", f"must be a list of class names, got {show_value(archs)}")
     model_type = f.string("model_type", "")
     if model_type and model_type not in HF_MODEL_TYPES:
         raise f.fail("model_type", f"{model_type!r} is not supported (supported: {sorted(HF_MODEL_TYPES)})",
@@ -343,15 +338,15 @@ def _hf_arch(f: _Fields) -> str:
     return HF_MODEL_TYPES[model_type] if model_type else from_archs.pop()
 
 
-def _hf_check_attention_layout(f: _Fields, n_layers: int) -> None:
+def _hf_check_attention_layout(f: ConfigFields, n_layers: int) -> None:
     if f.boolean("use_sliding_window", False) and f.has("sliding_window"):
-        raise f.fail("use_sliding_window", f"is true with sliding_window {_show(f.raw('sliding_window'))}: "
+        raise f.fail("use_sliding_window", f"is true with sliding_window {show_value(f.raw('sliding_window'))}: "
                                            f"sliding-window attention is not supported", UnsupportedModelError)
     layer_types = f.raw("layer_types", None)
     if layer_types is None:
         return
     if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
-        raise f.fail("layer_types", f"must be a list of strings, got {_show(layer_types)}")
+        raise f.fail("layer_types", f"must be a list of strings, got {show_value(layer_types)}")
     if len(layer_types) < n_layers:
         raise f.fail("layer_types", f"has {len(layer_types)} entries but num_hidden_layers is {n_layers}")
     for i, kind in enumerate(layer_types[:n_layers]):
@@ -359,7 +354,7 @@ def _hf_check_attention_layout(f: _Fields, n_layers: int) -> None:
             raise f.fail("layer_types", f"[{i}] is {kind!r}: only full_attention is supported", UnsupportedModelError)
 
 
-def _hf_use_rope(f: _Fields, arch: str, n_layers: int) -> tuple[bool, ...]:
+def _hf_use_rope(f: ConfigFields, arch: str, n_layers: int) -> tuple[bool, ...]:
     if arch != "smollm3":
         return (True,) * n_layers
     nope = f.raw("no_rope_layers", None)
@@ -367,32 +362,32 @@ def _hf_use_rope(f: _Fields, arch: str, n_layers: int) -> tuple[bool, ...]:
         interval = f.integer("no_rope_layer_interval", 4)
         return tuple((i + 1) % interval != 0 for i in range(n_layers))
     if not isinstance(nope, list):
-        raise f.fail("no_rope_layers", f"must be a list with a 0 or 1 per layer, got {_show(nope)}")
+        raise f.fail("no_rope_layers", f"must be a list with a 0 or 1 per layer, got {show_value(nope)}")
     if len(nope) < n_layers:
         raise f.fail("no_rope_layers", f"has {len(nope)} entries but num_hidden_layers is {n_layers}")
     for i, v in enumerate(nope):
         if not isinstance(v, int) or v not in (0, 1):  # bools are ints: JSON true/false read as 1/0
-            raise f.fail("no_rope_layers", f"[{i}] is {_show(v)}; entries must be 1 (RoPE) or 0 (no RoPE)")
+            raise f.fail("no_rope_layers", f"[{i}] is {show_value(v)}; entries must be 1 (RoPE) or 0 (no RoPE)")
     return tuple(v == 1 for v in nope[:n_layers])
 
 
-def _hf_rope(f: _Fields, arch: str, max_pos: int) -> tuple[float, RopeScaling | None]:
+def _hf_rope(f: ConfigFields, arch: str, max_pos: int) -> tuple[float, RopeScaling | None]:
     """rope_theta and YaRN from transformers >= 5's `rope_parameters` or the older
     top-level `rope_theta` + `rope_scaling`."""
     params = f.raw("rope_parameters", {})
     legacy = f.raw("rope_scaling", {})
     for key, value in (("rope_parameters", params), ("rope_scaling", legacy)):
         if not isinstance(value, dict):
-            raise f.fail(key, f"must be an object, got {_show(value)}")
+            raise f.fail(key, f"must be an object, got {show_value(value)}")
     if any(isinstance(v, dict) for v in params.values()):
         raise f.fail("rope_parameters", "is nested per layer type, which is not supported", UnsupportedModelError)
-    p = _Fields(params, f.source, label="rope_parameters.")
+    p = ConfigFields(params, f.source, label="rope_parameters.")
     theta = p.number("rope_theta") if p.has("rope_theta") else f.number("rope_theta", HF_DEFAULT_ROPE_THETA[arch])
     for where in (f, p):
         if where.number("partial_rotary_factor", 1.0) != 1.0:
             raise where.fail("partial_rotary_factor", f"is {where.raw('partial_rotary_factor')}: partial RoPE is "
                                                       f"not supported", UnsupportedModelError)
-    s = _Fields(legacy, f.source, label="rope_scaling.") if legacy else p
+    s = ConfigFields(legacy, f.source, label="rope_scaling.") if legacy else p
     kind = s.string("rope_type", None) or s.string("type", "default")
     if kind == "default" or (kind == "linear" and s.number("factor", 1.0) == 1.0):
         return theta, None

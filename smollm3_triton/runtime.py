@@ -14,7 +14,6 @@ from . import hub
 from .chat import THINK_CLOSE, THINK_OPEN, render_chat
 from .chat_parser import ChatTextParser, ToolCall, tool_calls
 from .config import ModelConfig
-from .engine.detokenizer import TextStream
 from .engine.engine import Engine
 from .engine.outputs import RequestOutput
 from .errors import ModelFormatError, RequestError
@@ -22,7 +21,9 @@ from .model import Batch, Transformer
 from .sampling_params import SamplingParams, StructuredOutputs, check_max_seq_len, check_token_ids
 from .tokenizer import Tokenizer
 from .tools.perplexity import DEFAULT_CTX, KLDResult, PerplexityResult, kl_divergence, perplexity
-from .vision.model import VisionModel, expand_images, load_vision, split_image_parts, template_takes_parts
+from .vision.encoder import VisionModel
+from .vision.loader import load_vision
+from .vision.prompt import expand_images, split_image_parts, template_takes_parts
 from .weights import load_gguf, load_safetensors_folder, to_device
 
 # A default context that fits comfortably; the KV cache is allocated for it up front.
@@ -282,22 +283,6 @@ class Runtime:
         finally:
             if not finished:
                 self.engine.abort(request_id)
-
-    def detokenize(self, tokens: Iterator[int], stop: tuple[str, ...] = ()) -> Iterator[str]:
-        """Decoded text without the end token; cut at the first stop string, holding back
-        any tail that could still become one."""
-        text = TextStream(self.tokenizer, stop)
-        for token in tokens:
-            if token in self.eos_ids:
-                break
-            piece, stopped = text.push(token)
-            if piece:
-                yield piece
-            if stopped:
-                return
-        piece = text.flush()
-        if piece:
-            yield piece
 
 
 # The Python API's structured-output arguments, each one kind of StructuredOutputs.

@@ -7,11 +7,12 @@ import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ContextLengthError, FieldError, RequestError
+
+if TYPE_CHECKING:     # torch and numpy are imported where used: the CLI checks SamplingParams before torch loads
+    import torch
 
 # The most top alternatives a request may ask for per token (vLLM's default cap is 20).
 MAX_LOGPROBS = 20
@@ -219,6 +220,8 @@ def check_max_seq_len(max_seq_len, config, dtype: torch.dtype, device: torch.dev
 
 
 def device_memory(device: torch.device) -> int:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -227,6 +230,9 @@ def device_memory(device: torch.device) -> int:
 def check_token_ids(token_ids, vocab_size: int, max_seq_len: int) -> torch.Tensor:
     """token_ids (a sequence of ints, or a 1-D integer tensor / array) as a long tensor,
     every id inside the vocabulary and the whole within the context."""
+    import numpy as np
+    import torch
+
     if isinstance(token_ids, (str, bytes)):
         raise RequestError(f"token_ids must be a sequence of integers, got {type(token_ids).__name__}")
     if isinstance(token_ids, (torch.Tensor, np.ndarray)):

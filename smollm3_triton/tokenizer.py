@@ -63,6 +63,11 @@ _PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
 }
 PRE_TOKENIZER_NAMES = tuple(sorted(_PRE_TOKENIZERS))
 
+# Pre-tokenizers for which llama.cpp's vocabulary adds BOS when the file has no
+# tokenizer.ggml.add_bos_token key (src/llama-vocab.cpp, BPE branch).
+_PRE_ADDING_BOS = frozenset({"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
+                             "lfm2", "jina-v5-nano", "tekken", "chameleon"})
+
 
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte <-> printable-character table, inverted (character -> byte)."""
@@ -132,7 +137,8 @@ class Tokenizer:
     """Encode text to token ids and decode ids back, as llama.cpp / transformers do.
 
     `encode` parses special tokens written in the text (``<|im_start|>``) as single
-    tokens and adds no BOS.
+    tokens and adds no BOS. `adds_bos` says whether llama.cpp would put BOS in front of
+    a whole text for this vocabulary (llama_vocab_get_add_bos; what llama-perplexity does).
     """
 
     def __init__(
@@ -147,6 +153,7 @@ class Tokenizer:
         pad_id: int | None = None,
         chat_template: str | None = None,
         dropped_id: int | None = None,
+        adds_bos: bool = False,
     ):
         self._backend = backend
         # A token's text is byte-level (GPT-2 alphabet) unless its id is in raw_ids
@@ -159,6 +166,7 @@ class Tokenizer:
         self.eos_id = eos_id
         self.pad_id = pad_id
         self.chat_template = chat_template
+        self.adds_bos = adds_bos
         # Id the backend gives characters the vocabulary cannot spell; encode drops it.
         self._dropped_id = dropped_id
 
@@ -253,6 +261,7 @@ class Tokenizer:
             pad_id=_optional_id(metadata, "tokenizer.ggml.padding_token_id", n_vocab),
             chat_template=template,
             dropped_id=n_vocab,
+            adds_bos=_gguf_adds_bos(metadata, pre),
         )
 
     @classmethod
@@ -321,6 +330,7 @@ class Tokenizer:
             eos_id=config_token_id("eos_token"),
             pad_id=config_token_id("pad_token"),
             chat_template=template,
+            adds_bos=_hf_adds_bos(config, spec),
         )
 
     # ------------------------------------------------------------------- use
@@ -360,6 +370,34 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         data = b"".join(self.token_bytes(int(i), skip_special_tokens=skip_special_tokens) for i in ids)
         return data.decode("utf-8", errors="replace")
+
+
+def _gguf_adds_bos(metadata: dict, pre: str) -> bool:
+    """llama.cpp's rule: tokenizer.ggml.add_bos_token when the file has it, else the
+    default of the (BPE) pre-tokenizer."""
+    value = metadata.get("tokenizer.ggml.add_bos_token")
+    if value is not None and not isinstance(value, bool):
+        raise GGUFError(f"GGUF key 'tokenizer.ggml.add_bos_token' should be a bool, got {value!r}")
+    return value if value is not None else pre in _PRE_ADDING_BOS
+
+
+def _hf_adds_bos(config: dict, spec: dict) -> bool:
+    """convert_hf_to_gguf's reading of a folder (gguf-py's SpecialVocab): tokenizer_config's
+    add_bos_token, else whether tokenizer.json's post-processor puts the BOS token in front
+    of a single sequence."""
+    if isinstance(config.get("add_bos_token"), bool):
+        return config["add_bos_token"]
+    bos = config.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    post = spec.get("post_processor") or {}
+    processors = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+    for processor in processors:
+        if processor.get("type") != "TemplateProcessing" or bos is None:
+            continue
+        single = processor.get("single") or []
+        if single and (single[0].get("SpecialToken") or {}).get("id") == bos:
+            return True
+    return False
 
 
 def _has_byte_level_decoder(decoder: dict | None) -> bool:

@@ -269,7 +269,7 @@ def read_json_object(path: Path) -> dict:
     return value
 
 
-def _safetensors_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
+def safetensors_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The files to read, and the index's tensor -> file map when the model is sharded."""
     index_path = folder / SAFETENSORS_INDEX
     if not index_path.exists():
@@ -308,7 +308,7 @@ def load_safetensors_folder(folder: Path) -> tuple[ModelConfig, ModelWeights]:
     config = ModelConfig.from_hf_config(*hf_text_config(raw, str(cfg_path)))
     # A SmolVLM folder: the text model under model.text_model., the vision side read by vision.py.
     vision_prefixes = HF_VISION_PREFIXES if is_hf_vision_language(raw) else ()
-    files, weight_map = _safetensors_files(folder)
+    files, weight_map = safetensors_files(folder)
 
     with ExitStack() as stack:
         handles, where, headers = {}, {}, {}

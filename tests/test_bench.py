@@ -1,18 +1,18 @@
-"""`smollm3 bench` (smollm3_triton.bench.run_bench) on CPU with a tiny synthetic file:
-the JSON it writes, and its bytes-per-token figure against gguf-py's tensor sizes."""
+"""`smollm3 bench` on CPU with a tiny synthetic file: the JSON it writes, its bytes-per-token
+figure against gguf-py's tensor sizes, and its output as a user sees it."""
 import json
 
 import pytest
 
-from smollm3_triton.tools.bench import add_bench_arguments, main  # noqa: E402
-from tests.helpers.synthetic import write_synthetic  # noqa: E402
+from smollm3_triton.cli import main
+from tests.helpers.synthetic import write_synthetic
 
 
-def test_bench_on_cpu_writes_its_figures(tmp_path):
+def test_bench_on_cpu_writes_its_figures(tmp_path, capsys):
     import gguf
     path = write_synthetic(tmp_path / "tiny.gguf", "smollm2-1.7b", "q8_0", scale=64)
     out = tmp_path / "results.json"
-    assert main(["--model", str(path), "--device", "cpu", "--prefill", "8,16", "--contexts", "4,20",
+    assert main(["bench", "--model", str(path), "--device", "cpu", "--prefill", "8,16", "--contexts", "4,20",
                  "--decode-tokens", "3", "--rounds", "2", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     results = data["results"]
@@ -31,20 +31,24 @@ def test_bench_on_cpu_writes_its_figures(tmp_path):
     decode = results[3]
     assert decode["gb_per_s"] == pytest.approx(
         (data["cost"]["weight_bytes"] + 20 * data["cost"]["kv_bytes_per_position"]) * decode["tok_per_s"] / 1e9)
+    # A CPU is in no vendor table: its peaks are unknown and said so; the copy bandwidth is measured.
+    assert data["device"]["peak_gbps"] is None and data["device"]["copy_gbps"] > 0
+    achievable = (data["cost"]["weight_bytes"] + 20 * data["cost"]["kv_bytes_per_position"])
+    assert decode["achievable_roofline_tok_per_s"] == pytest.approx(data["device"]["copy_gbps"] * 1e9 / achievable)
+    stdout, stderr = capsys.readouterr()
+    assert "?" not in stderr and "peak bandwidth unknown (not in the table" in stderr, stderr
+    assert "bench [" in stderr and "8/8 cases" in stderr       # the progress, one line per case off a terminal
+    assert len(stdout.strip().splitlines()) == 8               # one line per figure
 
 
-def test_bench_refuses_bad_lengths(tmp_path):
-    from smollm3_triton.errors import RequestError
-    with pytest.raises(RequestError, match="--prefill"):
-        main(["--device", "cpu", "--prefill", "12,abc"])
-    with pytest.raises(RequestError, match=">= 1"):
-        main(["--device", "cpu", "--contexts", "0"])
-
-
-def test_bench_arguments_can_leave_model_options_to_the_caller():
-    import argparse
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model")
-    add_bench_arguments(parser, model_options=False)
-    args = parser.parse_args(["--model", "x.gguf", "--contexts", "64"])
-    assert args.contexts == "64" and args.eager
+@pytest.mark.parametrize("args, message", [
+    (["--prefill", "12,abc"], "argument --prefill: must be comma-separated integers, got '12,abc'"),
+    (["--contexts", "0"], "argument --contexts: values must be integers >= 1, got '0'"),
+    (["--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
+])
+def test_bench_refuses_bad_lengths_before_loading(capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--device", "cpu", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err

@@ -2,9 +2,10 @@
 
 Oracles: the fact that Paris is France's capital, gguf-py's GGUFReader for what
 `inspect` must report of the real GGUF, transformers' config and parameters for a
-safetensors folder, and the numbers each error message must state.
-Each model-loading run costs ~30-60 s on the shared 2-core CI machine, so only
-three runs load the real model, with few tokens.
+safetensors folder, llama.cpp's token count of the prompt, the numbers each error message
+must state, and `python -X importtime` for what a process imported before it answered.
+Each model-loading run costs ~30-60 s on the shared 2-core CI machine, so few runs load
+the real model, with few tokens, and the refusals run as parallel processes.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import gguf
 import jinja2
@@ -104,13 +106,22 @@ def test_inspect_real_gguf_matches_gguf_py(smollm2_path):
     assert dict((k, int(v)) for k, v in re.findall(r"(\w+): (\d+)", line)) == dict(counts)
 
 
-def test_inspect_safetensors_folder(tmp_path):
-    """A SmolLM3 folder: config fields and NoPE layers as transformers has them, tensors as saved."""
+@pytest.fixture(scope="module")
+def smollm3_folder(tmp_path_factory):
+    """A small random SmolLM3 folder carrying SmolLM3's official chat template (thinking mode)."""
     from tests.helpers.gguf_export import random_hf_model, save_hf_folder
 
     model = random_hf_model("smollm3", hidden_size=64, intermediate_size=128, num_hidden_layers=8,
                             num_attention_heads=4, num_key_value_heads=2)
-    folder = save_hf_folder(model, tmp_path / "model")
+    folder = save_hf_folder(model, tmp_path_factory.mktemp("smollm3") / "model")
+    template = Path(__file__).parent / "data" / "smollm3_chat_template.jinja"
+    (folder / "chat_template.jinja").write_text(template.read_text(encoding="utf-8"), encoding="utf-8")
+    return model, folder
+
+
+def test_inspect_safetensors_folder(smollm3_folder):
+    """A SmolLM3 folder: config fields and NoPE layers as transformers has them, tensors as saved."""
+    model, folder = smollm3_folder
     r = run_cli("inspect", folder)
     assert r.returncode == 0, r.stderr
     cfg = model.config
@@ -166,6 +177,8 @@ def bad_runs(tmp_path_factory, smollm2_path) -> dict[str, subprocess.CompletedPr
         "unknown_quant": ["generate", "--model", quants, "--quant", "q5_k_m", "--prompt", "hi"],
         "temperature": ["generate", "--prompt", "hi", "--temperature", "-1"],
         "context": ["generate", "--model", smollm2_path, "--prompt", "Hello", "--max-seq-len", "16", "-n", "20"],
+        "context_default_n": ["generate", "--model", smollm2_path, "--prompt", "Hello", "--max-seq-len", "16"],
+        "thinking": ["generate", "--model", smollm2_path, "--prompt", "Hello", "--thinking"],
         "usage": ["generate", "-n", "many"],
     }
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
@@ -211,12 +224,104 @@ def test_bad_temperature(bad_runs):
 
 def test_context_overflow_states_both_numbers(bad_runs):
     msg = assert_error_line(bad_runs["context"])
-    assert re.search(r"prompt \(\d+ tokens\) \+ max_new_tokens \(20\)", msg), msg
-    assert "context of 16 tokens" in msg, msg
+    assert re.search(r"prompt \(\d+ tokens\) \+ --max-new-tokens \(20\)", msg), msg
+    assert "context of 16 tokens" in msg and "--max-seq-len" in msg, msg
 
 
-def test_usage_error_exits_2(bad_runs):
+def test_default_max_new_tokens_is_the_librarys(bad_runs):
+    """Without -n the request asks for SamplingParams' default (256), as the README says;
+    a prompt that fills the context alone is refused with that number."""
+    from smollm3_triton.sampling_params import SamplingParams
+
+    msg = assert_error_line(bad_runs["context_default_n"])
+    assert SamplingParams().max_new_tokens == 256
+    assert re.search(r"prompt \(\d+ tokens\) \+ --max-new-tokens \(256\)", msg), msg
+
+
+def test_thinking_on_a_model_without_it_is_refused(bad_runs):
+    """SmolLM2's template has no thinking mode: --thinking is an error naming the flag."""
+    msg = assert_error_line(bad_runs["thinking"])
+    assert msg.startswith("--thinking ") and "has no thinking mode" in msg, msg
+
+
+def test_thinking_on_smollm3(smollm3_folder):
+    """The same flag on SmolLM3's template is taken, both ways: the prompt has as many tokens
+    as transformers' apply_chat_template gives with enable_thinking on and off (on: the
+    system block with the reasoning instructions; off: /no_think and an empty think block)."""
+    from transformers import AutoTokenizer
+
+    _, folder = smollm3_folder
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    for flag, thinking in (("--thinking", True), ("--no-thinking", False)):
+        r = run_cli("generate", "--model", folder, "--backend", "torch", "-p", "Hi", flag, "-n", "1",
+                    "--temperature", "0", "--max-seq-len", "512")
+        assert r.returncode == 0, r.stderr
+        expected = hf.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                          enable_thinking=thinking, tokenize=True, return_dict=False)
+        assert int(TIMING.search(r.stderr).group(3)) == len(expected), (flag, r.stderr)
+
+
+def test_usage_error_is_one_line_exit_2(bad_runs):
     r = bad_runs["usage"]
     assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr
-    assert "invalid int value: 'many'" in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: argument -n/--max-new-tokens/--sample-len: invalid int value: 'many' "
+        "(see `smollm3 generate --help`)"], r.stderr
+
+
+def test_default_max_new_tokens_is_cut_to_the_context(smollm2_path):
+    """Without -n, a prompt with less than 256 tokens of room gets exactly the room: a greedy
+    count that never ends on its own stops at the context's last position."""
+    r = run_cli("generate", "--model", smollm2_path, "--no-chat-template", "--temperature", "0",
+                "--prompt", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "--max-seq-len", "64")
+    assert r.returncode == 0, r.stderr
+    m = TIMING.search(r.stderr)
+    n_tokens, n_prompt = int(m.group(1)), int(m.group(3))
+    assert n_tokens == 64 - n_prompt, (n_tokens, n_prompt, r.stdout)
+    assert r.stdout.startswith(" 11, 12, 13, 14, 15,"), r.stdout
+
+
+# ---------------------------------------------------------------- start-up
+# What a process imported before it answered, from `python -X importtime`'s own log.
+
+HEAVY = ("torch", "triton", "transformers", "fastapi", "numpy", "tokenizers")
+
+
+def imported_heavy(stderr: str) -> set[str]:
+    names = re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*([\w.]+)$", stderr, re.MULTILINE)
+    assert names, "no -X importtime log"
+    return {n.split(".")[0] for n in names} & set(HEAVY)
+
+
+def test_importing_the_cli_imports_nothing_heavy():
+    r = subprocess.run([sys.executable, "-c", "import sys, smollm3_triton.cli; "
+                        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
+
+
+@pytest.mark.parametrize("args, status, expect", [
+    (["--help"], 0, None),
+    (["generate", "--help"], 0, None),
+    (["generate", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    (["generate", "--temperature", "-1", "-p", "hi"], 1, "--temperature must be >= 0 (0 is greedy), got -1.0"),
+    (["generate", "-n", "0", "-p", "hi"], 1, "--max-new-tokens must be >= 1, got 0"),
+    (["generate", "--top-p", "1.5", "-p", "hi"], 1, "--top-p must be in (0, 1]"),
+    (["perplexity", "-c", "2", "-f", "x.txt"], 2, "argument -c/--ctx-size: must be >= 3, got 2"),
+    (["serve", "--port", "70000"], 2, "argument --port: must be in 1..65535, got 70000"),
+    (["bench", "--contexts", "0"], 2, "argument --contexts: values must be integers >= 1, got '0'"),
+    (["generate", "--quant", "q4_k_m", "-p", "hi"], 2, "--quant needs --model"),
+])
+def test_answers_before_importing_torch(args, status, expect):
+    """--help and every refusal that needs no model answer without importing torch (or
+    triton, transformers, ...): one `error: ...` line, exit 2 for usage, 1 for a bad value."""
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "smollm3_triton", *args], capture_output=True,
+                       text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == status, r.stderr[-2000:]
+    assert imported_heavy(r.stderr) == set()
+    errors = [line for line in r.stderr.splitlines() if not line.startswith("import time:")]
+    if expect is None:
+        assert errors == [] and "usage: smollm3" in r.stdout
+    else:
+        assert len(errors) == 1 and errors[0].startswith("error: ") and expect in errors[0], errors

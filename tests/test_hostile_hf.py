@@ -183,7 +183,7 @@ CONFIG_CASES = {
     "kv heads do not divide heads": (dict(num_key_value_heads=3), F,
                                      r"num_attention_heads \(4\) is not a multiple of num_key_value_heads \(3\)",
                                      "num_key_value_heads"),
-    "odd head_dim": (dict(hidden_size=36, head_dim=9), F, r"head_dim must be even for RoPE, got 9", "head_dim"),
+    "odd head_dim": (dict(hidden_size=36, head_dim=9), F, r"head_dim gives a head dim of 9, which must be even for RoPE", "head_dim"),
     "no_rope_layers too short": (dict(no_rope_layers=[1]), F, r"has 1 entries but num_hidden_layers is 2",
                                  "no_rope_layers"),
     "no_rope_layers value 2": (dict(no_rope_layers=[1, 2]), F, r"\[1\] is 2; entries must be 1 \(RoPE\) or 0",
@@ -698,7 +698,7 @@ GGUF_CASES = {
                                       r"\(3\)"),
     "head_count zero": ({f"{A}.attention.head_count": (0, VT.UINT32)}, F, r"head_count must be >= 1, got 0"),
     "embedding not divisible": ({f"{A}.embedding_length": (30, VT.UINT32)}, F,
-                                r"embedding_length \(30\) is not divisible by .*head_count \(4\) and the file has no "
+                                r"embedding_length \(30\) is not divisible by .*head_count \(4\) and there is no "
                                 rf"{A}.attention.key_length"),
     "rms eps missing": ({f"{A}.attention.layer_norm_rms_epsilon": None}, F, r"layer_norm_rms_epsilon is missing"),
     "rms eps as string": ({f"{A}.attention.layer_norm_rms_epsilon": ("1e-5", VT.STRING)}, F,

@@ -28,7 +28,9 @@ import numpy as np
 import pytest
 
 from smollm3_triton import Runtime
+from smollm3_triton.errors import RequestError
 from smollm3_triton.tools import perplexity as P
+from smollm3_triton.tools.kld_base_file import read_base_file
 from tests.helpers import gguf_export
 from tests.helpers.perplexity_data import LLAMA_PERPLEXITY, english_text, run_llama_perplexity, smollm2_float
 
@@ -264,7 +266,7 @@ def test_kld_matches_llama_perplexity_binary(text, real_quants, tmp_path):
           f"same top {ours.same_top_p[0]:.3f} vs {theirs['same_top_p']:.3f}; RMS dp {ours.rms_delta_p[0]:.4f} vs "
           f"{theirs['rms_delta_p']:.4f}; PPL(Q) {ours.ppl[0]:.4f} vs {theirs['ppl']:.4f}")
     assert lc_base.stat().st_size == our_base.stat().st_size
-    assert np.array_equal(P.read_base_file(lc_base).tokens, P.read_base_file(our_base).tokens)
+    assert np.array_equal(read_base_file(lc_base).tokens, read_base_file(our_base).tokens)
     assert ours_on_theirs.kld[0] == pytest.approx(ours.kld[0], rel=0.02)
     assert theirs_on_ours["kld"] == pytest.approx(theirs["kld"], rel=0.02)
     assert theirs["kld"] == pytest.approx(ours.kld[0] + floor, rel=0.05)
@@ -327,7 +329,7 @@ def test_runtime_methods_equal_the_cli(smollm2_path, tmp_path):
     assert ours.ppl == pytest.approx(cli["ppl"], rel=1e-6)
     assert ours.uncertainty == pytest.approx(cli["uncertainty"], rel=1e-5)
     assert ours.running == pytest.approx(cli["running"], rel=1e-6)
-    a, b = P.read_base_file(py_base), P.read_base_file(cli_base)
+    a, b = read_base_file(py_base), read_base_file(cli_base)
     assert np.array_equal(a.tokens, b.tokens)
     assert np.abs(a.rows.astype(np.int64) - b.rows.astype(np.int64)).max() <= 1   # uint16 codes
 
@@ -372,22 +374,22 @@ def test_bad_text_files_get_one_clear_line(smollm2_path, tmp_path, capsys):
 def test_short_text_and_bad_arguments_in_python(smollm2_path):
     rt = Runtime.load(smollm2_path, device="cpu", backend="torch", max_seq_len=128)
     n = len(rt.tokenizer.encode("one two three " * 20))
-    with pytest.raises(P.RequestError, match=f"tokenizes to only {n} tokens.*needs at least 256"):
+    with pytest.raises(RequestError, match=f"tokenizes to only {n} tokens.*needs at least 256"):
         P.perplexity(rt, "one two three " * 20, 128)
-    with pytest.raises(P.RequestError, match="empty"):
+    with pytest.raises(RequestError, match="empty"):
         P.perplexity(rt, "", 128)
-    with pytest.raises(P.RequestError, match="NUL"):
+    with pytest.raises(RequestError, match="NUL"):
         P.perplexity(rt, "abc\0def", 128)
-    with pytest.raises(P.RequestError, match="longer than the context of 128"):
+    with pytest.raises(RequestError, match="longer than the context of 128"):
         P.perplexity(rt, "x " * 2000, 256)
 
 
 def test_base_file_refusals(tmp_path, smollm2_path):
     bad = tmp_path / "bad.kld"
     bad.write_bytes(b"not a base file at all")
-    with pytest.raises(P.RequestError, match="does not look like a file of log-probabilities"):
-        P.read_base_file(bad)
+    with pytest.raises(RequestError, match="does not look like a file of log-probabilities"):
+        read_base_file(bad)
     trunc = tmp_path / "trunc.kld"
     trunc.write_bytes(b"_logits_" + np.array([128], "<u4").tobytes() + np.array([49152, 2], "<i4").tobytes())
-    with pytest.raises(P.RequestError, match="truncated or not a base file"):
-        P.read_base_file(trunc)
+    with pytest.raises(RequestError, match="truncated or not a base file"):
+        read_base_file(trunc)

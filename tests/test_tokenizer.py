@@ -308,6 +308,7 @@ def test_missing_pre_falls_back_to_default_like_llama_cpp(smollm2_meta, variant_
         ({"tokenizer.ggml.eos_token_id": 49152}, GGUFError, "eos_token_id"),
         ({"tokenizer.ggml.bos_token_id": "1"}, GGUFError, "bos_token_id"),
         ({"tokenizer.chat_template": 7}, GGUFError, "chat_template"),
+        ({"tokenizer.ggml.add_bos_token": 1}, GGUFError, "add_bos_token"),
     ],
 )
 def test_bad_metadata_is_refused(smollm2_meta, change, error, pattern):
@@ -326,6 +327,26 @@ def test_bad_merges_are_refused(smollm2_meta):
         Tokenizer.from_gguf_metadata(dict(smollm2_meta, **{"tokenizer.ggml.merges": ["Ġ t", "nospace"]}))
     with pytest.raises(GGUFError, match="merges do not fit"):
         Tokenizer.from_gguf_metadata(dict(smollm2_meta, **{"tokenizer.ggml.merges": ["Ġ t", "zzqq xxyy"]}))
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.parametrize("pre", ["smollm", *ORACLE_PRES])
+@pytest.mark.parametrize("add_bos", [None, True, False])
+def test_adds_bos_as_llama_cpp(smollm2_meta, llama_cpp, tmp_path, pre, add_bos):
+    """Tokenizer.adds_bos against llama.cpp's llama_vocab_get_add_bos: the file's key when
+    present, else the pre-tokenizer's default (llama-bpe adds BOS, the others do not)."""
+    meta = dict(smollm2_meta, **{"tokenizer.ggml.pre": pre})
+    meta.pop("tokenizer.ggml.add_bos_token", None)
+    if add_bos is not None:
+        meta["tokenizer.ggml.add_bos_token"] = add_bos
+    path = tmp_path / "vocab.gguf"
+    _write_kv_only_gguf(path, meta)
+    llm = _llama_vocab(llama_cpp, path)
+    theirs = bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model)))
+    llm.close()
+    assert Tokenizer.from_gguf_metadata(read_metadata(path)).adds_bos == theirs
+    if add_bos is None:     # the oracle must see both answers for the defaults to be checked at all
+        assert theirs == (pre == "llama-bpe")
 
 
 def test_decode_refuses_ids_outside_the_vocabulary(smollm2):
@@ -407,6 +428,26 @@ def test_hf_folder_matches_llama_cpp_and_transformers(
     assert (ours.bos_id, ours.eos_id, ours.pad_id) == (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id)
     assert ours.chat_template == hf.chat_template
     assert ours.chat_template.endswith("{# file #}") == template_file
+
+
+@pytest.mark.parametrize("layout, bos_token, add_bos_token", [
+    ("smollm2", "<|im_start|>", None), ("smollm2", "<|im_start|>", True),
+    ("smollm3", None, None), ("smollm3", "<|endoftext|>", None), ("smollm3", "<|endoftext|>", False)])
+def test_hf_folder_adds_bos_as_gguf_py(smollm2_meta, tmp_path, layout, bos_token, add_bos_token):
+    """Tokenizer.adds_bos of a folder against gguf-py's SpecialVocab, the reading that
+    convert_hf_to_gguf writes into tokenizer.ggml.add_bos_token: tokenizer_config's
+    add_bos_token, else a post-processor that puts the BOS token first (SmolLM3's layout)."""
+    folder = tmp_path / layout
+    _write_hf_folder(smollm2_meta, folder, layout, template_file=False)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["bos_token"] = bos_token
+    if add_bos_token is not None:
+        config["add_bos_token"] = add_bos_token
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    theirs = gguf.SpecialVocab(folder, load_merges=False).add_special_token.get("bos", False)
+    assert Tokenizer.from_hf_folder(folder).adds_bos == theirs
+    # the SmolLM3 layout with its BOS named is the one case that adds BOS without the key
+    assert theirs == (add_bos_token if add_bos_token is not None else (layout, bos_token) == ("smollm3", "<|endoftext|>"))
 
 
 def test_hf_folder_errors(tmp_path):

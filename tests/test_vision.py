@@ -23,8 +23,9 @@ from smollm3_triton import Runtime  # noqa: E402
 from smollm3_triton.errors import ModelFormatError, RequestError, UnsupportedModelError  # noqa: E402
 from smollm3_triton.gguf.reader import GGUFFile  # noqa: E402
 from smollm3_triton.sampling_params import SamplingParams  # noqa: E402
+from smollm3_triton.vision.encoder import connect, vision_encoder  # noqa: E402
 from smollm3_triton.vision.image_processing import ImageProcessorConfig, decode_image, preprocess  # noqa: E402
-from smollm3_triton.vision.model import connect, expand_images, split_image_parts, vision_encoder  # noqa: E402
+from smollm3_triton.vision.prompt import expand_images, split_image_parts  # noqa: E402
 from tests.helpers import vision_export as V  # noqa: E402
 
 

@@ -3,6 +3,9 @@
     request -> _Guard (API key, body size, request counter)
             -> an API's route (openai/routes.py): fields checked -> pipeline -> JSON or SSE
 
+`GET /` is the chat page (webui.py; `webui=False`, the CLI's --no-webui, turns it off), and
+`GET /props` tells it what the loaded model takes (images, a thinking mode).
+
 The model loads on a background thread after the socket is open, so /health answers 503
 while loading, as llama-server does. Every refusal is an APIError, answered in the API's
 own shape; library refusals (RequestError) are translated with the API's field names.
@@ -21,6 +24,7 @@ from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException
 
 from ..errors import RequestError
+from . import webui as webui_routes
 from .errors import APIError, api_error_of
 from .openai import routes as openai_routes
 from .openai.protocol import API_NAMES
@@ -32,8 +36,9 @@ MAX_BODY_BYTES = 8 * 2**20
 
 
 def create_app(load: Callable[[], object], *, served_model_name: str, api_key: str | None = None,
-               max_waiting: int = 256, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI app; `load()` builds the Runtime on a background thread at startup."""
+               max_waiting: int = 256, max_body_bytes: int = MAX_BODY_BYTES, webui: bool = True) -> FastAPI:
+    """The FastAPI app; `load()` builds the Runtime on a background thread at startup.
+    webui: serve the chat page at `/`."""
     state = ServerState(served_model_name, api_key, max_waiting, max_body_bytes)
 
     @contextlib.asynccontextmanager
@@ -75,7 +80,18 @@ def create_app(load: Callable[[], object], *, served_model_name: str, api_key: s
         return Response(generate_latest(state.metrics.registry),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    @app.get("/props")
+    async def props():
+        """llama-server's /props in small: what the page needs to know about the model."""
+        rt = state.ready()
+        return {"model": state.served_model_name, "max_model_len": rt.max_seq_len,
+                "modalities": {"vision": rt.vision is not None},
+                # the rule render_chat applies: a template with a thinking mode reads enable_thinking
+                "thinking": "enable_thinking" in (rt.tokenizer.chat_template or "")}
+
     openai_routes.add_routes(app, state)
+    if webui:
+        webui_routes.add_routes(app)
     return app
 
 
@@ -114,7 +130,7 @@ class _Guard:
 
     def _refusal(self, path: str, headers: dict) -> APIError | None:
         key = self.state.api_key
-        if key is not None and path != "/health":
+        if key is not None and path != "/health" and not webui_routes.is_page_path(path):
             auth = headers.get(b"authorization", b"").decode("latin-1")
             if auth != f"Bearer {key}":
                 return APIError(401, "Incorrect API key provided" if auth else "No API key provided: send "
@@ -131,20 +147,21 @@ class _Guard:
         return None
 
 
-_ENDPOINTS = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize",
-              "/detokenize"}
+_ENDPOINTS = {"/health", "/metrics", "/props", "/", "/v1/models", "/v1/chat/completions", "/v1/completions",
+              "/tokenize", "/detokenize"}
 
 
 def run_server(load: Callable[[], object], *, host: str, port: int, served_model_name: str,
-               api_key: str | None, max_waiting: int, describe: str) -> int:
+               api_key: str | None, max_waiting: int, describe: str, webui: bool = True) -> int:
     """Serve until SIGINT/SIGTERM: uvicorn stops accepting, lets in-flight requests finish
     (up to a grace period), then the engine aborts what is left; exit status 0."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(load, served_model_name=served_model_name, api_key=api_key, max_waiting=max_waiting)
-    log.info("smollm3 serve: %s as %r on http://%s:%d%s", describe, served_model_name, host, port,
-             " (API key required)" if api_key else "")
+    app = create_app(load, served_model_name=served_model_name, api_key=api_key, max_waiting=max_waiting,
+                     webui=webui)
+    log.info("smollm3 serve: %s as %r on http://%s:%d%s%s", describe, served_model_name, host, port,
+             " (API key required)" if api_key else "", "" if webui else " (no chat page)")
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30,
                             access_log=False)
     # uvicorn handles the signal, shuts down gracefully, then re-raises it under the handler

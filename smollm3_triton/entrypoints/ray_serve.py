@@ -26,7 +26,7 @@ from ray.serve.request_router import RequestRouter
 log = logging.getLogger("smollm3.ray")
 
 
-def _replica_app(load_options: dict, served_model_name: str, api_key: str | None, max_waiting: int):
+def _replica_app(load_options: dict, served_model_name: str, api_key: str | None, max_waiting: int, webui: bool):
     """Runs on each replica when it starts: its own Runtime, and the app serving it."""
     from prometheus_client import start_http_server
 
@@ -36,7 +36,8 @@ def _replica_app(load_options: dict, served_model_name: str, api_key: str | None
     replica = serve.get_replica_context().replica_id.unique_id
     # Loaded before the replica counts as started, so Ray never routes to one still loading.
     rt = Runtime.load(**load_options)
-    app = create_app(lambda: rt, served_model_name=served_model_name, api_key=api_key, max_waiting=max_waiting)
+    app = create_app(lambda: rt, served_model_name=served_model_name, api_key=api_key, max_waiting=max_waiting,
+                     webui=webui)
     metrics_server, _ = start_http_server(0, addr="127.0.0.1", registry=app.state.smollm3.metrics.registry)
     headers = {"x-smollm3-replica": f"{replica}", "x-smollm3-replica-pid": str(os.getpid()),
                "x-smollm3-metrics": f"http://127.0.0.1:{metrics_server.server_port}/metrics"}
@@ -68,7 +69,7 @@ class ConversationRouter(RequestRouter):
 
 def build_app(load_options: dict, *, served_model_name: str, api_key: str | None = None, max_waiting: int = 256,
               replicas: int = 1, num_cpus: float = 1, num_gpus: float | None = None,
-              autoscaling: dict | None = None):
+              autoscaling: dict | None = None, webui: bool = True):
     """The Ray Serve application. load_options: Runtime.load's keywords (source, quant,
     device, max_seq_len, ...). num_gpus per replica (default: 1 when CUDA is present).
     autoscaling: Ray's autoscaling_config (min_replicas, max_replicas,
@@ -79,7 +80,7 @@ def build_app(load_options: dict, *, served_model_name: str, api_key: str | None
     load_options = dict(load_options)
 
     def builder():              # Ray calls a plain function with no arguments on each replica
-        return _replica_app(load_options, served_model_name, api_key, max_waiting)
+        return _replica_app(load_options, served_model_name, api_key, max_waiting, webui)
 
     scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
     # The engine batches on its own: Ray may hand a replica as many requests as it can hold.
@@ -115,7 +116,7 @@ def app_builder(args: dict):
 
 
 def run_replicas(load_options: dict, *, host: str, port: int, served_model_name: str, api_key: str | None,
-                 max_waiting: int, replicas: int, autoscaling: dict | None = None) -> int:
+                 max_waiting: int, replicas: int, autoscaling: dict | None = None, webui: bool = True) -> int:
     """`smollm3 serve --replicas N`: a local Ray instance (or the cluster RAY_ADDRESS names),
     the deployment on host:port, until SIGINT/SIGTERM; exit status 0."""
     import signal
@@ -135,7 +136,7 @@ def run_replicas(load_options: dict, *, host: str, port: int, served_model_name:
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(load_options, served_model_name=served_model_name, api_key=api_key,
-                            max_waiting=max_waiting, replicas=replicas, autoscaling=autoscaling),
+                            max_waiting=max_waiting, replicas=replicas, autoscaling=autoscaling, webui=webui),
                   name="smollm3", route_prefix="/")
         log.info("smollm3 serve: %d replica(s) of %s as %r on http://%s:%d", replicas,
                  load_options.get("source") or "the packaged SmolLM2-135M-Instruct", served_model_name, host, port)

@@ -1,7 +1,8 @@
 """End-to-end throughput of one model: prefill and decode tokens/s, each beside its roofline.
 
-`smollm3 bench --model FILE` runs it for a user's own model (run_bench); the pytest
-benches in bench/ call the same measuring functions on synthetic files.
+`smollm3 bench --model FILE` (cli/bench.py: options, defaults, printing) runs it for a
+user's own model; the pytest benches in bench/ call the same measuring functions on
+synthetic files.
 
 What is measured:
 - prefill: one forward pass over N prompt tokens from position 0 (last-token logits
@@ -17,20 +18,18 @@ What is measured:
 Rooflines:
 - decode: bytes read per token (every weight the step reads, the file's actual tensor
   bytes: the LM head once, one embedding row, plus the K/V of L positions) divided
-  by the device's DRAM bandwidth, both the vendor peak and a measured device copy.
+  by the device's DRAM bandwidth, both the vendor peak (GPUs in the table) and a
+  measured copy of a buffer far larger than the caches (GPU and CPU).
 - prefill: matmul + attention FLOPs divided by the dense bf16 peak.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -105,39 +104,46 @@ class DevicePeaks:
     peak_tflops: float | None     # vendor dense bf16
 
 
+def _table_peaks(name: str) -> tuple[float | None, float | None]:
+    return next((v for k, v in DEVICE_PEAKS.items() if k in name), (None, None))
+
+
 def vendor_peaks() -> tuple[float | None, float | None]:
     """(DRAM GB/s, dense bf16 TFLOP/s) of the current CUDA device from the table;
     BENCH_PEAK_GBPS / BENCH_PEAK_TFLOPS override it."""
-    name = torch.cuda.get_device_name()
-    gbps, tflops = next((v for k, v in DEVICE_PEAKS.items() if k in name), (None, None))
+    gbps, tflops = _table_peaks(torch.cuda.get_device_name())
     gbps = float(os.environ.get("BENCH_PEAK_GBPS") or gbps or 0) or None
     tflops = float(os.environ.get("BENCH_PEAK_TFLOPS") or tflops or 0) or None
     return gbps, tflops
 
 
 def device_peaks(device: torch.device, peak_gbps: float | None = None, peak_tflops: float | None = None) -> DevicePeaks:
-    if device.type != "cuda":
-        return DevicePeaks(f"cpu ({os.cpu_count()} cores)", peak_gbps, None, peak_tflops)
-    name = torch.cuda.get_device_name(device)
-    table = next((v for k, v in DEVICE_PEAKS.items() if k in name), (None, None))
+    """The given peaks, else the table's (GPUs only: a CPU's bandwidth depends on its memory
+    channels, not its name), and a measured copy bandwidth."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = _table_peaks(name)
+    else:
+        name, table = f"cpu ({os.cpu_count()} cores)", (None, None)
     return DevicePeaks(name, peak_gbps or table[0], copy_bandwidth(device), peak_tflops or table[1])
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
-    """GB/s of a large device-to-device copy, counting the bytes read and written."""
+def copy_bandwidth(device: torch.device, reps: int = 5) -> float:
+    """GB/s of a copy of a buffer far larger than the caches (1 GiB on a GPU, 256 MiB on the
+    CPU), counting the bytes read and written; the median of `reps` copies after a warm-up."""
+    nbytes = 1 << 30 if device.type == "cuda" else 1 << 28
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    seconds = []
     for _ in range(reps):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    seconds = start.elapsed_time(end) / 1e3
+        with Timer(device) as t:
+            dst.copy_(src)
+        seconds.append(t.seconds)
     del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes * reps / seconds / 1e9
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(seconds) / 1e9
 
 
 # ---------------------------------------------------------------- timing
@@ -225,19 +231,6 @@ class Result:
     achievable_roofline_tok_per_s: float | None = None    # at the measured copy bandwidth
     tflops: float | None = None          # prefill
 
-    def line(self) -> str:
-        what = f"{self.kind:<7} {self.engine:<12} {'ctx' if self.kind == 'decode' else 'len'} {self.length:>6}"
-        text = f"{what}  {self.tok_per_s:10.1f} tok/s"
-        if self.gb_per_s is not None:
-            text += f"  {self.gb_per_s:7.1f} GB/s"
-        if self.tflops is not None:
-            text += f"  {self.tflops:7.1f} TFLOP/s"
-        if self.roofline_tok_per_s:
-            text += f"  roofline {self.roofline_tok_per_s:9.1f} tok/s ({100 * self.fraction_of_roofline:.1f}%)"
-        if self.achievable_roofline_tok_per_s:
-            text += f", {self.achievable_roofline_tok_per_s:.1f} at the measured copy bandwidth"
-        return text
-
 
 def prefill_result(rt, cost: ModelCost, peaks: DevicePeaks, engine: str, n: int, rounds: int) -> Result:
     secs = prefill_seconds(rt, n, rounds)
@@ -257,107 +250,3 @@ def decode_result(rt, cost: ModelCost, peaks: DevicePeaks, engine: str, context:
     achievable = peaks.copy_gbps * 1e9 / nbytes if peaks.copy_gbps else None
     return Result("decode", engine, context, rate, [1 / s for s in secs], roof, rate / roof if roof else None,
                   gb_per_s=nbytes * rate / 1e9, achievable_roofline_tok_per_s=achievable)
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser, *, model_options: bool = True) -> None:
-    """Options of `smollm3 bench`; model_options=False when the caller adds --model etc. itself."""
-    if model_options:
-        g = parser.add_argument_group("model")
-        g.add_argument("--model", metavar="SOURCE", help="hub repo id, .gguf file or folder (default: the "
-                                                         "packaged SmolLM2-135M-Instruct GGUF)")
-        g.add_argument("--quant", help="which GGUF of a hub repo or folder, e.g. q4_k_m")
-        g.add_argument("--dtype", help="compute dtype (default: bf16 on cuda, f32 on cpu)")
-        g.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
-        g.add_argument("--backend", choices=["cpu", "torch", "triton"], help="default: triton on cuda, cpu on cpu")
-        g.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: every core)")
-    g = parser.add_argument_group("bench")
-    g.add_argument("--prefill", default="512,2048,8192", metavar="N,N",
-                   help="prompt lengths to time (default: 512,2048,8192)")
-    g.add_argument("--contexts", default="1024,32768", metavar="L,L",
-                   help="contexts to decode at (default: 1024,32768)")
-    g.add_argument("--decode-tokens", type=int, default=128, metavar="N", help="steps per decode round")
-    g.add_argument("--rounds", type=int, default=3, help="timed rounds of each case (median reported)")
-    g.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the eager torch reference (default: on)")
-    g.add_argument("--eager-decode-tokens", type=int, default=8, metavar="N",
-                   help="steps per decode round of the eager reference (default: 8; it is slow)")
-    g.add_argument("--peak-gbps", type=float, help="device DRAM bandwidth for the roofline (default: table)")
-    g.add_argument("--peak-tflops", type=float, help="device dense bf16 TFLOP/s (default: table)")
-    g.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
-
-
-def _lengths(text: str, option: str) -> list[int]:
-    from ..errors import RequestError
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise RequestError(f"{option} must be comma-separated integers, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise RequestError(f"{option} values must be >= 1, got {text!r}")
-    return values
-
-
-def run_bench(args) -> int:
-    """`smollm3 bench`: print (and optionally write as JSON) the figures of one model."""
-    from .. import hub
-    from ..runtime import Runtime
-    from ..errors import RequestError
-
-    prefill, contexts = _lengths(args.prefill, "--prefill"), _lengths(args.contexts, "--contexts")
-    if args.decode_tokens < 1 or args.rounds < 1 or args.eager_decode_tokens < 1:
-        raise RequestError("--decode-tokens, --eager-decode-tokens and --rounds must be >= 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    path = hub.packaged_smollm2() if args.model is None else hub.resolve(args.model, args.quant)
-    # Room for the longest decode round, the eager reference's included (it runs on the CPU
-    # now that the cpu backend, not the reference, is the default there).
-    steps = max(args.decode_tokens, args.eager_decode_tokens if args.eager else 0, 4)
-    max_seq_len = max([*prefill, *(c + steps + 4 for c in contexts)])
-    rt = Runtime.load(path, device=device, dtype=args.dtype, backend=args.backend, max_seq_len=max_seq_len,
-                      threads=args.threads)
-    backend = rt.backend
-    cost = model_cost(path, rt.config, rt.model.dtype)
-    peaks = device_peaks(device, args.peak_gbps, args.peak_tflops)
-    print(f"model {path} on {peaks.name}: {cost.weight_bytes / 1e9:.3f} GB of weights read per token; "
-          f"peak {peaks.peak_gbps or '?'} GB/s, measured copy "
-          f"{f'{peaks.copy_gbps:.0f}' if peaks.copy_gbps else '?'} GB/s, {peaks.peak_tflops or '?'} TFLOP/s",
-          file=sys.stderr)
-
-    results: list[Result] = []
-
-    def emit(result: Result) -> None:
-        results.append(result)
-        print(result.line(), flush=True)
-
-    use_graph = device.type == "cuda" and backend == "triton"
-    engine = "graph" if use_graph else f"{backend}-eager"
-    for n in prefill:
-        emit(prefill_result(rt, cost, peaks, backend, n, args.rounds))
-    for ctx in contexts:
-        emit(decode_result(rt, cost, peaks, engine, ctx, args.decode_tokens, args.rounds))
-    if use_graph:
-        rt.engine.runner = rt.model.forward
-        emit(decode_result(rt, cost, peaks, "triton-eager", contexts[0], args.decode_tokens, args.rounds))
-    del rt
-    if args.eager and backend != "torch":
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        ref = Runtime.load(path, device=device, dtype=args.dtype, backend="torch", max_seq_len=max_seq_len)
-        for n in prefill:
-            emit(prefill_result(ref, cost, peaks, "torch-eager", n, 1))
-        for ctx in contexts:
-            emit(decode_result(ref, cost, peaks, "torch-eager", ctx, args.eager_decode_tokens, 1))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": str(path), "device": asdict(peaks),
-                                         "cost": asdict(cost), "results": [asdict(r) for r in results]}, indent=2))
-    return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="smollm3 bench", description=__doc__.split("\n\n")[0])
-    add_bench_arguments(parser)
-    return run_bench(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

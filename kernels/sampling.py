@@ -6,28 +6,25 @@ top-k, top-p, min-p and a seeded draw, for a whole batch in one launch.
          then presence / frequency over the output (z -= presence + frequency * count)
     T == 0: token = argmax z (the first index of the maximum)
     T > 0:  z' = (z - max z) / T (in float64, rounded to float32: a tiny T gives 0 and -inf)
-            top-k keeps z' >= the k-th largest z' (ties survive);
-            p = softmax over what top-k kept;
+            top-k keeps z' >= the k-th largest z' (ties survive); p = softmax over what it kept;
             top-p keeps a token when the mass of tokens with a strictly larger z' is < top_p;
             min-p keeps p >= min_p * max p;
             token = argmax over the kept of p / E, E ~ Exp(1) a hash of (seed, draw index, token id)
 
-Each sequence's sampling state lives in `SamplingState` rows (parameters, seed keys, the
-draw counter, output-token counts for the penalties, the last token drawn) so that a step
-passes no per-sequence lists: `rows[s]` names the state row of sample s, `logits_rows[s]`
-its logits row. A draw writes its token to `out[s]` and to `state.last_token[row]` (the
-next step's input, without the host), and advances the row's draw counter and counts.
+Per-sequence state lives in `SamplingState` rows, so a step passes no per-sequence lists:
+`rows[s]` names the state row of sample s, `logits_rows[s]` its logits row. A draw writes
+its token to `out[s]` and `state.last_token[row]` (the next step's input, without the
+host) and advances the row's draw counter and penalty counts.
 
 Triton (`sample_triton`): one program per sample streams its row, no sort of the vocabulary.
-Pass A: the maximum (greedy answer) and a histogram of z' in bins of width 1/8 (kept
-relative to the running maximum: a larger maximum shifts it by whole bins). From the counts
-alone it bounds where the top-k, top-p and min-p thresholds can lie. Pass B: z' exactly, the
-softmax sum, and the candidates above that bound (at most CAP) written to a scratch row;
-they are sorted in registers and the thresholds and the draw are resolved exactly. A row
-whose candidates exceed CAP (a very flat distribution, a large top-k) finds the thresholds
-by bisection over z''s bits instead (~66 passes: exact, slower). Without filters the draw
-is pass B itself; greedy rows stop after pass A. `sample_torch` is the reference of exactly
-this signature (sorting, on whole rows).
+Pass A: the maximum (greedy answer) and a histogram of z' in bins of width 1/8 (relative to
+the running maximum: a larger maximum shifts it by whole bins); from the counts alone it
+bounds where the top-k, top-p and min-p thresholds can lie. Pass B: z' exactly, the softmax
+sum, and the candidates above that bound (at most CAP) into a scratch row, sorted in
+registers, where the thresholds and the draw are resolved exactly. A row with more
+candidates (a very flat distribution, a large top-k) bisects over z''s bits instead (~66
+passes: exact, slower). Unfiltered rows draw in pass B; greedy rows stop after pass A.
+`sample_torch` is the reference of exactly this signature (sorting whole rows).
 """
 from __future__ import annotations
 
@@ -69,7 +66,6 @@ def exponential_noise(hashes: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- the state
-
 @dataclass
 class SamplingState:
     """Per-sequence sampling state in rows (one per running sequence), allocated once.
@@ -116,15 +112,18 @@ def _check(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torch.Tensor, 
 
 
 # ---------------------------------------------------------------- the reference
+def allowed_tokens(state: SamplingState, rows: torch.Tensor) -> torch.Tensor:
+    """[S, vocab] bool: what the grammar bitmask lets each row draw (everything when its row is not masked)."""
+    vocab = state.vocab
+    bits = (state.bitmask[rows].repeat_interleave(32, 1)[:, :vocab] >>
+            (torch.arange(vocab, device=rows.device) % 32).to(torch.int32)) & 1
+    return (state.masked[rows, None] == 0) | (bits != 0)
+
 
 def penalized_logits(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torch.Tensor,
                      state: SamplingState) -> torch.Tensor:
     """z [S, vocab] float32: the rows' logits after the grammar mask and the penalties."""
-    z = logits[logits_rows].float()
-    vocab = z.shape[1]
-    bits = (state.bitmask[rows].repeat_interleave(32, 1)[:, :vocab] >>
-            (torch.arange(vocab, device=z.device) % 32).to(torch.int32)) & 1
-    z = torch.where((state.masked[rows, None] != 0) & (bits == 0), float("-inf"), z)
+    z = logits[logits_rows].float().masked_fill(~allowed_tokens(state, rows), float("-inf"))
     pen = state.penalized[rows, None] != 0
     rep, presence, frequency = state.penalties[rows].unbind(1)
     counts = state.counts[rows]
@@ -139,6 +138,29 @@ def draw_noise(token_ids: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor)
     return exponential_noise(hashes, mix32(steps[:, None] ^ keys[:, 1:]))
 
 
+def filtered_probs(z: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                   min_p: torch.Tensor) -> torch.Tensor:
+    """Unnormalised probabilities [S, vocab] of what temperature, top-k, top-p and min-p keep
+    of z [S, vocab], one set of parameters per row ([S, 1] each; top_k = vocab, top_p = 1,
+    min_p = 0 turn a filter off). Sorting whole rows: the reference, not the kernel's way."""
+    vocab = z.shape[1]
+    zp = ((z.double() - z.amax(-1, keepdim=True)) / temperature).float()
+    sorted_z, order = zp.sort(dim=-1, descending=True, stable=True)
+    kth = sorted_z.gather(-1, top_k.clamp(max=vocab) - 1)
+    zp = zp.masked_fill(zp < kth, float("-inf"))          # ties with the k-th survive
+    probs = zp.softmax(-1)
+    sorted_p = probs.gather(-1, order)
+    before = sorted_p.cumsum(-1) - sorted_p
+    # the mass of strictly larger values: the `before` of the first of a run of equal values
+    position = torch.arange(vocab, device=zp.device).expand_as(sorted_z)
+    starts = torch.where(torch.cat([torch.ones_like(sorted_z[:, :1], dtype=torch.bool),
+                                    sorted_z[:, 1:] != sorted_z[:, :-1]], 1), position, 0)
+    before = before.gather(-1, starts.cummax(-1).values)
+    drop = torch.empty_like(order, dtype=torch.bool).scatter_(-1, order, (before >= top_p) & (top_p < 1))
+    probs = probs.masked_fill(drop, 0.0)
+    return probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
+
+
 def sample_torch(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torch.Tensor, state: SamplingState,
                  out: torch.Tensor) -> torch.Tensor:
     """The reference of sample_triton: out[s] = the token row rows[s] draws from logits[logits_rows[s]]."""
@@ -148,25 +170,9 @@ def sample_torch(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torch.Te
     drawn = (state.temperature[rows] > 0).nonzero()[:, 0]
     if drawn.numel():
         r = rows[drawn]
-        zd = z[drawn]
-        vocab = zd.shape[1]
-        zp = ((zd.double() - zd.amax(-1, keepdim=True)) / state.temperature[r, None]).float()
-        sorted_z, order = zp.sort(dim=-1, descending=True, stable=True)
-        kth = sorted_z.gather(-1, state.top_k[r, None].clamp(max=vocab) - 1)
-        zp = zp.masked_fill(zp < kth, float("-inf"))
-        probs = zp.softmax(-1)
-        sorted_p = probs.gather(-1, order)
-        before = sorted_p.cumsum(-1) - sorted_p
-        # the mass of strictly larger values: the `before` of the first of a run of equal values
-        position = torch.arange(vocab, device=zp.device).expand_as(sorted_z)
-        starts = torch.where(torch.cat([torch.ones_like(sorted_z[:, :1], dtype=torch.bool),
-                                        sorted_z[:, 1:] != sorted_z[:, :-1]], 1), position, 0)
-        before = before.gather(-1, starts.cummax(-1).values)
-        top_p = state.top_p[r, None]
-        drop = torch.empty_like(order, dtype=torch.bool).scatter_(-1, order, (before >= top_p) & (top_p < 1))
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs.masked_fill(probs < state.min_p[r, None] * probs.amax(-1, keepdim=True), 0.0)
-        noise = draw_noise(torch.arange(vocab, device=zp.device), state.keys[r], state.steps[r])
+        probs = filtered_probs(z[drawn], state.temperature[r, None], state.top_k[r, None], state.top_p[r, None],
+                               state.min_p[r, None])
+        noise = draw_noise(torch.arange(state.vocab, device=z.device), state.keys[r], state.steps[r])
         tokens[drawn] = (probs / noise).argmax(-1)
     _advance(state, rows, tokens)
     out.copy_(tokens)
@@ -180,7 +186,6 @@ def _advance(state: SamplingState, rows: torch.Tensor, tokens: torch.Tensor) -> 
 
 
 # ---------------------------------------------------------------- the kernel
-
 _W = tl.constexpr(0.125)        # histogram bin width, in units of z'
 _NB = 256                       # bins: 0..253 regular, 254 underflow (z' below ~-31.5), 255 ignored (-inf)
 _UNDER = tl.constexpr(254)
@@ -242,6 +247,7 @@ def _key(x):
 
 @triton.jit
 def _value(key):
+    """The float32 of a _key."""
     u = tl.where(key >= 0x80000000, key - 0x80000000, 0xFFFFFFFF - key)
     return tl.where(u >= 0x80000000, u - 0x100000000, u).to(tl.int32).to(tl.float32, bitcast=True)
 
@@ -433,8 +439,8 @@ def _bisect_draw(row, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, 
 
 def sample_triton(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torch.Tensor, state: SamplingState,
                   out: torch.Tensor, *, cap: int = CAP) -> torch.Tensor:
-    """out[s] = the token state row rows[s] draws from logits[logits_rows[s]] (one launch).
-    `cap` below CAP sends more rows to the bisection path (for tests)."""
+    """out[s] = the token row rows[s] draws from logits[logits_rows[s]], in one launch (a `cap`
+    below CAP sends more rows to the bisection path: for tests)."""
     _check(logits, logits_rows, rows, state)
     if logits.stride(1) != 1:
         raise KernelInputError("sample: logits rows must be contiguous")
@@ -443,7 +449,7 @@ def sample_triton(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torch.T
     if rows.numel():
         st = state
         _sample_kernel[(rows.numel(),)](
-            logits, logits.stride(0), logits_rows, rows, out, state.vocab, st.bitmask.shape[1],
+            logits, logits.stride(0), logits_rows, rows, out, st.vocab, st.bitmask.shape[1],
             st.temperature, st.top_k, st.top_p, st.min_p, st.penalties, st.penalized, st.keys, st.steps,
             st.counts, st.seen, st.masked, st.bitmask, st.last_token, st.scratch, st.scratch.stride(0),
             CAP=cap, BLOCK=BLOCK_V, NB=_NB, num_warps=8)

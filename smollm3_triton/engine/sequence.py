@@ -34,14 +34,27 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_sent: bool = False
     constraint: Constraint | None = None   # the grammar its output must match (structured output)
+    row: int | None = None         # its row in the persistent batch state while running (input_batch.py)
+    num_inflight: int = 0          # tokens drawn on the device whose ids the host has not read yet
 
     @property
     def num_tokens(self) -> int:
+        """Prompt and output, the tokens still in flight included."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_inflight
+
+    @property
+    def num_known(self) -> int:
+        """Prompt and output tokens whose ids the host holds."""
         return len(self.prompt_ids) + len(self.output_ids)
 
     def tokens(self, start: int, end: int) -> list[int]:
-        return (self.prompt_ids + self.output_ids)[start:end] if end > len(self.prompt_ids) \
-            else self.prompt_ids[start:end]
+        """Known token ids start..end-1, in O(end - start)."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[:end - n]
 
     def block_extra(self, j: int, block_size: int) -> bytes:
         """Content of block j beyond its token ids: the hashes of images it overlaps."""

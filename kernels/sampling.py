@@ -122,14 +122,21 @@ def allowed_tokens(state: SamplingState, rows: torch.Tensor) -> torch.Tensor:
 
 def penalized_logits(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torch.Tensor,
                      state: SamplingState) -> torch.Tensor:
-    """z [S, vocab] float32: the rows' logits after the grammar mask and the penalties."""
-    z = logits[logits_rows].float().masked_fill(~allowed_tokens(state, rows), float("-inf"))
-    pen = state.penalized[rows, None] != 0
-    rep, presence, frequency = state.penalties[rows].unbind(1)
-    counts = state.counts[rows]
-    seen = (state.seen[rows] != 0) | (counts > 0)
-    z = torch.where(pen & seen, torch.where(z > 0, z / rep[:, None], z * rep[:, None]), z)
-    return torch.where(pen & (counts > 0), z - (presence[:, None] + frequency[:, None] * counts.float()), z)
+    """z [S, vocab] float32: the rows' logits after the grammar mask and the penalties (only
+    the masked and the penalised rows are computed: this is the CPU's sampler too)."""
+    z = logits[logits_rows].float()
+    masked = (state.masked[rows] != 0).nonzero()[:, 0]
+    if masked.numel():
+        z[masked] = z[masked].masked_fill(~allowed_tokens(state, rows[masked]), float("-inf"))
+    pen = (state.penalized[rows] != 0).nonzero()[:, 0]
+    if pen.numel():
+        r, zp = rows[pen], z[pen]
+        rep, presence, frequency = (x[:, None] for x in state.penalties[r].unbind(1))
+        counts = state.counts[r]
+        seen = (state.seen[r] != 0) | (counts > 0)
+        zp = torch.where(seen, torch.where(zp > 0, zp / rep, zp * rep), zp)
+        z[pen] = torch.where(counts > 0, zp - (presence + frequency * counts.float()), zp)
+    return z
 
 
 def draw_noise(token_ids: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:

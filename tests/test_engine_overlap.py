@@ -73,9 +73,13 @@ def test_stop_found_one_step_late_gives_the_synchronous_text(rt):
     print(f"\noverlapped: {sum(over_drawn) - delivered} tokens drawn past a stop and discarded; text as synchronous")
 
 
-def test_mixed_requests_staggered_equal_the_synchronous_loop(rt):
+@pytest.mark.parametrize("graph_step", [False, True])
+def test_mixed_requests_staggered_equal_the_synchronous_loop(rt, graph_step):
     """Requests arriving while others decode, each with its own parameters (greedy,
-    seeded with penalties and filters, logprobs, prompt logprobs, length limits)."""
+    seeded with penalties and filters, logprobs, prompt logprobs, length limits).
+    graph_step: decode steps through the CUDA-graph runner's static buffers (on the CPU
+    run eagerly: staging, in-flight tokens read from the sampler's state, padding rows,
+    the sampler inside the step), the path a GPU replays."""
     prompts = random_prompts(10, [3, 120, 17, 64, 33], seed=22)
 
     def params_of(i):
@@ -85,9 +89,15 @@ def test_mixed_requests_staggered_equal_the_synchronous_loop(rt):
                 SamplingParams(max_new_tokens=1, temperature=0, prompt_logprobs=1),
                 SamplingParams(max_new_tokens=7, temperature=1.1, min_p=0.05, seed=100 + i, logprobs=0)][i % 4]
     sync, _ = run_staggered(engine_with(rt, False, max_num_batched_tokens=48)[0], prompts, params_of)
-    over_engine, _ = engine_with(rt, True, max_num_batched_tokens=48)
+    over_engine, _ = engine_with(rt, True, max_num_batched_tokens=48, max_num_seqs=6, cuda_graphs=graph_step)
+    if graph_step:
+        replayed = []
+        replay = over_engine.runner.graphs.replay
+        over_engine.runner.graphs.replay = lambda inputs: replayed.append(len(inputs.rows)) or replay(inputs)
     over, _ = run_staggered(over_engine, prompts, params_of)
     assert over == sync
+    if graph_step:        # decode steps of 1..6 rows ran in buckets 1, 2, 4 and 6 (padding rows)
+        assert len(replayed) > 10 and {3, 5} & set(replayed), replayed
     assert over_engine.stats().free_blocks == over_engine.pool.n_blocks
 
 

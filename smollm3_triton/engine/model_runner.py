@@ -47,9 +47,10 @@ def pool_blocks(model: Transformer, block_size: int, kv_cache_tokens: int | None
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A non-blocking copy into pinned memory (on the CPU the tensor itself)."""
+    """A non-blocking copy into pinned memory (on the CPU a copy: a graph's token buffer is
+    overwritten by the next step before an overlapped loop reads this one)."""
     if t.device.type == "cpu":
-        return t
+        return t.clone()
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     return host.copy_(t, non_blocking=True)
 

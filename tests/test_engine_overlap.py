@@ -89,15 +89,16 @@ def test_mixed_requests_staggered_equal_the_synchronous_loop(rt, graph_step):
                 SamplingParams(max_new_tokens=1, temperature=0, prompt_logprobs=1),
                 SamplingParams(max_new_tokens=7, temperature=1.1, min_p=0.05, seed=100 + i, logprobs=0)][i % 4]
     sync, _ = run_staggered(engine_with(rt, False, max_num_batched_tokens=48)[0], prompts, params_of)
-    over_engine, _ = engine_with(rt, True, max_num_batched_tokens=48, max_num_seqs=6, cuda_graphs=graph_step)
+    over_engine, _ = engine_with(rt, True, max_num_batched_tokens=48, max_num_seqs=5, cuda_graphs=graph_step)
     if graph_step:
         replayed = []
         replay = over_engine.runner.graphs.replay
         over_engine.runner.graphs.replay = lambda inputs: replayed.append(len(inputs.rows)) or replay(inputs)
     over, _ = run_staggered(over_engine, prompts, params_of)
     assert over == sync
-    if graph_step:        # decode steps of 1..6 rows ran in buckets 1, 2, 4 and 6 (padding rows)
-        assert len(replayed) > 10 and {3, 5} & set(replayed), replayed
+    if graph_step:        # decode steps of 1..5 rows, in buckets 1, 2, 4 and 5: 3 rows pad to 4
+        print(f"\nreplayed decode steps of {replayed} rows")
+        assert len(replayed) >= 5 and 3 in replayed, replayed
     assert over_engine.stats().free_blocks == over_engine.pool.n_blocks
 
 

@@ -10,7 +10,9 @@ buffer per row count, allocated once), so only the engine's own work is timed. T
 "host" (greedy, and the sampler replaced by a no-op too: the Python side alone, what must
 fit inside a GPU step), "greedy" and "sampled" (temperature 0.7, top-p 0.9) with the
 CPU's sampler (on a GPU its work is the device's). Each figure is the median over --steps
-decode steps once every sequence is decoding.
+decode steps once every sequence is decoding, as CPU time of the stepping thread (on a shared
+machine a step that loses its core pays a whole time slice of wall time) and, in
+parentheses, wall time.
 """
 from __future__ import annotations
 
@@ -37,7 +39,9 @@ def tiny_model(folder: Path) -> Path:
     return export_gguf(hf, folder / "tiny.gguf", "f32")
 
 
-def step_ms(path: Path, batch: int, context: int, steps: int, params: SamplingParams, no_sampler: bool) -> float:
+def step_ms(path: Path, batch: int, context: int, steps: int, params: SamplingParams, no_sampler: bool
+            ) -> tuple[float, float]:
+    """(CPU ms, wall ms) of a decode step, medians."""
     from smollm3_triton import Runtime
 
     rt = Runtime.load(path, device="cpu", backend="torch", max_seq_len=context + steps + 8,
@@ -64,12 +68,13 @@ def step_ms(path: Path, batch: int, context: int, steps: int, params: SamplingPa
         engine.add_request(torch.randint(100, VOCAB, (context,), generator=g).tolist(), params)
     while engine.stats().running < batch or any(s.num_computed < context for s in engine.scheduler.running):
         engine.step()
-    times = []
+    cpu, wall = [], []
     for _ in range(steps):
-        t = time.perf_counter()
+        c, t = time.thread_time(), time.perf_counter()
         engine.step()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+        cpu.append(time.thread_time() - c)
+        wall.append(time.perf_counter() - t)
+    return 1000 * statistics.median(cpu), 1000 * statistics.median(wall)
 
 
 def main() -> None:
@@ -94,10 +99,10 @@ def main() -> None:
                                                                     ignore_eos=True), False)):
             if name not in args.runs.split(","):
                 continue
-            print(f"\n{name:8s} " + " ".join(f"{'ctx ' + str(c):>10s}" for c in contexts))
+            print(f"\n{name:8s} " + " ".join(f"{'ctx ' + str(c):>16s}" for c in contexts))
             for b in batches:
                 row = [step_ms(path, b, c, args.steps, params, no_sampler) for c in contexts]
-                print(f"batch {b:<3d} " + " ".join(f"{v:10.2f}" for v in row), flush=True)
+                print(f"batch {b:<3d} " + " ".join(f"{c:7.2f} ({w:6.2f})" for c, w in row), flush=True)
         print("\nload at the end " + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
 
 

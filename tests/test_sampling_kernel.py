@@ -6,7 +6,8 @@ state afterwards (draw counters, last tokens, penalty counts), through both of t
 kernel's paths (candidates compacted, and bisection when they exceed the cap), and a
 seeded row draws the same tokens alone or in a batch. Small vocabularies, and mostly a
 cap of 256 candidates (the default 2048 costs ~5 s per row in the interpreter's sort): the
-interpreter runs every tile in numpy.
+interpreter runs every tile in numpy. On a GPU (bench/run_gpu.sh) the same tests run the
+compiled kernel against the reference on the device.
 """
 import dataclasses
 
@@ -19,6 +20,7 @@ from smollm3_triton.kernels.sampling import BLOCK_V, SamplingState, sample_torch
 from smollm3_triton.sampling_params import SamplingParams
 
 VOCAB = 2 * BLOCK_V + 77       # three tiles, the last one partial
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (temperature, top_k, top_p, min_p, penalties): one state row each
 KINDS = [
@@ -37,7 +39,7 @@ KINDS = [
 
 def _state(kinds, seed=0, masked_rows=()):
     gen = torch.Generator().manual_seed(seed)
-    state = SamplingState.allocate(len(kinds) + 2, VOCAB, "cpu")     # spare rows: rows need not be 0..S-1
+    state = SamplingState.allocate(len(kinds) + 2, VOCAB, DEVICE)     # spare rows: rows need not be 0..S-1
     samplers = [SamplerState.start(SamplingParams(**k)) for k in kinds]
     histories = [(torch.randint(0, VOCAB, (30,), generator=gen).tolist(),
                   torch.randint(0, VOCAB, (s % 4,), generator=gen).tolist()) for s in range(len(kinds))]
@@ -45,9 +47,9 @@ def _state(kinds, seed=0, masked_rows=()):
     load_rows(state, rows, samplers, histories)
     for r in masked_rows:                        # a grammar allowing about a third of the vocabulary
         state.masked[r] = 1
-        state.bitmask[r] = torch.randint(-2**31, 2**31, (state.bitmask.shape[1],), generator=gen,
-                                         dtype=torch.int64).to(torch.int32) & 0x49249249
-    return state, torch.tensor(rows)
+        state.bitmask[r] = (torch.randint(-2**31, 2**31, (state.bitmask.shape[1],), generator=gen,
+                                          dtype=torch.int64).to(torch.int32) & 0x49249249).to(DEVICE)
+    return state, torch.tensor(rows, device=DEVICE)
 
 
 def _clone(state: SamplingState) -> SamplingState:
@@ -56,18 +58,22 @@ def _clone(state: SamplingState) -> SamplingState:
 
 def _logits(n_rows, seed, scale=3.0, ties=False):
     x = torch.randn(n_rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * scale
-    return (x * 2).round() / 2 if ties else x       # rounded: many equal values around every threshold
+    return ((x * 2).round() / 2 if ties else x).to(DEVICE)     # rounded: many equal values at every threshold
+
+
+def _out(n):
+    return torch.empty(n, dtype=torch.long, device=DEVICE)
 
 
 def _both(logits, logits_rows, rows, state, steps, **kw):
     """Tokens of `steps` consecutive draws by the kernel and by the reference, each on its own
     copy of the state; the states after must be equal too."""
     ref_state, ker_state = _clone(state), _clone(state)
+    logits_rows = logits_rows.to(DEVICE)
     ref, ker = [], []
     for _ in range(steps):
-        ref.append(sample_torch(logits, logits_rows, rows, ref_state, torch.empty(len(rows), dtype=torch.long)).tolist())
-        ker.append(sample_triton(logits, logits_rows, rows, ker_state, torch.empty(len(rows), dtype=torch.long),
-                                 **kw).tolist())
+        ref.append(sample_torch(logits, logits_rows, rows, ref_state, _out(len(rows))).tolist())
+        ker.append(sample_triton(logits, logits_rows, rows, ker_state, _out(len(rows)), **kw).tolist())
     for name in ("steps", "last_token", "counts"):
         assert torch.equal(getattr(ref_state, name), getattr(ker_state, name)), name
     return ref, ker
@@ -108,22 +114,22 @@ def test_a_seeded_row_draws_the_same_alone_and_batched():
     batched = []
     together = _clone(state)
     for _ in range(2):
-        batched.append(sample_triton(logits, torch.arange(len(KINDS)), rows, together,
-                                     torch.empty(len(KINDS), dtype=torch.long), cap=256).tolist())
+        batched.append(sample_triton(logits, torch.arange(len(KINDS), device=DEVICE), rows, together,
+                                     _out(len(KINDS)), cap=256).tolist())
     for i in range(len(KINDS)):
         alone = _clone(state)
-        one = torch.tensor([i])
-        got = [int(sample_triton(logits, one, rows[one], alone, torch.empty(1, dtype=torch.long), cap=256)[0])
+        one = torch.tensor([i], device=DEVICE)
+        got = [int(sample_triton(logits, one, rows[one], alone, _out(1), cap=256)[0])
                for _ in range(2)]
         assert got == [step[i] for step in batched], KINDS[i]
 
 
 def test_bad_inputs_are_named():
     state, rows = _state(KINDS[:2])
-    out = torch.empty(2, dtype=torch.long)
+    out, two = _out(2), torch.arange(2, device=DEVICE)
     with pytest.raises(KernelInputError, match="logits of shape"):
-        sample_triton(torch.zeros(2, VOCAB - 1), torch.arange(2), rows, state, out)
+        sample_triton(torch.zeros(2, VOCAB - 1, device=DEVICE), two, rows, state, out)
     with pytest.raises(KernelInputError, match="same 1-d shape"):
-        sample_triton(torch.zeros(2, VOCAB), torch.arange(1), rows, state, out)
+        sample_triton(torch.zeros(2, VOCAB, device=DEVICE), two[:1], rows, state, out)
     with pytest.raises(KernelInputError, match="cap must be a power of two"):
-        sample_triton(torch.zeros(2, VOCAB), torch.arange(2), rows, state, out, cap=100)
+        sample_triton(torch.zeros(2, VOCAB, device=DEVICE), two, rows, state, out, cap=100)

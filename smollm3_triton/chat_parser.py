@@ -257,4 +257,6 @@ def tool_calls_as_text(message: dict) -> dict:
             pass
         parts.append(f"{CALL_OPEN}\n{json.dumps({'name': fn.get('name'), 'arguments': args}, ensure_ascii=False)}"
                      f"\n{CALL_CLOSE}")
-    return {k: v for k, v in message.items() if k != "tool_calls"} | {"content": "\n".join(parts)}
+    # One newline between the parts, as the model writes them (text that ends a line gets no second one).
+    text = "".join(p if not i or parts[i - 1].endswith("\n") else "\n" + p for i, p in enumerate(parts))
+    return {k: v for k, v in message.items() if k != "tool_calls"} | {"content": text}

@@ -132,6 +132,9 @@ class SamplingParams:
     logprobs: int | None = None         # per new token: its logprob and this many top alternatives
     prompt_logprobs: int | None = None  # the same for each prompt token after the first
     structured_outputs: StructuredOutputs | None = None   # a grammar the output must match
+    # Tokens the model may write inside its think block; then the engine writes `</think>` for it
+    # (None: no cap; 0: the block closes at once). Nothing happens where no think block opens.
+    thinking_budget: int | None = None
 
     def __post_init__(self):
         def number(name: str, check, rule: str) -> None:
@@ -170,6 +173,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
         if self.seed is not None:
             integer("seed", lambda v: 0 <= v < 2**63, "in [0, 2**63)")
+        if self.thinking_budget is not None:
+            integer("thinking_budget", lambda v: v >= 0, ">= 0 (0 closes the think block at once)")
         stop = self.stop
         if stop is None or isinstance(stop, str):
             stop = () if stop is None else (stop,)

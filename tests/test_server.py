@@ -318,9 +318,10 @@ def _error(r, status: int) -> dict:
 
 @pytest.mark.parametrize("field,value", [
     ("temperature", -1), ("top_p", 0), ("top_k", -5), ("min_p", 2), ("repetition_penalty", 0),
-    ("presence_penalty", 3), ("frequency_penalty", -2.5), ("seed", -1), ("stop", [""]), ("max_tokens", 0),
+    ("presence_penalty", 3), ("frequency_penalty", -2.5), ("seed", 1.5), ("stop", [""]), ("max_tokens", 0),
     ("max_completion_tokens", "many"), ("n", 0), ("top_logprobs", 99), ("temperature", "hot"), ("stop", 5),
-    ("tool_choice", "sometimes"), ("logit_bias", {"1": 5}), ("chat_template_kwargs", 3), ("stream_options", [])])
+    ("tool_choice", "sometimes"), ("logit_bias", {"1": 5}), ("chat_template_kwargs", 3), ("stream_options", []),
+    ("reasoning_effort", "extreme"), ("thinking_token_budget", -2), ("thinking_budget_tokens", "many")])
 def test_bad_field_is_400_naming_it(server, field, value):
     body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 4, field: value}
     if field == "top_logprobs":
@@ -482,6 +483,31 @@ def test_tool_call_streamed(server3, scripted):
     assert all(tc.index == 0 for tc in calls) and calls[0].function.name == "get_weather" and calls[0].id
     assert json.loads("".join(tc.function.arguments or "" for tc in calls)) == {"location": "Paris"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_stop_reason_names_what_ended_the_choice(server3, scripted):
+    """vLLM's stop_reason: the stop string that matched, the stop_token_ids entry that was
+    sampled, or null for the model's end token and for running out of tokens. The oracle for
+    each cut is str.find on the scripted text and the tokenizer's own ids of it."""
+    text = "The sky is blue today."
+    ids = runtime(server3[1]).tokenizer.encode(text)
+    body = {"model": "smollm3", "messages": ASK, "max_tokens": 40, "temperature": 0,
+            "chat_template_kwargs": {"enable_thinking": False}}
+
+    def choice(**extra) -> dict:
+        scripted(text)
+        r = httpx.post(server3[0] + "/v1/chat/completions", json={**body, **extra}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0] | {"usage": r.json()["usage"]}
+
+    c = choice(stop=["never written", "blue", "sky"])            # the earliest match in the text ends it
+    assert (c["message"]["content"], c["finish_reason"], c["stop_reason"]) == (text[:text.find("sky")], "stop", "sky")
+    c = choice(stop_token_ids=[ids[3]])
+    assert (c["finish_reason"], c["stop_reason"], c["usage"]["completion_tokens"]) == ("stop", ids[3], 4)
+    c = choice()
+    assert (c["message"]["content"], c["finish_reason"], c["stop_reason"]) == (text, "stop", None)
+    c = choice(max_tokens=2)
+    assert (c["finish_reason"], c["stop_reason"]) == ("length", None)
 
 
 def test_named_tool_choice_decodes_the_call(server3, scripted, smollm3_folder):

@@ -14,8 +14,8 @@ class TextStream:
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.pending = ""
 
-    def push(self, token: int) -> tuple[str, bool]:
-        """-> (text now safe to show, whether a stop string ended it)."""
+    def push(self, token: int) -> tuple[str, str | None]:
+        """-> (text now safe to show, the stop string that ended it, or None)."""
         self.pending += self.decoder.push(token)
         return self._emit(final=False)
 
@@ -23,12 +23,13 @@ class TextStream:
         self.pending += self.decoder.flush()
         return self._emit(final=True)[0]
 
-    def _emit(self, final: bool) -> tuple[str, bool]:
-        cut = min((i for s in self.stop if (i := self.pending.find(s)) >= 0), default=-1)
-        if cut >= 0:
+    def _emit(self, final: bool) -> tuple[str, str | None]:
+        found = [(i, s) for s in self.stop if (i := self.pending.find(s)) >= 0]
+        if found:
+            cut, stop = min(found, key=lambda f: f[0])      # the earliest in the text ends it
             text, self.pending = self.pending[:cut], ""
-            return text, True
+            return text, stop
         keep = 0 if final else self.hold
         n = max(len(self.pending) - keep, 0)
         text, self.pending = self.pending[:n], self.pending[n:]
-        return text, False
+        return text, None

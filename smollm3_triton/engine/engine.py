@@ -31,6 +31,7 @@ import threading
 
 import torch
 
+from ..chat import THINK_CLOSE, THINK_OPEN
 from ..errors import ContextLengthError, RequestError
 from ..model import Transformer
 from ..sampling_params import SamplingParams, check_request
@@ -42,7 +43,7 @@ from .model_runner import LaunchedStep, ModelRunner
 from .outputs import EngineStats, RequestOutput, TokenLogprob
 from .sampler import SamplerState
 from .scheduler import Scheduler
-from .sequence import FINISHED, RUNNING, Sequence
+from .sequence import FINISHED, RUNNING, Sequence, ThinkingBudget
 from .structured_output import GrammarCompiler, fill_bitmasks
 
 DEFAULT_BLOCK_SIZE = 16
@@ -80,6 +81,9 @@ class Engine:
         self.overlap = model.device.type in OVERLAP_DEVICES
         self._launched: LaunchedStep | None = None     # a step whose tokens are not read yet
         self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)
+        # A spent thinking budget writes the closing tag as the model writes it after its
+        # thoughts (SmolLM3's template closes an empty block with "\n</think>\n").
+        self._think_close_ids = tokenizer.encode(f"\n{THINK_CLOSE}\n")
         self._sequences: dict[str, Sequence] = {}
         self._aborted: list[RequestOutput] = []
         self._lock = threading.RLock()
@@ -121,13 +125,20 @@ class Engine:
         if params.structured_outputs is not None:
             stop_ids = (set() if params.ignore_eos else self.eos_ids) | set(params.stop_token_ids)
             constraint = self.grammars.constraint(params.structured_outputs, stop_ids)
+        thinking = None
+        if params.thinking_budget is not None:
+            # The prompt itself may have opened the block (a template ending with <think>).
+            opened = self.tokenizer.decode(prompt_ids[-8:]).rstrip().endswith(THINK_OPEN)
+            thinking = ThinkingBudget(params.thinking_budget, THINK_OPEN.encode(), THINK_CLOSE.encode(),
+                                      self._think_close_ids, opened)
         with self._lock:
             if request_id is None:
                 request_id = f"req-{next(self._ids)}"
             if request_id in self._sequences:
                 raise RequestError(f"request id {request_id!r} is already in use")
             seq = Sequence(request_id, prompt_ids, params, SamplerState.start(params),
-                           TextStream(self.tokenizer, params.stop), mm_embeds=mm_embeds, constraint=constraint)
+                           TextStream(self.tokenizer, params.stop), mm_embeds=mm_embeds, constraint=constraint,
+                           thinking=thinking)
             self._sequences[request_id] = seq
             self.scheduler.add(seq)
         return request_id
@@ -203,7 +214,16 @@ class Engine:
 
     def _prepare(self, work: list[tuple[Sequence, int]]) -> StepInputs:
         inputs = self.runner.prepare(work)
-        constrained = [(s.row, s.constraint) for s in inputs.samples if s.constraint is not None]
+        # One mask source per row: an active grammar, else the thinking budget (forcing its
+        # closing tag when spent); a grammar gated on "</think>" is inactive until that tag is
+        # written. A step with either is read before the next is scheduled: the next mask
+        # depends on this step's token.
+        constrained = []
+        for s in inputs.samples:
+            if s.constraint is not None and (s.constraint.active or s.thinking is None):
+                constrained.append((s.row, s.constraint))
+            elif s.thinking is not None:
+                constrained.append((s.row, s.thinking))
         if constrained:
             fill_bitmasks(self.runner.batch.sampling, constrained)
             inputs.constrained = True
@@ -239,8 +259,11 @@ class Engine:
             seq.output_ids.append(token)
             self.generated_tokens += 1
             p = seq.params
-            ended = (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids
-            text, stopped = ("", False) if ended else seq.text.push(token)
+            if seq.thinking is not None:
+                seq.thinking.advance(token, self.tokenizer.token_bytes)
+            eos = token in self.eos_ids and not p.ignore_eos
+            ended = eos or token in p.stop_token_ids
+            text, stopped = ("", None) if ended else seq.text.push(token)
             # The grammar is complete (its stop token taken, or no stop token to wait for), or
             # refused the token (a masked row never samples one it refuses).
             complete = seq.constraint is not None and (
@@ -255,7 +278,9 @@ class Engine:
                     text += seq.text.flush()
                 self.scheduler.finish(seq, reason)
                 del self._sequences[seq.request_id]
-            outputs.append(self._output(seq, [token], text, reason, token_lps.get(i)))
+            out = self._output(seq, [token], text, reason, token_lps.get(i))
+            out.stop_reason = stopped if stopped is not None else (token if ended and not eos else None)
+            outputs.append(out)
         return outputs
 
     def _collect_prompt_logprobs(self, seq: Sequence, lps: tuple, lo: int, end: int) -> None:

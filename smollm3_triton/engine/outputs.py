@@ -22,6 +22,9 @@ class RequestOutput:
     num_cached_tokens: int
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # What ended a "stop": the stop string, or a stop_token_ids entry; None for the model's end
+    # token, a grammar's end, or any other reason (vLLM's stop_reason).
+    stop_reason: str | int | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,57 @@ from .structured_output import Constraint
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
 
+class ThinkingBudget:
+    """A cap on the tokens a sequence writes inside its think block. Once `budget` tokens have
+    followed the opening tag (the model's, or the prompt's own), the closing tag's tokens are
+    forced one per step, and the answer follows. A forced token is a one-token mask row, applied
+    with the grammars' rows by fill_bitmasks: the structured-output mechanism, not a second one.
+    """
+
+    def __init__(self, budget: int, open_tag: bytes, close_tag: bytes, close_ids: list[int], opened: bool):
+        self.budget, self.open_tag, self.close_tag, self.close_ids = budget, open_tag, close_tag, close_ids
+        self.state = "inside" if opened else "before"     # before -> inside -> done
+        self.used = 0                   # tokens written inside the block
+        self.forced: list[int] = []     # closing-tag tokens still to write
+        self._tail = b""
+        self._check_budget()
+
+    @property
+    def active(self) -> bool:
+        """The next token is forced."""
+        return bool(self.forced)
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """xgrammar's bitmask row (int32 words, bit set = allowed) allowing the forced token alone."""
+        word, bit = divmod(self.forced[0], 32)
+        bitmask[row] = 0
+        bitmask[row, word] = (1 << bit) - (1 << 32 if bit == 31 else 0)   # bit 31 is int32's sign
+
+    def advance(self, token: int, token_bytes) -> None:
+        """Take the sampled token (the forced one, while forcing)."""
+        if self.forced:
+            self.forced.pop(0)
+            if not self.forced:
+                self.state = "done"
+            return
+        if self.state == "done":
+            return
+        tag = self.open_tag if self.state == "before" else self.close_tag
+        seen = self._tail + token_bytes(token)
+        if tag in seen:
+            self.state, self._tail = ("inside", b"") if self.state == "before" else ("done", b"")
+            self._check_budget()
+            return
+        self._tail = seen[-(len(tag) - 1):]
+        if self.state == "inside":
+            self.used += 1
+            self._check_budget()
+
+    def _check_budget(self) -> None:
+        if self.state == "inside" and self.used >= self.budget:
+            self.forced = list(self.close_ids)
+
+
 @dataclass(eq=False)
 class Sequence:
     """Everything the engine knows of one request: the one owner of its state."""
@@ -34,6 +85,7 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_sent: bool = False
     constraint: Constraint | None = None   # the grammar its output must match (structured output)
+    thinking: ThinkingBudget | None = None  # the cap on its think block (params.thinking_budget)
     row: int | None = None         # its row in the persistent batch state while running (input_batch.py)
     num_inflight: int = 0          # tokens drawn on the device whose ids the host has not read yet
 

@@ -173,7 +173,9 @@ class Constraint:
 
     def __init__(self, compiled, stop_ids: set[int], after: str | None):
         import xgrammar as xgr
-        self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_ids),
+        # No stop token at all (ignore_eos without stop_token_ids): xgrammar refuses an empty
+        # override list, and the grammar's end then ends the sequence by itself.
+        self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_ids) or None,
                                           terminate_without_stop_token=not stop_ids)
         self.after = after.encode() if after else None
         self._tail = b""
@@ -185,6 +187,9 @@ class Constraint:
     @property
     def terminated(self) -> bool:
         return self.matcher.is_terminated()
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
 
     def advance(self, token: int, token_bytes) -> bool:
         """Take a sampled token; False if the grammar refuses it (never, for a masked row)."""
@@ -198,21 +203,22 @@ class Constraint:
         return self.matcher.accept_token(token)
 
 
-def fill_bitmasks(state: SamplingState, rows: list[tuple[int, Constraint]]) -> None:
-    """Each (state row, constraint) of a step: an active constraint's bitmask of the tokens it
-    allows, and the row's flag that makes the sampler apply it (a gated constraint: off). No
-    other row is read or written."""
+def fill_bitmasks(state: SamplingState, rows: list[tuple[int, object]]) -> None:
+    """Each (state row, mask source) of a step: an active source's bitmask of the tokens it
+    allows, and the row's flag that makes the sampler apply it (an inactive one: off). A
+    source is anything with `active` and `fill_bitmask`: a grammar's Constraint, or a
+    ThinkingBudget forcing its closing tag. No other row is read or written."""
     active = [(r, c) for r, c in rows if c.active]
     device = state.bitmask.device
     if active:
         if device.type == "cpu":
             for r, c in active:
-                c.matcher.fill_next_token_bitmask(state.bitmask, r)
+                c.fill_bitmask(state.bitmask, r)
         else:
             import xgrammar as xgr
             staging = xgr.allocate_token_bitmask(len(active), state.vocab)
             for i, (_, c) in enumerate(active):
-                c.matcher.fill_next_token_bitmask(staging, i)
+                c.fill_bitmask(staging, i)
             state.bitmask[torch.tensor([r for r, _ in active], device=device)] = staging.to(device, non_blocking=True)
     state.masked[torch.tensor([r for r, _ in rows], device=device)] = torch.tensor(
         [int(c.active) for _, c in rows], dtype=torch.int8).to(device, non_blocking=True)

@@ -1,7 +1,12 @@
 """`smollm3 serve`: the HTTP server on the batching engine, in any API's shape.
 
-    request -> _Guard (API key, body size, request counter)
-            -> an API's route (openai/routes.py): fields checked -> pipeline -> JSON or SSE
+    request -> _Guard (API key, body size, request counter by endpoint)
+            -> an API's route (openai/routes.py, anthropic/routes.py): fields checked -> pipeline
+               -> JSON or SSE
+
+With an API key, /health, /metrics (a Prometheus scraper has no key) and the OpenAPI document
+(/openapi.json, /docs) stay open, as vLLM's do; every API route asks for the key, as
+`Authorization: Bearer <key>` (OpenAI's clients) or `x-api-key: <key>` (Anthropic's).
 
 `GET /` is the chat page (webui.py; `webui=False`, the CLI's --no-webui, turns it off), and
 `GET /props` tells it what the loaded model takes (images, a thinking mode).
@@ -13,6 +18,7 @@ own shape; library refusals (RequestError) are translated with the API's field n
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import signal
 import threading
@@ -25,9 +31,12 @@ from starlette.exceptions import HTTPException
 
 from ..errors import RequestError
 from . import webui as webui_routes
-from .errors import APIError, api_error_of
+from .anthropic import routes as anthropic_routes
+from .anthropic.protocol import API_NAMES as ANTHROPIC_NAMES
+from .errors import ANTHROPIC_PREFIX, APIError, api_error_of, error_body
 from .openai import routes as openai_routes
-from .openai.protocol import API_NAMES
+from .openai.protocol import API_NAMES, RESPONSES_NAMES
+from .openapi_doc import describe
 from .state import ServerState
 
 log = logging.getLogger("smollm3.server")
@@ -48,27 +57,28 @@ def create_app(load: Callable[[], object], *, served_model_name: str, api_key: s
         if state.engine is not None:
             state.engine.shutdown()
 
-    app = FastAPI(title="smollm3-triton", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="smollm3-triton", version="0.1.0", lifespan=lifespan, redoc_url=None,
+                  description="OpenAI-compatible (chat completions, completions, responses) and Anthropic-"
+                              "compatible (messages) serving of SmolLM models on the batching engine.")
     app.state.smollm3 = state
     app.add_middleware(_Guard, state=state)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
-        return _error_response(exc)
+        return _error_response(request.url.path, exc)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):
-        prompt = "prompt" if request.url.path == "/v1/completions" else "messages"
-        return _error_response(api_error_of(exc, {**API_NAMES, "prompt": prompt}))
+        return _error_response(request.url.path, api_error_of(exc, _names(request.url.path)))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return _error_response(APIError(exc.status_code, str(exc.detail)))
+        return _error_response(request.url.path, APIError(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
         log.exception("internal error on %s", request.url.path)
-        return _error_response(APIError(500, "internal server error", type="server_error"))
+        return _error_response(request.url.path, APIError(500, "internal server error", type="server_error"))
 
     @app.get("/health")
     async def health():
@@ -90,14 +100,25 @@ def create_app(load: Callable[[], object], *, served_model_name: str, api_key: s
                 "thinking": "enable_thinking" in (rt.tokenizer.chat_template or "")}
 
     openai_routes.add_routes(app, state)
+    anthropic_routes.add_routes(app, state)
+    describe(app, served_model_name)
     if webui:
         webui_routes.add_routes(app)
     return app
 
 
-def _error_response(exc: APIError) -> JSONResponse:
+def _names(path: str) -> dict[str, str]:
+    """The library's argument names as the API at `path` calls its fields."""
+    if path.startswith(ANTHROPIC_PREFIX):
+        return ANTHROPIC_NAMES
+    if path.startswith("/v1/responses"):
+        return RESPONSES_NAMES
+    return {**API_NAMES, "prompt": "prompt" if path == "/v1/completions" else "messages"}
+
+
+def _error_response(path: str, exc: APIError) -> JSONResponse:
     headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
-    return JSONResponse(exc.openai_body(), status_code=exc.status, headers=headers)
+    return JSONResponse(error_body(path, exc), status_code=exc.status, headers=headers)
 
 
 class _Guard:
@@ -122,19 +143,21 @@ class _Guard:
         try:
             error = self._refusal(path, headers)
             if error is not None:
-                await _error_response(error)(scope, receive, counted_send)
+                await _error_response(path, error)(scope, receive, counted_send)
             else:
                 await self.app(scope, receive, counted_send)
         finally:
-            self.state.metrics.requests.labels(path if path in _ENDPOINTS else "other", str(status[0])).inc()
+            self.state.metrics.requests.labels(_endpoint(path), str(status[0])).inc()
 
     def _refusal(self, path: str, headers: dict) -> APIError | None:
         key = self.state.api_key
-        if key is not None and path != "/health" and not webui_routes.is_page_path(path):
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            if auth != f"Bearer {key}":
-                return APIError(401, "Incorrect API key provided" if auth else "No API key provided: send "
-                                "the header 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if key is not None and path not in _OPEN and not webui_routes.is_page_path(path):
+            bearer = headers.get(b"authorization", b"")
+            given = headers.get(b"x-api-key", bearer[7:] if bearer[:7].lower() == b"bearer " else b"")
+            if not hmac.compare_digest(given, key.encode()):
+                return APIError(401, "Incorrect API key provided" if given or bearer else
+                                "No API key provided: send the header 'Authorization: Bearer <key>' or "
+                                "'x-api-key: <key>'", code="invalid_api_key")
         length = headers.get(b"content-length")
         if length is not None:
             try:
@@ -147,8 +170,17 @@ class _Guard:
         return None
 
 
+_OPEN = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
 _ENDPOINTS = {"/health", "/metrics", "/props", "/", "/v1/models", "/v1/chat/completions", "/v1/completions",
-              "/tokenize", "/detokenize"}
+              "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/tokenize", "/detokenize",
+              "/openapi.json", "/docs"}
+
+
+def _endpoint(path: str) -> str:
+    """The metrics label of a path: one per route (a model's name is not a label of its own)."""
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    return path if path in _ENDPOINTS else "other"
 
 
 def run_server(load: Callable[[], object], *, host: str, port: int, served_model_name: str,

@@ -1,7 +1,9 @@
 """A refusal as every API answers it: status, message, kind, the field to blame and a code.
 
-Each API writes the same APIError in its own shape (OpenAI's `{"error": {...}}` today);
-library refusals (RequestError) become APIErrors with the API's names for their fields.
+Each API writes the same APIError in its own shape: OpenAI's `{"error": {"message", "type",
+"param", "code"}}` (chat, completions, responses, ...) or Anthropic's `{"type": "error",
+"error": {"type", "message"}}` (/v1/messages); library refusals (RequestError) become
+APIErrors with the API's names for their fields.
 """
 from __future__ import annotations
 
@@ -16,6 +18,22 @@ class APIError(Exception):
 
     def openai_body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def anthropic_body(self) -> dict:
+        """Anthropic's kinds go by status (its SDK raises by status too); the field stays in the message."""
+        kind = _ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    500: "api_error", 503: "overloaded_error"}
+ANTHROPIC_PREFIX = "/v1/messages"
+
+
+def error_body(path: str, exc: APIError) -> dict:
+    """The refusal in the shape of the API that `path` belongs to."""
+    return exc.anthropic_body() if path.startswith(ANTHROPIC_PREFIX) else exc.openai_body()
 
 
 def bad(param: str, message: str) -> APIError:

@@ -42,7 +42,9 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None        # the stop string (or stop token id) that ended it
     num_cached_tokens: int = 0
+    reasoning_tokens: int = 0                   # tokens written inside the think block, its close included
     deltas: list[Delta] = field(default_factory=list)   # everything the parser has split so far
 
     def absorb(self, out: RequestOutput) -> list[Delta]:
@@ -54,7 +56,9 @@ class Choice:
             self.prompt_logprobs = out.prompt_logprobs
         self.num_cached_tokens = out.num_cached_tokens
         if out.finished:
-            self.finish_reason = out.finish_reason
+            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+        if self.parser is not None and self.parser.state == "reasoning":
+            self.reasoning_tokens += len(out.token_ids)
         if self.parser is None:
             new = [Delta("content", out.text)] if out.text else []
         else:
@@ -111,6 +115,10 @@ class ChatInput:
     thinking: bool | None = None
     template_kwargs: dict = field(default_factory=dict)
     n: int = 1
+    # Where each tool's parameter schema sits in the API's request, named in errors
+    # (default: OpenAI chat's "tools[i].function.parameters").
+    tool_params: tuple[str, ...] | None = None
+    parallel_tool_calls: bool = True      # False: at most one call per answer
 
 
 def chat_choices(rt, chat: ChatInput, prompt_param: str = "messages") -> list[Choice]:
@@ -118,18 +126,10 @@ def chat_choices(rt, chat: ChatInput, prompt_param: str = "messages") -> list[Ch
     The output constraint (the request's, and the tool calls') is compiled here: a bad one is
     refused before anything runs. Model work (tokenizing, encoding images, compiling grammars):
     call it off the event loop."""
-    template = rt.tokenizer.chat_template or ""
-    messages = chat.messages
-    if "tool_calls" not in template:
-        messages = [tool_calls_as_text(m) if m["role"] == "assistant" else m for m in messages]
-    tools = None
-    if chat.tools and chat.tool_choice != "none":
-        tools = chat.tools
-        if isinstance(chat.tool_choice, dict):
-            tools = [t for t in chat.tools if t["function"]["name"] == chat.tool_choice["function"]["name"]]
-    # local_images=False: a client may send images as data: URLs, never make us read our own disk
-    prompt_ids, mm_embeds = rt.encode_chat(messages, thinking=chat.thinking, tools=tools, local_images=False,
-                                           **chat.template_kwargs)
+    for i, tool in enumerate(chat.tools or []):
+        param = chat.tool_params[i] if chat.tool_params else f"tools[{i}].function.parameters"
+        rt.engine.grammars.check_schema(tool["function"].get("parameters") or {"type": "object"}, param)
+    prompt_ids, mm_embeds, tools = chat_prompt(rt, chat)
     params = _with_max_tokens(chat.params, chat.max_tokens_given, len(prompt_ids), rt.max_seq_len, prompt_param)
     spec = _chat_constraint(rt, chat, params.structured_outputs)
     if spec is not None:
@@ -142,6 +142,24 @@ def chat_choices(rt, chat: ChatInput, prompt_param: str = "messages") -> list[Ch
                    ChatTextParser(in_reasoning=in_reasoning, parse_tools=tools is not None)) for i in range(chat.n)]
 
 
+def chat_prompt(rt, chat: ChatInput) -> tuple[list[int], list, list[dict] | None]:
+    """The prompt ids of a conversation, its image rows, and the tools the template was shown
+    (those tool_choice allows). Model work: call it off the event loop."""
+    template = rt.tokenizer.chat_template or ""
+    messages = chat.messages
+    if "tool_calls" not in template:
+        messages = [tool_calls_as_text(m) if m["role"] == "assistant" else m for m in messages]
+    tools = None
+    if chat.tools and chat.tool_choice != "none":
+        tools = chat.tools
+        if isinstance(chat.tool_choice, dict):
+            tools = [t for t in chat.tools if t["function"]["name"] == chat.tool_choice["function"]["name"]]
+    # local_images=False: a client may send images as data: URLs, never make us read our own disk
+    prompt_ids, mm_embeds = rt.encode_chat(messages, thinking=chat.thinking, tools=tools, local_images=False,
+                                           **chat.template_kwargs)
+    return prompt_ids, mm_embeds, tools
+
+
 def _chat_constraint(rt, chat: ChatInput, response: StructuredOutputs | None) -> StructuredOutputs | None:
     """The request's own constraint, joined with its tools' calls as the tool choice asks:
     a named function or "required" -> nothing but calls (named: exactly that one), each
@@ -152,23 +170,22 @@ def _chat_constraint(rt, chat: ChatInput, response: StructuredOutputs | None) ->
         return response
     named = chat.tool_choice["function"]["name"] if isinstance(chat.tool_choice, dict) else None
     tags = []
-    for i, tool in enumerate(chat.tools):
+    for tool in chat.tools:
         fn = tool["function"]
         if named is not None and fn["name"] != named:
             continue
-        schema = fn.get("parameters") or {"type": "object"}
+        schema = fn.get("parameters") or {"type": "object"}     # checked by chat_choices
         if chat.tool_choice == "auto" and fn.get("strict") is not True:
             schema = {"type": "object"}
-        else:
-            rt.engine.grammars.check_schema(schema, f"tools[{i}].function.parameters")
         tags.append({"type": "tag", "content": {"type": "json_schema", "json_schema": schema},
                      "begin": f'{CALL_OPEN}\n{{"name": {json.dumps(fn["name"], ensure_ascii=False)}, "arguments": ',
                      "end": f"}}\n{CALL_CLOSE}"})
+    one = named is not None or not chat.parallel_tool_calls
     if chat.tool_choice == "auto" and response is None:
-        fmt = {"type": "triggered_tags", "triggers": [CALL_OPEN], "tags": tags}
+        fmt = {"type": "triggered_tags", "triggers": [CALL_OPEN], "tags": tags, "stop_after_first": one}
     else:
         fmt = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
-               "stop_after_first": named is not None}
+               "stop_after_first": one}
         if chat.tool_choice == "auto":           # either the request's own format, or calls
             fmt = {"type": "or", "elements": [_as_format(response), fmt]}
     return StructuredOutputs(structural_tag={"type": "structural_tag", "format": fmt},

@@ -37,8 +37,13 @@ async def until_disconnect(request: Request, work: Awaitable):
 
 
 def data_frame(event: dict) -> bytes:
-    """`data: {json}`: OpenAI's frames."""
+    """`data: {json}`: OpenAI's chat and completion frames."""
     return f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+
+
+def event_frame(event: dict) -> bytes:
+    """`event: <its type>` then `data: {json}`: the Messages and Responses APIs' frames."""
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
 
 
 class EventStream(Response):
@@ -74,3 +79,19 @@ class EventStream(Response):
             with contextlib.suppress(Exception):
                 await self.frames.aclose()
             await self.release()
+
+
+async def answer(request: Request, gen, stream: bool, events: Callable[[], AsyncIterator[dict]],
+                 collect: Callable[[], Awaitable[dict]], *, frame: Callable[[dict], bytes],
+                 error_frame: Callable[[APIError], bytes], last: bytes = b"") -> Response:
+    """Start the generation (a pipeline.Generation: refusals come before any byte), then answer
+    with `events()` streamed as `frame`s, or with `collect()` as one JSON body; either raced
+    against the client, and the generation released however it ends."""
+    gen.start()
+    if stream:
+        return EventStream((frame(event) async for event in events()), gen.release, error_frame=error_frame,
+                           last=last)
+    try:
+        return await until_disconnect(request, collect())
+    finally:
+        await gen.release()

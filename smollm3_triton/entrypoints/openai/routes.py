@@ -6,19 +6,36 @@ from fastapi import FastAPI, Request
 from ..errors import APIError
 from ..state import ServerState
 from .protocol import parse_chat, parse_completion
+from .protocol_responses import parse_responses
 from .serving_chat import create_chat_completion
 from .serving_completions import create_completion
+from .serving_responses import create_response
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16       # the legacy API's default
 
 
 def add_routes(app: FastAPI, state: ServerState) -> None:
+    def model_card() -> dict:
+        rt = state.ready()
+        return {"id": state.served_model_name, "object": "model", "created": state.created,
+                "owned_by": "smollm3-triton", "max_model_len": rt.max_seq_len}
+
     @app.get("/v1/models")
     async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        card = model_card()
+        state.check_model(model)
+        return card
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
         rt = state.ready()
-        return {"object": "list", "data": [{"id": state.served_model_name, "object": "model",
-                                            "created": state.created, "owned_by": "smollm3-triton",
-                                            "max_model_len": rt.max_seq_len}]}
+        req = parse_responses(await state.json_body(request), rt.max_seq_len)
+        state.check_model(req.model)
+        return await create_response(request, state, req)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -4,8 +4,10 @@ both OpenAI endpoints give (streamed or one JSON body).
 Streamed: a role chunk per choice, then `delta.reasoning_content` (and vLLM's
 `delta.reasoning`), `delta.content` and `delta.tool_calls` (index, id, type and name, then
 the arguments in pieces as the model writes them) as the pipeline splits them, a finish chunk per choice, and with
-`stream_options.include_usage` a last chunk with `choices: []` and the usage. Not streamed:
-the same deltas joined into one message per choice.
+`stream_options.include_usage` a last chunk with `choices: []` and the usage (with vLLM's
+`continuous_usage_stats`, every chunk carries the usage so far). Not streamed: the same
+deltas joined into one message per choice. Each choice names the stop string (or stop token
+id) that ended it in vLLM's `stop_reason`.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from fastapi.responses import Response
 
 from ...engine.outputs import TokenLogprob
 from ..pipeline import ChatInput, Choice, Generation, Usage, chat_choices
-from ..sse import EventStream, data_frame, until_disconnect
+from ..sse import answer, data_frame
 from ..state import ServerState
 from .protocol import ChatRequest
 
@@ -35,7 +37,7 @@ async def create_chat_completion(request: Request, state: ServerState, req: Chat
     rt = state.ready()
     # Off the event loop: rendering, tokenizing and above all encoding images is model work.
     chat = ChatInput(req.messages, req.params, req.max_tokens is not None, req.tools, req.tool_choice, req.thinking,
-                     req.template_kwargs, req.n)
+                     req.template_kwargs, req.n, parallel_tool_calls=req.parallel_tool_calls)
     choices = await asyncio.to_thread(chat_choices, rt, chat)
     gen = Generation(state.engine, state.admission, state.metrics, choices, "chatcmpl")
     answer = _ChatAnswer(req, state.served_model_name, rt.tokenizer, choices)
@@ -45,17 +47,9 @@ async def create_chat_completion(request: Request, state: ServerState, req: Chat
 
 async def respond(request: Request, gen: Generation, stream: bool, events: Callable[[], AsyncIterator[dict]],
                   collect: Callable[[], Awaitable[dict]]) -> Response:
-    """Start the generation, then answer with `events()` streamed as `data:` frames ending
-    `data: [DONE]`, or with `collect()` as one JSON body; either raced against the client."""
-    gen.start()
-    if stream:
-        frames = (data_frame(event) async for event in events())
-        return EventStream(frames, gen.release, error_frame=lambda e: data_frame(e.openai_body()),
-                           last=b"data: [DONE]\n\n")
-    try:
-        return await until_disconnect(request, collect())
-    finally:
-        await gen.release()
+    """OpenAI chat and completions: `data:` frames ending `data: [DONE]`, or one JSON body."""
+    return await answer(request, gen, stream, events, collect, frame=data_frame,
+                        error_frame=lambda e: data_frame(e.openai_body()), last=b"data: [DONE]\n\n")
 
 
 class _ChatAnswer:
@@ -74,17 +68,22 @@ class _ChatAnswer:
 
         return {"content": [{**entry(lp.token_id, lp.logprob),
                              "top_logprobs": [entry(t, v) for t, v in lp.top[:self.req.top_logprobs]]}
-                            for lp in lps]}
+                            for lp in lps], "refusal": None}
 
     def _chunk(self, choices: list[dict], usage=None) -> dict:
         chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                  "choices": choices}
-        if self.req.include_usage:
+        if self.req.continuous_usage:
+            chunk["usage"] = usage_body(self.choices)
+        elif self.req.include_usage:
             chunk["usage"] = usage
         return chunk
 
-    def _delta(self, index: int, delta: dict, finish_reason=None, logprobs=None) -> dict:
-        return self._chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
+    def _delta(self, index: int, delta: dict, finish_reason=None, logprobs=None, stop_reason=None) -> dict:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        if finish_reason is not None:
+            choice["stop_reason"] = stop_reason
+        return self._chunk([choice])
 
     async def events(self, outputs):
         calls = {c.index: 0 for c in self.choices}
@@ -114,7 +113,8 @@ class _ChatAnswer:
             if lps is not None:
                 yield self._delta(choice.index, {}, logprobs=lps)
             if out.finished:
-                yield self._delta(choice.index, {}, finish_reason=_finish_reason(choice))
+                yield self._delta(choice.index, {}, finish_reason=_finish_reason(choice),
+                                  stop_reason=choice.stop_reason)
         if self.req.include_usage:
             yield self._chunk([], usage_body(self.choices))
 
@@ -131,7 +131,7 @@ class _ChatAnswer:
             if calls:
                 message["tool_calls"] = calls
             results.append({"index": c.index, "message": message, "logprobs": self._logprobs(c.logprobs),
-                            "finish_reason": _finish_reason(c)})
+                            "finish_reason": _finish_reason(c), "stop_reason": c.stop_reason})
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": results, "usage": usage_body(self.choices)}
 

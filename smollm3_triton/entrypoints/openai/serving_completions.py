@@ -75,8 +75,11 @@ class _CompletionAnswer:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
-    def _choice(self, index: int, text: str, logprobs, finish_reason) -> dict:
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    def _choice(self, index: int, text: str, logprobs, finish_reason, stop_reason=None) -> dict:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        if finish_reason is not None:
+            choice["stop_reason"] = stop_reason
+        return choice
 
     def _usage(self) -> dict:
         usage = usage_body(self.choices)
@@ -93,13 +96,12 @@ class _CompletionAnswer:
             text = c.text if token_ids else ""
             head = self.tokenizer.decode(c.prompt_ids) if self.req.echo else ""
             results.append(self._choice(c.index, head + text, self._logprobs(c, token_ids, lps, 0, self.req.echo),
-                                        self._finish_reason(c)))
+                                        self._finish_reason(c), c.stop_reason))
         return self._body(results, usage=self._usage())
 
     async def events(self, outputs):
         offsets = {c.index: 0 for c in self.choices}
         echoed = set()
-        extra = {"usage": None} if self.req.include_usage else {}
         async for c, out, _ in outputs:
             token_ids, lps = self._generated(out.token_ids, out.logprobs or [])
             head, with_prompt = "", False
@@ -111,6 +113,8 @@ class _CompletionAnswer:
             offsets[c.index] += len(text)
             reason = self._finish_reason(c) if out.finished else None
             if text or logprobs and logprobs["tokens"] or reason:
-                yield self._body([self._choice(c.index, text, logprobs, reason)], **extra)
+                extra = {"usage": self._usage()} if self.req.continuous_usage else \
+                    {"usage": None} if self.req.include_usage else {}
+                yield self._body([self._choice(c.index, text, logprobs, reason, c.stop_reason)], **extra)
         if self.req.include_usage:
             yield self._body([], usage=self._usage())

@@ -130,3 +130,17 @@ def test_pressure_and_aborts_under_the_overlapped_loop(rt):
     assert sum(outs[r][-1].finish_reason == "abort" for r in ids[::2]) >= 1
     stats = engine.stats()
     assert stats.free_blocks == stats.num_blocks and stats.running == stats.waiting == 0
+
+
+def test_thinking_budget_under_the_overlapped_loop(rt):
+    """A spent thinking budget forces the closing tag through the sampler's mask rows: the
+    overlapped loop reads such a step before scheduling the next, so the forced tokens land
+    where the synchronous loop puts them."""
+    prompt = rt.tokenizer.encode("Think first. <think>")
+    requests = [(prompt, SamplingParams(max_new_tokens=14, temperature=0, ignore_eos=True, thinking_budget=b))
+                for b in (2, 5)]
+    requests.append((random_prompts(1, [20], seed=24)[0], SamplingParams(max_new_tokens=14, temperature=0,
+                                                                        ignore_eos=True)))
+    sync = texts(engine_with(rt, False)[0], requests)
+    assert all("</think>" in text for text, _ in sync[:2]), sync
+    assert texts(engine_with(rt, True)[0], requests) == sync

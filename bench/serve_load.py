@@ -3,12 +3,19 @@
     python bench/serve_load.py --start ours --model PATH --clients 8 --requests 64 --max-tokens 64
     python bench/serve_load.py --start llama --llama-server /path/to/llama-server --model PATH ...
     python bench/serve_load.py --url http://127.0.0.1:8000 ...        # a server already running
+    python -m bench.serve_load --compare --model FILE --llama-server BIN [--clients 1 4 16] [--busy 0 2]
 
 N clients each send streaming /v1/completions requests back to back (greedy, ignore_eos, a
 different prompt each) until --requests are done or --duration seconds pass. Reports
 requests/s, output tokens/s, time to first token and inter-token latency (p50 / p99), as
 JSON and as a markdown row. --start launches the server on a free loopback port, waits
 for /health, and stops it afterwards.
+
+--compare: `smollm3 serve` beside llama-server on the same file and --threads, for every
+--clients count (both servers started for it, each sized for that many streams) and every
+--busy count (that many busy-looping processes on the cores during those runs, as in
+bench/cpu_fast_speed.py); --rounds rounds, each running ours then llama-server's load,
+medians and the ratio of output tokens/s at the end. Requests per run: max(8, 4 x clients).
 """
 from __future__ import annotations
 
@@ -101,7 +108,7 @@ def started(kind: str, model: str, args) -> str:
     port = _free_port()
     if kind == "ours":
         cmd = [sys.executable, "-m", "smollm3_triton", "serve", "--port", str(port),
-               "--max-num-seqs", str(max(args.clients, 1)), "--max-seq-len", str(args.ctx)]
+               "--max-num-seqs", str(args.n_clients), "--max-seq-len", str(args.ctx)]
         if model:
             cmd += ["--model", model]
         if args.replicas > 1:
@@ -111,7 +118,8 @@ def started(kind: str, model: str, args) -> str:
     else:
         # -np slots of ctx tokens each (llama-server splits -c among them); continuous batching on.
         cmd = [args.llama_server, "-m", model, "--host", "127.0.0.1", "--port", str(port),
-               "-np", str(args.clients), "-c", str(args.ctx * args.clients), "-t", str(args.threads or os.cpu_count()),
+               "-np", str(args.n_clients), "-c", str(args.ctx * args.n_clients), "-t",
+               str(args.threads or os.cpu_count()),
                "--no-webui"] if model else []
         if not cmd:
             raise SystemExit("--start llama needs --model (a .gguf file)")
@@ -139,6 +147,46 @@ def started(kind: str, model: str, args) -> str:
         log.close()
 
 
+def compare(args) -> int:
+    import statistics
+
+    from bench.cpu_fast_speed import busy
+    keys = ("output_tokens_per_s", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms")
+    rows = []
+    for clients in args.clients:
+        args.n_clients = clients
+        requests = max(8, 4 * clients)
+        with started("ours", args.model, args) as ours, started("llama", args.model, args) as llama:
+            names = {"ours": (ours, args.model), "llama": (llama, None)}     # (url, the model field to send)
+            for url, model in names.values():       # warm-up: first-request allocations
+                asyncio.run(run_load(url, model, 1, 1, args.duration, 4))
+            runs = {(b, name): [] for b in args.busy for name in ("ours", "llama")}
+            for r in range(args.rounds):
+                for n_busy in args.busy:
+                    with busy(n_busy):
+                        for name, (url, model) in names.items():
+                            res = asyncio.run(run_load(url, model, clients, requests, args.duration, args.max_tokens))
+                            runs[n_busy, name].append(res)
+                            print(f"round {r + 1} clients {clients} busy {n_busy} {name:5s} "
+                                  f"{res['output_tokens_per_s']:7.1f} tok/s, {res['requests']}/{requests} requests, "
+                                  f"ITL p50 {res['itl_p50_ms']:.1f} ms, load {os.getloadavg()[0]:.2f}", flush=True)
+        for n_busy in args.busy:
+            med = {name: {k: statistics.median(x[k] for x in runs[n_busy, name]) for k in keys}
+                   for name in ("ours", "llama")}
+            rows.append((clients, n_busy, med))
+    print(f"\nmedians of {args.rounds} rounds, {args.max_tokens} tokens a request, threads {args.threads or os.cpu_count()}")
+    print("| clients | busy processes | ours tok/s | llama-server tok/s | ours / llama | TTFT p50 ms ours / llama "
+          "| ITL p50 ms ours / llama | ITL p99 ms ours / llama |")
+    print("| --- " * 8 + "|")
+    for clients, n_busy, m in rows:
+        o, l_ = m["ours"], m["llama"]
+        print(f"| {clients} | {n_busy} | {o['output_tokens_per_s']:.1f} | {l_['output_tokens_per_s']:.1f} | "
+              f"{o['output_tokens_per_s'] / l_['output_tokens_per_s']:.2f}x | {o['ttft_p50_ms']:.0f} / "
+              f"{l_['ttft_p50_ms']:.0f} | {o['itl_p50_ms']:.1f} / {l_['itl_p50_ms']:.1f} | "
+              f"{o['itl_p99_ms']:.1f} / {l_['itl_p99_ms']:.1f} |")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="a running server (loopback only)")
@@ -147,7 +195,10 @@ def main(argv=None) -> int:
     p.add_argument("--served-model-name", help="the model field to send (default: none)")
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", "llama-server"))
     p.add_argument("--replicas", type=int, default=1, help="ours: engines behind the endpoint (Ray Serve)")
-    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--compare", action="store_true", help="ours beside llama-server (see above)")
+    p.add_argument("--clients", type=int, nargs="+", default=[8], help="one count; with --compare, several")
+    p.add_argument("--busy", type=int, nargs="+", default=[0], help="--compare: busy-looping processes per setting")
+    p.add_argument("--rounds", type=int, default=3, help="--compare: rounds")
     p.add_argument("--requests", type=int, default=64, help="total requests (bounded)")
     p.add_argument("--duration", type=float, default=120, help="stop sending after this many seconds")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -156,8 +207,15 @@ def main(argv=None) -> int:
     p.add_argument("--log", help="append the server's output here")
     p.add_argument("--json", type=Path, help="write the result here too")
     args = p.parse_args(argv)
-    if args.clients < 1 or args.requests < 1 or args.duration <= 0:
-        p.error("--clients, --requests and --duration must be positive")
+    if min(args.clients) < 1 or args.requests < 1 or args.duration <= 0 or args.rounds < 1 or min(args.busy) < 0:
+        p.error("--clients, --requests, --rounds and --duration must be positive, --busy >= 0")
+    if args.compare:
+        if not args.model:
+            p.error("--compare needs --model (a .gguf file both servers load)")
+        return compare(args)
+    if len(args.clients) != 1:
+        p.error("several --clients counts need --compare")
+    args.n_clients = args.clients[0]
     if (args.url is None) == (args.start is None):
         p.error("give exactly one of --url and --start")
     with contextlib.ExitStack() as stack:
@@ -165,11 +223,11 @@ def main(argv=None) -> int:
         if urlparse(url).hostname not in LOOPBACK:
             p.error(f"{url}: this load generator only talks to loopback addresses")
         model = args.served_model_name or (args.model if args.start == "ours" else None)
-        result = asyncio.run(run_load(url.rstrip("/"), model, args.clients, args.requests, args.duration,
+        result = asyncio.run(run_load(url.rstrip("/"), model, args.n_clients, args.requests, args.duration,
                                       args.max_tokens))
     result["server"] = (f"{args.start} x{args.replicas}" if args.replicas > 1 else args.start) or url
     print(json.dumps(result, indent=2))
-    print(f"| {result['server']} | {args.clients} | {result['requests']} | {result['requests_per_s']:.2f} | "
+    print(f"| {result['server']} | {args.n_clients} | {result['requests']} | {result['requests_per_s']:.2f} | "
           f"{result['output_tokens_per_s']:.1f} | {result['ttft_p50_ms']:.0f} / {result['ttft_p99_ms']:.0f} | "
           f"{result['itl_p50_ms']:.1f} / {result['itl_p99_ms']:.1f} |")
     if args.json:

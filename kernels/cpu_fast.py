@@ -188,11 +188,18 @@ _rope_step = _PerStep(_rope_rows)
 def rope_qkv_cpu(x: torch.Tensor, w_qkv: CpuWeight, positions: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                  n_heads: int, n_kv_heads: int, head_dim: int, use_rope: bool) -> torch.Tensor:
-    """rope_qkv_torch's contract. Q and K heads rotate together, as
-    x * cos + rotate_half(x) * sin, which is the reference's x1 c - x2 s, x2 c + x1 s
-    operation for operation (bit-identical)."""
-    T = x.shape[0]
-    qkv = qmatmul_cpu(x, w_qkv)
+    """rope_qkv_torch's contract."""
+    return rope_kv_write(qmatmul_cpu(x, w_qkv), positions, cos, sin, k_cache, v_cache, slot_mapping,
+                         n_heads, n_kv_heads, head_dim, use_rope)
+
+
+def rope_kv_write(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                  n_heads: int, n_kv_heads: int, head_dim: int, use_rope: bool) -> torch.Tensor:
+    """The rest of rope_qkv after the projection: q returned, K and V written. Q and K heads
+    rotate together, as x * cos + rotate_half(x) * sin, which is the reference's
+    x1 c - x2 s, x2 c + x1 s operation for operation (bit-identical)."""
+    T = qkv.shape[0]
     k_end = (n_heads + n_kv_heads) * head_dim
     t = _rope_step((positions, slot_mapping), cos, sin, k_cache.shape[2])
     qk = qkv[:, :k_end].view(T, n_heads + n_kv_heads, head_dim)

@@ -5,7 +5,8 @@ whether decode steps replay from CUDA graphs.
   tests' oracle); on the CPU every matrix is dequantized once at load.
 - "triton": the Triton kernels (weights repacked into the kernels' planes; CUDA graphs
   on a GPU). Without a GPU they run under TRITON_INTERPRET=1, for tests.
-- "cpu": the fast CPU path (kernels/cpu_fast.py: 4-bit weights on torch's int4 kernel).
+- "cpu": the fast CPU path: the compiled kernels (kernels/cpu_native.py, csrc/cpu/) for a
+  float32 model where they were built, else torch's ops on 4-bit weights (kernels/cpu_fast.py).
 
 `Runtime.load` picks one with `get_backend(name, device)`; the model only sees `ops`.
 """
@@ -55,6 +56,10 @@ class Backend:
     ops: Ops
     prepare_matrix: Callable          # one weight matrix -> what the ops take, once at load
     cuda_graphs: bool                 # decode steps replayed from CUDA graphs
+    # (model, forward) -> the engine's runner in forward's place (the cpu backend's decode
+    # steps in one compiled call); None: forward itself
+    step_runner: Callable | None = None
+    kv_dtype: torch.dtype | None = None  # the KV cache's dtype; None: the model's compute dtype
 
     def prepare_weights(self, weights: ModelWeights) -> ModelWeights:
         """Every matrix prepared for the ops. A tied LM head stays one object with the
@@ -78,6 +83,14 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     if name == "cpu":
         if device.type != "cpu":
             raise RequestError(f"backend='cpu' runs on the CPU only, not on {device}", param="backend")
+        from .kernels import cpu_native
+        if cpu_native.AVAILABLE and dtype == torch.float32:
+            ops = Ops(qmatmul=cpu_native.qmatmul, gate_up_swiglu=cpu_native.gate_up_swiglu,
+                      rope_qkv=cpu_native.rope_qkv, attention=cpu_native.attention, rms_norm=cpu_native.rms_norm)
+            # An fp16 cache, as llama.cpp's default: half the bytes a long context's decode
+            # reads, 2^-11 relative rounding of K and V (fp32 attention math).
+            return Backend(name, ops, cpu_native.prepare, cuda_graphs=False, step_runner=_cpu_step_runner,
+                           kv_dtype=torch.float16)
         from .kernels.cpu_fast import attention_cpu, gate_up_swiglu_cpu, prepare, qmatmul_cpu, rope_qkv_cpu
         ops = Ops(qmatmul=qmatmul_cpu, gate_up_swiglu=gate_up_swiglu_cpu, rope_qkv=rope_qkv_cpu,
                   attention=attention_cpu, rms_norm=rms_norm_torch)
@@ -86,6 +99,11 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
         raise RequestError("backend='triton' on the CPU needs TRITON_INTERPRET=1 set before smollm3_triton is "
                            "imported (it is set automatically without CUDA)", param="backend")
     return Backend(name, triton_ops(), _repack(), cuda_graphs=device.type == "cuda")
+
+
+def _cpu_step_runner(model, forward: Callable) -> Callable:
+    from .kernels import cpu_step
+    return cpu_step.DecodeStepRunner(model, forward) if cpu_step.supported(model) else forward
 
 
 def triton_ops() -> Ops:

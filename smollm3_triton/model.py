@@ -89,16 +89,17 @@ class Batch:
 
 class Transformer:
     def __init__(self, config: ModelConfig, weights: ModelWeights, ops: Ops, *,
-                 max_seq_len: int, dtype: torch.dtype, device: torch.device):
+                 max_seq_len: int, dtype: torch.dtype, device: torch.device, kv_dtype: torch.dtype | None = None):
         self.config, self.weights, self.ops = config, weights, ops
         self.dtype, self.device = dtype, device
+        self.kv_dtype = kv_dtype or dtype        # the KV cache's storage (the cpu backend: float16)
         self.max_seq_len = max_seq_len           # the longest sequence; RoPE tables cover it
         self.cos, self.sin = rope_tables(config, max_seq_len, device)
         self.scale = config.head_dim ** -0.5
         self.cache: PagedKVCache | None = None
 
     def allocate_cache(self, n_blocks: int, block_size: int) -> PagedKVCache:
-        self.cache = PagedKVCache.allocate(self.config, n_blocks, block_size, self.dtype, self.device)
+        self.cache = PagedKVCache.allocate(self.config, n_blocks, block_size, self.kv_dtype, self.device)
         return self.cache
 
     def forward(self, batch: Batch) -> torch.Tensor:

@@ -99,15 +99,20 @@ class Runtime:
                                f"{config.vocab_size} embeddings")
         if max_seq_len is None:
             max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-        max_seq_len = check_max_seq_len(max_seq_len, config, dtype, device)
+        kv_dtype = backend.kv_dtype or dtype
+        max_seq_len = check_max_seq_len(max_seq_len, config, kv_dtype, device)
         weights = backend.prepare_weights(to_device(weights, device))
-        model = Transformer(config, weights, backend.ops, max_seq_len=max_seq_len, dtype=dtype, device=device)
+        model = Transformer(config, weights, backend.ops, max_seq_len=max_seq_len, dtype=dtype, device=device,
+                            kv_dtype=kv_dtype)
         vision = load_vision(path, mmproj, config, tokenizer, device, dtype)
         eos_ids |= {i for i in [tokenizer.eos_id, *map(tokenizer.token_to_id, END_TOKENS)] if i is not None}
-        return cls(model, tokenizer, config, path, eos_ids, backend.name, vision, max_num_seqs=max_num_seqs,
-                   max_num_batched_tokens=max_num_batched_tokens, kv_cache_tokens=kv_cache_tokens,
-                   gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
-                   cuda_graphs=backend.cuda_graphs)
+        rt = cls(model, tokenizer, config, path, eos_ids, backend.name, vision, max_num_seqs=max_num_seqs,
+                 max_num_batched_tokens=max_num_batched_tokens, kv_cache_tokens=kv_cache_tokens,
+                 gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
+                 cuda_graphs=backend.cuda_graphs)
+        if backend.step_runner is not None:
+            rt.engine.runner.forward = backend.step_runner(model, rt.engine.runner.forward)
+        return rt
 
     @property
     def max_seq_len(self) -> int:

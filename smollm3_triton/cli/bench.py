@@ -77,7 +77,7 @@ def run(args) -> int:
     max_seq_len = max([*prefill, *(c + steps + 4 for c in contexts)])
     rt = load_runtime(args, max_seq_len=max_seq_len)
     backend, path = rt.backend, rt.source
-    cost = model_cost(path, rt.config, rt.model.dtype)
+    cost = model_cost(path, rt.config, rt.model.kv_dtype)
     peaks = device_peaks(device, args.peak_gbps, args.peak_tflops)
     print(f"model {path} on {peaks.name}: {cost.weight_bytes / 1e9:.3f} GB of weights read per token; "
           f"{_peaks_text(peaks)}", file=sys.stderr)
@@ -98,7 +98,7 @@ def run(args) -> int:
             emit(decode_result(rt, cost, peaks, "graph" if use_graph else f"{backend}-eager", ctx, decode_tokens,
                                args.rounds))
         if use_graph:
-            rt.engine.runner = rt.model.forward
+            rt.engine.runner.forward = rt.model.forward
             emit(decode_result(rt, cost, peaks, "triton-eager", contexts[0], decode_tokens, args.rounds))
         del rt
         if eager:

@@ -26,7 +26,7 @@ def pool_blocks(model: Transformer, block_size: int, kv_cache_tokens: int | None
     """Blocks in the KV pool: from a token count when given; on CUDA from a fraction of the
     memory left after the weights (vLLM's gpu_memory_utilization); on the CPU two
     full-length sequences' worth."""
-    per_block = PagedKVCache.bytes_per_token(model.config, model.dtype) * block_size
+    per_block = PagedKVCache.bytes_per_token(model.config, model.kv_dtype) * block_size
     device = model.device
     if kv_cache_tokens is not None:
         if isinstance(kv_cache_tokens, bool) or not isinstance(kv_cache_tokens, int) or kv_cache_tokens < 1:

@@ -1,0 +1,81 @@
+/* Quantized matrix products for the CPU: y[M, N] = x[M, K] @ W[N, K]^T, W in GGUF's 4/5/6/8-bit
+ * types, x rounded to int16 per 32 elements (2^-16 of each group's largest magnitude), int32
+ * dot products (AVX-512 VNNI vpdpwssd, or AVX2 vpmaddwd), fp32 scaling and sums.
+ *
+ * Layout (built once at load by qg_pack): a row of K weights is cut into chunks of 256
+ * (then 128, 64, 32 for what is left). A chunk is read 32 int16 "slots" per step, the 16
+ * lanes of a 512-bit register x 2; lane l holds the chunk's weights l * W/16 .. (l+1) * W/16
+ * - 1 in consecutive steps, two per step (slot 2l + h of step s: weight l * W/16 + 2s + h).
+ * A lane thus never mixes two scale groups, so a chunk's int32 lane sums are scaled once
+ * per chunk (not once per group), by the lane's weight scale times its activation scale.
+ * Steps per chunk: max(2, W / 32). Quant bytes of a chunk, then its scales:
+ *   4-bit: steps / 2 x 32 bytes, byte j = (step 2t slot j) | (step 2t + 1 slot j) << 4;
+ *   5-bit: the same, then one uint32 per step: bit j = fifth bit of slot j;
+ *   6-bit: the same nibbles, then two uint32 per step: bit 4, bit 5 of each slot;
+ *   8-bit: 32 int8 per step.
+ * Scales per chunk of G = W/32 groups (W/16 for Q6_K): Q4_0/Q5_0/Q8_0 fp16 d[G];
+ * Q4_1/Q5_1 fp16 d[G], m[G]; Q4_K/Q5_K (W = 256) fp16 d, dmin, uint8 sc[8], mn[8];
+ * Q6_K (W = 256) fp16 d, int8 sc[16]. Nothing is requantized: element = int * mul + bias
+ * with GGUF's own integers and scales. */
+#ifndef SMOLLM3_CPU_QGEMM_H
+#define SMOLLM3_CPU_QGEMM_H
+
+#include <stdint.h>
+
+enum qg_kind { QG_Q4_0, QG_Q4_1, QG_Q5_0, QG_Q5_1, QG_Q8_0, QG_Q4_K, QG_Q5_K, QG_Q6_K, QG_N_KINDS };
+
+typedef struct {
+    int k0, width, steps, gshift;   /* gshift: lane l's group is (l * width) >> gshift */
+    int xoff;                       /* first int16 slot of the chunk in a quantized activation row */
+    int qoff, soff;                 /* byte offsets of quants and scales in a weight row */
+} qg_chunk;
+
+typedef struct {
+    int kind, rows, cols, n_chunks;
+    int64_t row_bytes;
+    const uint8_t *data;            /* rows x row_bytes (+ 64 bytes of slack) */
+    qg_chunk *chunks;
+} qg_weight;
+
+typedef struct {                    /* M activation rows, quantized */
+    int m, cols, n_chunks;
+    int64_t stride;                 /* int16 slots per row */
+    int16_t *xq;                    /* [m][stride] */
+    float *sx, *xs;                 /* [m][n_chunks][16]: lane scale, lane sum (scale x int sum) */
+} qg_act;
+
+/* Chunk plan of a K-column row for a weight kind; returns the chunk count (<= cols / 32 + 4)
+ * and the row's byte count, or -1 where cols does not fit the kind. */
+int qg_plan(int kind, int cols, qg_chunk *chunks, int64_t *row_bytes);
+int qg_max_chunks(int cols);
+int qg_bits(int kind);
+
+/* Pack rows: v[rows][cols] the integer of each element (int16: 0..2^bits-1, Q8_0 signed),
+ * s, f the repacked planes (kernels/repack.py: s sub-block scales, f fp16 fields), row-major
+ * with ls, lf entries per row. */
+void qg_pack(const qg_weight *w, const int16_t *v, const uint8_t *s, int64_t ls, const uint16_t *f, int64_t lf,
+             uint8_t *out);
+
+/* Pack rows straight from GGUF blocks (raw_row_bytes apart); nonzero when out of memory. */
+int qg_pack_gguf(const qg_weight *w, const uint8_t *raw, int64_t raw_row_bytes, uint8_t *out);
+int qg_block_bytes(int kind);
+int qg_block_elems(int kind);
+/* Rows of the packed matrix back to fp32, element = int * mul + bias as GGUF defines it. */
+void qg_dequant_rows(const qg_weight *w, const int64_t *rows, int n, float *out);
+
+int64_t qg_act_bytes(int m, int cols);
+/* Lay out m quantized rows of cols in buf (qg_act_bytes), then fill rows i0 .. i1 - 1 from x. */
+void qg_act_layout(int m, int cols, void *buf, qg_act *out);
+void qg_quantize(const float *x, int64_t ldx, int i0, int i1, const qg_act *out);
+
+/* y[i][r - r0] = row r of w . activation row i, for r0 <= r < r1 and i < x->m; the
+ * implementation picked at start-up. */
+typedef void (*qg_rows_fn)(const qg_weight *w, const qg_act *x, int r0, int r1, float *y, int64_t ldy);
+extern qg_rows_fn qg_rows;
+const char *qg_isa(void);
+int qg_select(const char *isa);     /* "avx512", "avx2": 0 where this CPU cannot */
+
+void qg_rows_avx512(const qg_weight *w, const qg_act *x, int r0, int r1, float *y, int64_t ldy);
+void qg_rows_avx2(const qg_weight *w, const qg_act *x, int r0, int r1, float *y, int64_t ldy);
+
+#endif

@@ -1,0 +1,286 @@
+"""The compiled CPU kernels (smollm3_triton._cpu, csrc/cpu/; kernels/cpu_native.py and
+kernels/cpu_step.py) against independent oracles.
+
+- packing: rows dequantized from the packed layout bit-equal to gguf-py's dequantization.
+- matmuls on every 4/5/6/8-bit type, on each instruction set this CPU has (AVX2, AVX-512):
+  gguf-py's matrix in float64. Activations are rounded to int16 per 32 elements (2^-16 of a
+  group's largest magnitude), the rest is fp32: within 1e-4 of max |y| (observed ~5e-5),
+  where the bf16 fallback (kernels/cpu_fast.py) is held to 2^-7.
+- RMSNorm, RoPE + K/V write, attention: the torch references (attention on fp32 / fp16 /
+  bf16 caches against the reference on the same cache read as fp32).
+- the decode step in one call: logits bit-equal to model.forward op by op; the engine's
+  tokens and logprobs the same with and without it.
+- threads: results bit-equal on 1 and 2 threads; rows independent of the batch.
+- without the extension (or for a non-fp32 model) the cpu backend is cpu_fast's torch ops.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from smollm3_triton.gguf.constants import GGMLType
+from smollm3_triton.gguf.tensors import concat_rows
+from smollm3_triton.kernels import cpu_fast, cpu_native
+from smollm3_triton.kernels.attention import attention_torch
+from smollm3_triton.kernels.rms_norm import rms_norm_torch
+from tests.helpers.attention_cases import HEAD_IDS, HEADS, MIXED, Case
+from tests.helpers.quant_samples import QUANT_TYPES, oracle_matrix, random_weight
+
+BUILT_HERE = sys.platform == "linux" and platform.machine().lower() in ("x86_64", "amd64") \
+    and "avx2" in open("/proc/cpuinfo").read()
+if not cpu_native.AVAILABLE:
+    if BUILT_HERE:
+        pytest.fail("smollm3_triton._cpu is missing on Linux x86-64 with AVX2, where pip install builds it",
+                    pytrace=False)
+    pytest.skip("the compiled CPU kernels are built on Linux x86-64 with AVX2 only", allow_module_level=True)
+
+from smollm3_triton import _cpu  # noqa: E402
+
+NATIVE_REL = 1e-4
+K_QUANTS = (GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
+# Row lengths: whole 256-chunks and every tail (128, 64, 32); K-quants take multiples of 256.
+COLS = {t: ([256, 768] if t in K_QUANTS else [32, 96, 576, 800]) for t in QUANT_TYPES}
+ISAS = [isa for isa in ("avx2", "avx512") if _cpu.select(isa)]
+_cpu.select(ISAS[-1])
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    _cpu.select(request.param)
+    yield request.param
+    _cpu.select(ISAS[-1])
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=[t.name for t in QUANT_TYPES])
+def test_packed_rows_dequantize_as_gguf_py(qtype):
+    for cols in COLS[qtype]:
+        w = random_weight(qtype, 37, cols, seed=cols)
+        nw = cpu_native.prepare(w)
+        assert torch.equal(nw.dequantize(), oracle_matrix(w).float())
+        rows = torch.tensor([36, 0, 5, 5])
+        assert torch.equal(nw.dequantize_rows(rows), oracle_matrix(w).float()[rows])
+    with pytest.raises(IndexError):
+        nw.dequantize_rows(torch.tensor([37]))
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=[t.name for t in QUANT_TYPES])
+def test_matmul_every_type_vs_gguf_py(qtype, isa):
+    worst = 0.0
+    for cols in COLS[qtype]:
+        w = random_weight(qtype, 45, cols, seed=int(qtype) + cols)
+        nw = cpu_native.prepare(w)
+        x = torch.randn(70, cols, generator=torch.Generator().manual_seed(cols))
+        ref = x.double() @ oracle_matrix(w).T
+        y = cpu_native.qmatmul(x, nw)
+        assert y.dtype == torch.float32 and y.shape == (70, 45)
+        worst = max(worst, rel_err(y, ref))
+        for m in (1, 2, 3, 5, 9):          # a row's result does not depend on the rows beside it
+            assert torch.equal(cpu_native.qmatmul(x[:m], nw), y[:m])
+            assert torch.equal(cpu_native.qmatmul(x[-m:], nw), y[-m:])
+    print(f"{isa} {qtype.name}: max error {worst:.2e} of max |y|")
+    assert worst <= NATIVE_REL
+
+
+def test_mixed_type_fused_weight_and_gate_up_swiglu(isa):
+    """A Q4_K_M-style fused matrix (Q4_K, Q4_K, Q6_K rows); gate/up of different types."""
+    parts = [random_weight(GGMLType.Q4_K, 64, 512, seed=2), random_weight(GGMLType.Q4_K, 32, 512, seed=3),
+             random_weight(GGMLType.Q6_K, 32, 512, seed=4)]
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(5))
+    ref = x.double() @ torch.cat([oracle_matrix(p) for p in parts]).T
+    assert rel_err(cpu_native.qmatmul(x, cpu_native.prepare(concat_rows(parts))), ref) <= NATIVE_REL
+    gate, up = random_weight(GGMLType.Q4_K, 48, 512, seed=6), random_weight(GGMLType.Q6_K, 48, 512, seed=7)
+    g, u = x.double() @ oracle_matrix(gate).T, x.double() @ oracle_matrix(up).T
+    h = cpu_native.gate_up_swiglu(x, cpu_native.prepare(concat_rows([gate, up])))
+    assert rel_err(h, torch.nn.functional.silu(g) * u) <= NATIVE_REL
+
+
+def test_float_weights_and_other_dtypes_take_the_torch_ops():
+    w = random_weight(GGMLType.F32, 16, 64, seed=1)
+    cw = cpu_native.prepare(w)
+    assert isinstance(cw, cpu_fast.CpuWeight)
+    x = torch.randn(3, 64)
+    assert torch.equal(cpu_native.qmatmul(x, cw), cpu_fast.qmatmul_cpu(x, cw))
+
+
+def test_threads_do_not_change_results():
+    w = cpu_native.prepare(random_weight(GGMLType.Q4_1, 3072, 576, seed=1))
+    x = torch.randn(7, 576)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_native.qmatmul(x, w), cpu_native.gate_up_swiglu(x, w)
+        torch.set_num_threads(2)
+        two = cpu_native.qmatmul(x, w), cpu_native.gate_up_swiglu(x, w)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_rms_norm_vs_reference():
+    g = torch.Generator().manual_seed(3)
+    x, res, w = torch.randn(6, 576, generator=g), torch.randn(6, 576, generator=g), torch.randn(576, generator=g)
+    for residual in (None, res):
+        y, h = cpu_native.rms_norm(x, w, 1e-5, residual)
+        ry, rh = rms_norm_torch(x, w, 1e-5, residual)
+        assert torch.equal(h, rh)
+        torch.testing.assert_close(y, ry, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_rope_and_kv_write_vs_reference(cache_dtype):
+    """Same qkv into both: q bit-equal to cpu_fast's rotation (the reference's operation
+    order), the caches hold K and V rounded as torch's .to(dtype); slot -1 is not written."""
+    n_heads, n_kv, d, T, bs = 4, 2, 64, 6, 16
+    g = torch.Generator().manual_seed(6)
+    w = cpu_native.prepare(random_weight(GGMLType.Q8_0, (n_heads + 2 * n_kv) * d, 128, seed=6))
+    x = torch.randn(T, 128, generator=g)
+    positions, slots = torch.tensor([0, 1, 2, 40, 41, 900]), torch.tensor([3, 4, -1, 17, 18, 40])
+    theta = 1e4 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = torch.arange(1024, dtype=torch.float64)[:, None] * theta
+    cos, sin = angles.cos().float(), angles.sin().float()
+    qkv = cpu_native.qmatmul(x, w)
+    for use_rope in (True, False):
+        caches = [torch.randn(4, n_kv, bs, d, generator=g).to(cache_dtype) for _ in range(2)]
+        ref_k, ref_v = caches[0].clone(), caches[1].clone()
+        ref = cpu_fast.rope_kv_write(qkv, positions, cos, sin, ref_k, ref_v, slots, n_heads, n_kv, d, use_rope)
+        q = cpu_native.rope_qkv(x, w, positions, cos, sin, caches[0], caches[1], slots, n_heads, n_kv, d, use_rope)
+        assert torch.equal(q, ref) and torch.equal(caches[0], ref_k) and torch.equal(caches[1], ref_v)
+    with pytest.raises(IndexError, match="position 1024"):
+        cpu_native.rope_qkv(x[:1], w, torch.tensor([1024]), cos, sin, caches[0], caches[1], slots[:1], n_heads,
+                            n_kv, d, True)
+
+
+ATTN_HEADS = HEADS + [(12, 1, 64), (32, 32, 64)]
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads", ATTN_HEADS, ids=HEAD_IDS + ["12-1-d64", "32-32-d64"])
+def test_attention_vs_reference(heads, cache_dtype):
+    """Mixed steps (a prompt chunk after a prefix, decodes, an idle row) and pure decode steps of
+    several lengths (spans of 256 keys merged), on block sizes 16 and 8 (a block shorter than the
+    kernel's 16-key sub-block)."""
+    worst = 0.0
+    for block_size, seqs in ((16, MIXED), (16, [(1, 37), (1, 700), (1, 1), (1, 513)]), (8, [(1, 300), (1, 9)])):
+        c = Case(heads, seqs, torch.float32, block_size=block_size, seed=len(seqs))
+        k, v = c.k.to(cache_dtype), c.v.to(cache_dtype)
+        ref = attention_torch(c.q, k.float(), v.float(), *c.args()[3:])
+        out = cpu_native.attention(*c.args(k=k, v=v))
+        worst = max(worst, float((out - ref).abs().max()))
+    print(f"{heads} {cache_dtype}: max abs error {worst:.2e}")
+    assert worst <= 2e-5
+
+
+def test_attention_decode_rows_do_not_depend_on_the_batch():
+    c = Case((9, 3, 64), [(1, 600), (1, 37), (1, 300)], torch.float32, seed=4)
+    k, v = c.k.half(), c.v.half()
+    both = cpu_native.attention(*c.args(k=k, v=v))
+    alone = cpu_native.attention(c.q[:1], k, v, c.query_start[:2], c.seq_lens[:1], c.block_tables[:1], 1, c.scale)
+    assert torch.equal(both[:1], alone)
+
+
+# ---------------------------------------------------------------- whole models
+
+@pytest.fixture(scope="module")
+def native(smollm2_path):
+    from smollm3_triton import Runtime
+    return Runtime.load(smollm2_path, device="cpu", backend="cpu", max_seq_len=1024)
+
+
+def test_runtime_uses_the_kernels_and_an_fp16_cache(native):
+    from smollm3_triton.kernels.cpu_step import DecodeStepRunner
+    assert isinstance(native.model.weights.layers[0].qkv, cpu_native.NativeWeight)
+    assert native.model.cache.k.dtype == torch.float16
+    assert isinstance(native.engine.runner.forward, DecodeStepRunner)
+
+
+def test_decode_step_equals_the_forward(native):
+    """A decode step of three sequences of different lengths: the one-call step's logits
+    bit-equal to model.forward's (the same kernels, op by op), and the cache writes equal."""
+    from smollm3_triton.model import Batch
+    eng, model = native.engine, native.model
+    prompts = [list(range(100, 100 + n)) for n in (5, 40, 17)]
+    with eng.exclusive(12) as blocks, torch.inference_mode():
+        bs, tables, slots, used = eng.block_size, [], [], 0
+        for p in prompts:
+            own = blocks[used:used + 4]
+            used += 4
+            model.forward(Batch.from_sequences([torch.tensor(p)], own, bs, "cpu"))
+            tables.append(own)
+            slots.append(own[len(p) // bs] * bs + len(p) % bs)
+        step = Batch(token_ids=torch.tensor([7, 8, 9]), positions=torch.tensor([len(p) for p in prompts]),
+                     slot_mapping=torch.tensor(slots), query_start=torch.tensor([0, 1, 2, 3], dtype=torch.int32),
+                     seq_lens=torch.tensor([len(p) + 1 for p in prompts], dtype=torch.int32),
+                     block_tables=torch.tensor(tables, dtype=torch.int32), max_query_len=1,
+                     logits_rows=torch.tensor([2, 0, 1]))
+        k0 = model.cache.k.clone()
+        ref = model.forward(step)
+        k_ref = model.cache.k.clone()
+        model.cache.k.copy_(k0)
+        out = eng.runner.forward(step)
+        assert torch.equal(out, ref) and torch.equal(model.cache.k, k_ref)
+
+
+def test_engine_tokens_and_logprobs_with_and_without_the_step(native):
+    from smollm3_triton.sampling_params import SamplingParams
+    params = SamplingParams(max_new_tokens=12, temperature=0, logprobs=2)
+    prompts = [native.tokenizer.encode(p) for p in ("The capital of France is", "1, 2, 3, 4,", "Once upon a")]
+
+    def run():
+        outs = native.engine.run([(p, params) for p in prompts])
+        return [[(o.token_ids, o.logprobs[0].logprob, o.logprobs[0].top) for o in seq] for seq in outs]
+
+    step = native.engine.runner.forward
+    with_step = run()
+    native.engine.runner.forward = native.model.forward
+    try:
+        without = run()
+    finally:
+        native.engine.runner.forward = step
+    assert with_step == without
+
+
+def test_real_model_close_to_the_exact_path(smollm2, native):
+    ids = smollm2.tokenizer.encode("The Eiffel Tower was built between 1887 and 1889 as the entrance arch "
+                                   "of the 1889 World's Fair. It is 330 metres tall.")
+    exact, fast = smollm2.logits(ids), native.logits(ids)
+    lp, lq = torch.log_softmax(exact.double(), -1), torch.log_softmax(fast.double(), -1)
+    kld = (lp.exp() * (lp - lq)).sum(-1)
+    print(f"SmolLM2-135M Q4_1: max logit error {rel_err(fast, exact):.2e} of max |logit|, "
+          f"KLD mean {float(kld.mean()):.2e} max {float(kld.max()):.2e}")
+    # observed: 7e-4 of max |logit|, KLD mean 4e-7 (the bf16 fallback: 6e-4, llama.cpp 2.2e-3)
+    assert rel_err(fast, exact) <= 4e-3 and float(kld.mean()) <= 1e-5
+
+
+def test_without_the_extension_the_torch_ops_serve(smollm2_path, monkeypatch):
+    from smollm3_triton import Runtime
+    from smollm3_triton.backends import get_backend
+    monkeypatch.setattr(cpu_native, "AVAILABLE", False)
+    backend = get_backend("cpu", torch.device("cpu"), torch.float32)
+    assert backend.ops.qmatmul is cpu_fast.qmatmul_cpu and backend.step_runner is None
+    rt = Runtime.load(smollm2_path, device="cpu", backend="cpu", max_seq_len=64)
+    assert isinstance(rt.model.weights.layers[0].qkv, cpu_fast.CpuWeight)
+    assert rt.engine.runner.forward == rt.model.forward
+    monkeypatch.undo()
+    assert get_backend("cpu", torch.device("cpu"), torch.bfloat16).ops.qmatmul is cpu_fast.qmatmul_cpu
+
+
+@pytest.mark.parametrize("given, expected", [(None, "1000"), ("5", "5")])
+def test_import_bounds_libgomp_spin_unless_the_user_set_it(given, expected):
+    """A fresh process: importing the package (before torch) sets GOMP_SPINCOUNT where the
+    user has not, and leaves a user's value alone."""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if given is not None:
+        env["GOMP_SPINCOUNT"] = given
+    out = subprocess.run([sys.executable, "-c", "import os, smollm3_triton; print(os.environ['GOMP_SPINCOUNT'])"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected

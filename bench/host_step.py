@@ -5,9 +5,14 @@ the GPU's ~0.4-1 ms step at 2,000+ tok/s.
     python -m bench.host_step [--batches 1,16,64] [--contexts 192,1024,4096,16384] [--steps 50]
 
 A tiny random SmolLM3-shaped model (1 layer: the KV pool stays small) with the real
-SmolLM2 vocabulary size; its forward is replaced by one that returns zero logits, so only
-the engine's own work is timed. Greedy, and one sampled (temperature 0.7, top-p 0.9) run.
-Each figure is the median over --steps decode steps once every sequence is decoding.
+SmolLM2 vocabulary size; its forward is replaced by one that returns zero logits (one
+buffer per row count, allocated once), so only the engine's own work is timed. Three runs:
+"host" (greedy, and the sampler replaced by a no-op too: the Python side alone, what must
+fit inside a GPU step), "greedy" and "sampled" (temperature 0.7, top-p 0.9) with the
+CPU's sampler (on a GPU its work is the device's). Each figure is the median over --steps
+decode steps once every sequence is decoding, as CPU time of the stepping thread (on a shared
+machine a step that loses its core pays a whole time slice of wall time) and, in
+parentheses, wall time.
 """
 from __future__ import annotations
 
@@ -34,7 +39,9 @@ def tiny_model(folder: Path) -> Path:
     return export_gguf(hf, folder / "tiny.gguf", "f32")
 
 
-def step_ms(path: Path, batch: int, context: int, steps: int, params: SamplingParams) -> float:
+def step_ms(path: Path, batch: int, context: int, steps: int, params: SamplingParams, no_sampler: bool
+            ) -> tuple[float, float]:
+    """(CPU ms, wall ms) of a decode step, medians."""
     from smollm3_triton import Runtime
 
     rt = Runtime.load(path, device="cpu", backend="torch", max_seq_len=context + steps + 8,
@@ -42,22 +49,34 @@ def step_ms(path: Path, batch: int, context: int, steps: int, params: SamplingPa
                       max_num_batched_tokens=max(512, min(batch * context, 16384)))
     engine = rt.engine
 
+    zeros: dict[int, torch.Tensor] = {}
+
     def no_op_forward(b):
-        return torch.zeros(b.logits_rows.shape[0], VOCAB)
+        rows = b.logits_rows.shape[0]
+        if rows not in zeros:
+            zeros[rows] = torch.zeros(rows, VOCAB)
+        return zeros[rows]
 
     engine.runner.forward = no_op_forward
+    if no_sampler:
+        if hasattr(engine.runner, "sample"):      # one sampling call per step (issue 23's engine)
+            engine.runner.sample = lambda logits, logits_rows, rows, state, out: out.zero_()
+        else:                                     # main's engine before it: the baseline
+            import smollm3_triton.engine.engine as before
+            before.sample = lambda logits, states, histories: torch.zeros(len(states), dtype=torch.int64)
     params = dataclasses.replace(params, max_new_tokens=steps + 8)
     g = torch.Generator().manual_seed(batch + context)
     for _ in range(batch):
         engine.add_request(torch.randint(100, VOCAB, (context,), generator=g).tolist(), params)
     while engine.stats().running < batch or any(s.num_computed < context for s in engine.scheduler.running):
         engine.step()
-    times = []
+    cpu, wall = [], []
     for _ in range(steps):
-        t = time.perf_counter()
+        c, t = time.thread_time(), time.perf_counter()
         engine.step()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+        cpu.append(time.thread_time() - c)
+        wall.append(time.perf_counter() - t)
+    return 1000 * statistics.median(cpu), 1000 * statistics.median(wall)
 
 
 def main() -> None:
@@ -65,6 +84,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--contexts", default="192,1024,4096,16384")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--runs", default="host,greedy,sampled")
     args = p.parse_args()
     torch.set_num_threads(1)      # OMP_NUM_THREADS=1 too on a shared machine: a pool spinning on busy cores
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,14 +92,20 @@ def main() -> None:
         batches = [int(b) for b in args.batches.split(",")]
         contexts = [int(c) for c in args.contexts.split(",")]
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-        print(f"host ms per decode step (no-op model, vocab {VOCAB}, 1 torch thread); load {load}")
-        for name, params in (("greedy", SamplingParams(temperature=0, ignore_eos=True)),
-                             ("sampled", SamplingParams(temperature=0.7, top_p=0.9,
-                                                        seed=1, ignore_eos=True))):
-            print(f"\n{name:8s} " + " ".join(f"{'ctx ' + str(c):>10s}" for c in contexts))
+        import smollm3_triton
+        print(f"host ms per decode step (no-op model, vocab {VOCAB}, 1 torch thread); load {load}; "
+              f"engine from {Path(smollm3_triton.__file__).parent.parent}")
+        greedy = SamplingParams(temperature=0, ignore_eos=True)
+        for name, params, no_sampler in (("host", greedy, True), ("greedy", greedy, False),
+                                         ("sampled", SamplingParams(temperature=0.7, top_p=0.9, seed=1,
+                                                                    ignore_eos=True), False)):
+            if name not in args.runs.split(","):
+                continue
+            print(f"\n{name:8s} " + " ".join(f"{'ctx ' + str(c):>16s}" for c in contexts))
             for b in batches:
-                row = [step_ms(path, b, c, args.steps, params) for c in contexts]
-                print(f"batch {b:<3d} " + " ".join(f"{v:10.2f}" for v in row), flush=True)
+                row = [step_ms(path, b, c, args.steps, params, no_sampler) for c in contexts]
+                print(f"batch {b:<3d} " + " ".join(f"{c:7.2f} ({w:6.2f})" for c, w in row), flush=True)
+        print("\nload at the end " + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
 
 
 if __name__ == "__main__":

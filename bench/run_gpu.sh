@@ -68,7 +68,8 @@ if [ "${REHEARSAL:-0}" != 1 ] && [ ! -f "$model" ]; then
 fi
 
 phase 120 "kernels, paged attention, sampling noise and the CUDA-graph runner on the GPU" \
-    tests/test_cuda_graph.py tests/test_device_sampling.py tests/test_attention.py tests/test_qmatmul.py \
+    tests/test_cuda_graph.py tests/test_device_sampling.py tests/test_sampling_kernel.py tests/test_attention.py \
+    tests/test_qmatmul.py \
     tests/test_swiglu.py tests/test_rope_qkv.py tests/test_rms_norm.py tests/test_dequant.py \
     --junitxml "$OUT/junit_tests.xml"
 say "waiting for the synthetic file"

@@ -99,25 +99,22 @@ def engine_rt(model_file):
     rt = Runtime.load(path, device="cuda", backend="triton", max_seq_len=2048, max_num_seqs=max(CONCURRENCY),
                       kv_cache_tokens=max(CONCURRENCY) * (CONC_CONTEXT + 64),
                       enable_prefix_caching=False)   # every run prefills the same way
-    runner = getattr(rt.engine.runner, "__self__", None)
-    start = time.perf_counter()
-    runner.capture_all()
-    torch.cuda.synchronize()
-    print(f"\ncaptured buckets {runner.captured} in {time.perf_counter() - start:.1f} s")
+    runner = rt.engine.runner.graphs               # every bucket captured by the load
+    print(f"\ncaptured buckets {runner.captured}")
     yield quant, rt, model_cost(path, rt.config, rt.model.dtype), runner
     del rt
     torch.cuda.empty_cache()
 
 
-def concurrent_decode(rt, n: int, runner_fn=None, tokens: int = CONC_TOKENS) -> tuple[float, float, list[list[int]]]:
+def concurrent_decode(rt, n: int, eager: bool = False, tokens: int = CONC_TOKENS) -> tuple[float, float, list[list[int]]]:
     """n greedy requests of CONC_PROMPT random tokens: prefilled (untimed), then `tokens`
     decode steps of all n timed -> (aggregate tok/s, seconds per step, tokens of each)."""
     from smollm3_triton.sampling_params import SamplingParams
     from smollm3_triton.tools.bench import random_ids
     eng = rt.engine
-    saved = eng.runner
-    if runner_fn is not None:
-        eng.runner = runner_fn
+    graphs = eng.runner.graphs
+    if eager:
+        eng.runner.graphs = None
     try:
         params = SamplingParams(max_new_tokens=tokens + 1, temperature=0.0, ignore_eos=True)
         ids = [eng.add_request(random_ids(CONC_PROMPT, rt.config.vocab_size, seed=s).tolist(), params)
@@ -136,7 +133,7 @@ def concurrent_decode(rt, n: int, runner_fn=None, tokens: int = CONC_TOKENS) -> 
         torch.cuda.synchronize()
         secs = time.perf_counter() - start
     finally:
-        eng.runner = saved
+        eng.runner.graphs = graphs
     generated = sum(len(v) - 1 for v in got.values())
     return generated / secs, secs / max(steps, 1), [got[i] for i in ids]
 
@@ -180,7 +177,7 @@ def test_decode_concurrent_graph(benchmark, engine_rt, peaks, report_figure, n):
 def test_decode_concurrent_eager(benchmark, engine_rt, peaks, report_figure, n):
     """The same steps on the same Triton kernels without graphs (model.forward)."""
     quant, rt, cost, runner = engine_rt
-    rate, step_s, _ = once(benchmark, lambda: concurrent_decode(rt, n, rt.model.forward, tokens=16))
+    rate, step_s, _ = once(benchmark, lambda: concurrent_decode(rt, n, eager=True, tokens=16))
     record_concurrency(quant, n, "triton-eager", rate, step_s, cost, peaks, report_figure)
 
 
@@ -189,6 +186,6 @@ def test_graph_tokens_equal_eager_tokens(engine_rt):
     kernels, same padding-free rows; graphs only replay them)."""
     quant, rt, cost, runner = engine_rt
     _, _, graph = concurrent_decode(rt, 4, tokens=16)
-    _, _, eager = concurrent_decode(rt, 4, rt.model.forward, tokens=16)
+    _, _, eager = concurrent_decode(rt, 4, eager=True, tokens=16)
     assert graph == eager
     assert 4 in runner.captured

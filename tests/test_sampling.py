@@ -10,8 +10,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from smollm3_triton.engine.sampler import SamplerState, apply_repetition_penalty, filtered_probs, sampling_probs
+from smollm3_triton.engine.sampler import SamplerState, apply_repetition_penalty, load_rows, sampling_probs
 from smollm3_triton.engine.sampler import sample as sample_batch
+from smollm3_triton.kernels.sampling import SamplingState, filtered_probs, penalized_logits
 from smollm3_triton.sampling_params import SamplingParams
 
 
@@ -105,12 +106,13 @@ def test_a_rows_draw_does_not_depend_on_the_batch():
 def test_penalties_match_their_definitions():
     """repetition: transformers' processor over prompt + output; presence / frequency:
     OpenAI's logit - presence * [count > 0] - frequency * count over the output."""
-    from smollm3_triton.engine.sampler import _penalize
     logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(1))
     prompt, output = [3, 7, 7], [20, 7, 20, 20]
     p = SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25)
-    ours = logits.clone()
-    _penalize(ours, 0, p, prompt, output)
+    state = SamplingState.allocate(1, 50, "cpu")
+    load_rows(state, [0], [SamplerState.start(p)], [(prompt, output)])
+    rows = torch.zeros(1, dtype=torch.long)
+    ours = penalized_logits(logits, rows, rows, state)
     ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt + output]), logits.clone())
     counts = torch.bincount(torch.tensor(output), minlength=50).float()
     ref = ref - 0.5 * (counts > 0).float() - 0.25 * counts

@@ -310,15 +310,17 @@ def test_cut_off_call_keeps_its_arguments_so_far():
     assert call.name == "f" and call.arguments == '{"a": [1, 2'
 
 
-def test_logits_of_unconstrained_rows_are_not_copied_into(rt):
-    """apply_constraints writes only the rows it is given."""
-    from smollm3_triton.engine.structured_output import apply_constraints
-    logits = torch.randn(3, rt.config.vocab_size)
-    before = logits.clone()
+def test_bitmask_rows_of_unconstrained_sequences_are_not_written(rt):
+    """fill_bitmasks writes only the sampler state rows it is given."""
+    from smollm3_triton.engine.structured_output import fill_bitmasks
+    from smollm3_triton.kernels.sampling import SamplingState, allowed_tokens
+    state = SamplingState.allocate(3, rt.config.vocab_size, "cpu")
+    state.bitmask.fill_(-1)
     c = rt.engine.grammars.constraint(StructuredOutputs(choice=("alpha",)), {2})
-    apply_constraints(logits, [(1, c)])
-    assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
-    allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
+    fill_bitmasks(state, [(1, c)])
+    assert state.masked.tolist() == [0, 1, 0]
+    assert bool((state.bitmask[0] == -1).all()) and bool((state.bitmask[2] == -1).all())
+    allowed = allowed_tokens(state, torch.tensor([1]))[0].nonzero().flatten().tolist()
     assert allowed and all(rt.tokenizer.decode([t]) and "alpha".startswith(rt.tokenizer.decode([t])) for t in allowed)
 
 

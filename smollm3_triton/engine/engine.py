@@ -1,17 +1,27 @@
 """The serving engine: many sequences decoded together on the paged KV cache.
 
     add_request -> Scheduler (waiting / running, token budget, chunked prefill, preemption)
-                -> Batch (flat tokens, positions, slots, query starts, lengths, block tables)
-                -> Transformer.forward (or the CUDA-graph runner)
-                -> grammar masks on the constrained rows (structured_output.py) -> per-sequence sampling
-                -> detokenize, stop strings -> RequestOutput
+                -> ModelRunner.prepare: the persistent batch state (input_batch.py) -> Batch
+                -> ModelRunner.launch: forward (or a CUDA graph), grammar bitmask rows
+                   (structured_output.py), one sampling launch for the batch (kernels/sampling.py)
+                -> the tokens read back -> detokenize, stop strings -> RequestOutput
 
-`Engine` is synchronous: `step()` runs one forward for everything scheduled and returns
-what each request produced. `abort` may be called from any thread at any moment: the
-sequence leaves the scheduler and its blocks are free at once (a forward already in
-flight still writes into them, but nothing can be given those blocks before the step
-that is running ends). `AsyncEngine` runs the step loop on a background thread and
-hands each request's outputs to an async iterator.
+`step()` returns what each request produced. On a GPU the loop overlaps: a step schedules
+and launches the next forward before it reads the tokens of the one before, so the host's
+work runs while the GPU computes. The tokens drawn by step N feed step N+1 on the device;
+their ids reach the host once, one step later, for detokenizing and stop checks. A
+sequence found finished then (an end token, a stop string, a grammar complete) was already
+scheduled once more: that extra token is dropped, so the text is the synchronous loop's.
+Requests ended by length are never scheduled past their last token. A step that holds a
+constrained sequence is read before the next one is scheduled (its grammar must see the
+token before the next bitmask). On the CPU the forward is the host's own work, nothing
+can overlap, and each step is read at once (OVERLAP_DEVICES).
+
+`abort` may be called from any thread at any moment: the sequence leaves the scheduler and
+its blocks are free at once (a forward already in flight still writes into them, but
+nothing can be given those blocks before a later step, queued behind it). `AsyncEngine`
+runs the step loop on a background thread and hands each request's outputs to an async
+iterator.
 """
 from __future__ import annotations
 
@@ -28,20 +38,23 @@ from ..sampling_params import SamplingParams, check_request
 from ..tokenizer import Tokenizer
 from .block_manager import BlockPool
 from .detokenizer import TextStream
-from .model_runner import ModelRunner
+from .input_batch import StepInputs
+from .model_runner import LaunchedStep, ModelRunner
 from .outputs import EngineStats, RequestOutput, TokenLogprob
-from .sampler import SamplerState, logprobs, sample
+from .sampler import SamplerState
 from .scheduler import Scheduler
 from .sequence import FINISHED, RUNNING, Sequence, ThinkingBudget
-from .structured_output import GrammarCompiler, apply_constraints
+from .structured_output import GrammarCompiler, fill_bitmasks
 
 DEFAULT_BLOCK_SIZE = 16
+# Devices whose steps run asynchronously to the host, where the loop overlaps.
+OVERLAP_DEVICES = ("cuda",)
 
 
-def _token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> list[TokenLogprob]:
-    lp, ids, values = logprobs(logits, chosen, top)
-    return [TokenLogprob(int(c), float(v), list(zip(i, t)))
-            for c, v, i, t in zip(chosen.tolist(), lp.tolist(), ids.tolist(), values.tolist())]
+def _token_logprobs(chosen: list[int], lps: tuple) -> list[TokenLogprob]:
+    lp, ids, values = lps
+    return [TokenLogprob(c, float(v), list(zip(i, t)))
+            for c, v, i, t in zip(chosen, lp.tolist(), ids.tolist(), values.tolist())]
 
 
 class Engine:
@@ -64,7 +77,9 @@ class Engine:
                                   cuda_graphs=cuda_graphs)
         self.pool = BlockPool(self.runner.n_blocks, enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, block_size, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens)
+                                   max_num_batched_tokens=max_num_batched_tokens, max_seq_len=self.max_seq_len)
+        self.overlap = model.device.type in OVERLAP_DEVICES
+        self._launched: LaunchedStep | None = None     # a step whose tokens are not read yet
         self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)
         # A spent thinking budget writes the closing tag as the model writes it after its
         # thoughts (SmolLM3's template closes an empty block with "\n</think>\n").
@@ -163,7 +178,7 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         with self._lock:
-            return bool(self._sequences) or bool(self._aborted)
+            return bool(self._sequences) or bool(self._aborted) or self._launched is not None
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -176,54 +191,71 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step; return the outputs of the step read now (this one on
+        the CPU, the one before it when the loop overlaps)."""
         with self._lock:
             outputs, self._aborted = self._aborted, []
+            previous, self._launched = self._launched, None
+            if previous is not None and previous.inputs.constrained:
+                outputs += self._read(previous)       # its grammars must take the tokens first
+                previous = None
             step = self.scheduler.schedule()
-            if not step.work:
-                return outputs
-            inputs = self.runner.prepare(step.work)
-        logits = self.runner.run(inputs.batch)
+            inputs = self._prepare(step.work) if step.work else None
+        launched = self.runner.launch(inputs) if inputs is not None else None
         with self._lock, torch.inference_mode():
-            outputs += self._after(step.work, logits, inputs.samples, inputs.prompt_rows)
+            if previous is not None:
+                outputs += self._read(previous)
+            if launched is not None:
+                if self.overlap:
+                    self._launched = launched
+                else:
+                    outputs += self._read(launched)
         return outputs
 
-    def _after(self, work, logits, samples, prompt_rows) -> list[RequestOutput]:
-        for seq, n in work:
-            if seq.status == FINISHED:        # aborted while the forward ran
-                continue
-            seq.num_computed += n
-            self.scheduler.register_full_blocks(seq)
-            self.prompt_tokens += max(0, min(seq.num_computed, len(seq.prompt_ids)) - (seq.num_computed - n))
-        for seq, row, lo, hi in prompt_rows:
-            if seq.status != FINISHED:
-                self._collect_prompt_logprobs(seq, logits[row:row + hi - lo], lo, hi)
-        live = [(seq, row) for seq, row in samples if seq.status == RUNNING]
-        outputs = []
-        if not live:
-            return outputs
-        rows = torch.tensor([row for _, row in live], device=logits.device)
-        picked = logits[rows]           # a copy: masking it leaves `logits` as the model gave it
-        # One mask source per row: an active grammar, else a spent thinking budget's closing tag
-        # (a grammar gated on "</think>" is inactive until that tag is written).
+    def _prepare(self, work: list[tuple[Sequence, int]]) -> StepInputs:
+        inputs = self.runner.prepare(work)
+        # One mask source per row: an active grammar, else the thinking budget (forcing its
+        # closing tag when spent); a grammar gated on "</think>" is inactive until that tag is
+        # written. A step with either is read before the next is scheduled: the next mask
+        # depends on this step's token.
         constrained = []
-        for i, (s, _) in enumerate(live):
-            if s.constraint is not None and s.constraint.active:
-                constrained.append((i, s.constraint))
-            elif s.thinking is not None and s.thinking.active:
-                constrained.append((i, s.thinking))
+        for s in inputs.samples:
+            if s.constraint is not None and (s.constraint.active or s.thinking is None):
+                constrained.append((s.row, s.constraint))
+            elif s.thinking is not None:
+                constrained.append((s.row, s.thinking))
         if constrained:
-            apply_constraints(picked, constrained)
-        tokens = sample(picked, [s.sampler for s, _ in live], [(s.prompt_ids, s.output_ids) for s, _ in live])
-        token_list = tokens.tolist()
-        want = [i for i, (s, _) in enumerate(live) if s.params.logprobs is not None]
+            fill_bitmasks(self.runner.batch.sampling, constrained)
+            inputs.constrained = True
+        for seq, hi in inputs.computed:
+            self.prompt_tokens += max(0, min(hi, len(seq.prompt_ids)) - seq.num_computed)
+            seq.num_computed = hi
+        for seq in inputs.samples:
+            seq.num_inflight += 1
+        return inputs
+
+    def _read(self, launched: LaunchedStep) -> list[RequestOutput]:
+        """A launched step's results: blocks registered, prompt logprobs, and each sampled
+        token taken by its sequence (dropped if the sequence ended meanwhile)."""
+        inputs = launched.inputs
+        tokens = launched.read()
+        for seq, hi in inputs.computed:
+            if seq.status == RUNNING:
+                self.scheduler.register_full_blocks(seq, hi)
+        for seq, lo, end, lps in launched.prompt_logprobs:
+            if seq.status != FINISHED:
+                self._collect_prompt_logprobs(seq, lps, lo, end)
         token_lps = {}
-        if want:
-            top = max(live[i][0].params.logprobs for i in want)
-            lps = _token_logprobs(picked[want], tokens[want], top)
-            for i, lp in zip(want, lps):
-                lp.top = lp.top[:live[i][0].params.logprobs]
+        if launched.token_logprobs is not None:
+            rows = inputs.logprob_rows
+            for i, lp in zip(rows, _token_logprobs([tokens[i] for i in rows], launched.token_logprobs)):
+                lp.top = lp.top[:inputs.samples[i].params.logprobs]
                 token_lps[i] = lp
-        for i, ((seq, _), token) in enumerate(zip(live, token_list)):
+        outputs = []
+        for i, (seq, token) in enumerate(zip(inputs.samples, tokens)):
+            seq.num_inflight -= 1
+            if seq.status == FINISHED:        # aborted, or ended by the token before this one
+                continue
             seq.output_ids.append(token)
             self.generated_tokens += 1
             p = seq.params
@@ -239,7 +271,7 @@ class Engine:
             reason = None
             if ended or stopped or complete:
                 reason = "stop"
-            elif len(seq.output_ids) >= p.max_new_tokens or seq.num_tokens >= self.max_seq_len:
+            elif len(seq.output_ids) >= p.max_new_tokens or seq.num_known >= self.max_seq_len:
                 reason = "length"
             if reason is not None:
                 if not stopped:
@@ -251,17 +283,15 @@ class Engine:
             outputs.append(out)
         return outputs
 
-    def _collect_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, lo: int, hi: int) -> None:
+    def _collect_prompt_logprobs(self, seq: Sequence, lps: tuple, lo: int, end: int) -> None:
         """Row p (position p's logits) scores prompt token p + 1."""
-        prompt = seq.prompt_ids
         if seq.prompt_logprobs is None:
             seq.prompt_logprobs = [None]
         # A preempted sequence recomputes its prompt: positions already scored are skipped.
         start = max(lo, len(seq.prompt_logprobs) - 1)
-        end = min(hi, len(prompt) - 1)
         if end > start:
-            nxt = torch.tensor(prompt[start + 1:end + 1], device=logits.device)
-            seq.prompt_logprobs += _token_logprobs(logits[start - lo:end - lo], nxt, seq.params.prompt_logprobs)
+            k = start - lo
+            seq.prompt_logprobs += _token_logprobs(seq.prompt_ids[start + 1:end + 1], tuple(t[k:] for t in lps))
 
     def _output(self, seq: Sequence, tokens: list[int], text: str, reason: str | None,
                 token_lp: TokenLogprob | None = None) -> RequestOutput:

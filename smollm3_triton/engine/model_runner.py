@@ -1,5 +1,12 @@
-"""The model side of a step: the KV pool sized and allocated, a scheduled step turned into
-the model's flat Batch, and the forward run (eagerly, or replayed from CUDA graphs)."""
+"""The model side of a step: the KV pool sized and allocated, the persistent batch state,
+and a step launched (forward, eager or replayed from a CUDA graph, then one sampling
+launch) with its results on their way to the host.
+
+`launch` returns at once on a GPU: the tokens (and any logprobs) are copied into pinned
+host memory behind the step's kernels and an event marks them ready; `LaunchedStep.read`
+waits for that event. Nothing in between reads the device, so the engine can schedule and
+prepare the next step while this one runs.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,17 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RequestError
-from ..model import Batch, PagedKVCache, Transformer
+from ..kernels.sampling import allowed_tokens
+from ..model import PagedKVCache, Transformer
 from ..sampling_params import device_memory
+from .input_batch import InputBatch, StepInputs
+from .sampler import logprobs, sampler_for
 from .sequence import Sequence
-
-
-@dataclass
-class StepInputs:
-    """A step's batch, and where its logits rows go."""
-    batch: Batch
-    samples: list[tuple[Sequence, int]]                 # (sequence, logits row) of those that sample now
-    prompt_rows: list[tuple[Sequence, int, int, int]]   # (sequence, first logits row, lo, hi) for prompt logprobs
 
 
 def pool_blocks(model: Transformer, block_size: int, kv_cache_tokens: int | None, utilization: float) -> int:
@@ -44,6 +46,31 @@ def pool_blocks(model: Transformer, block_size: int, kv_cache_tokens: int | None
     return n_blocks
 
 
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A non-blocking copy into pinned memory (on the CPU a copy: a graph's token buffer is
+    overwritten by the next step before an overlapped loop reads this one)."""
+    if t.device.type == "cpu":
+        return t.clone()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose kernels are queued: its inputs, and its results on their way to the host."""
+    inputs: StepInputs
+    tokens: torch.Tensor                                   # [S] int64, host
+    token_logprobs: tuple | None                           # (chosen, top ids, top values) of inputs.logprob_rows
+    prompt_logprobs: list[tuple[Sequence, int, int, tuple]]   # (sequence, lo, end, (chosen, ids, values))
+    ready: torch.cuda.Event | None
+
+    def read(self) -> list[int]:
+        """The drawn tokens (waits for the step's kernels on a GPU)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tokens.tolist()
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, *, block_size: int, max_num_seqs: int, kv_cache_tokens: int | None,
                  gpu_memory_utilization: float, cuda_graphs: bool):
@@ -54,55 +81,52 @@ class ModelRunner:
         self.n_blocks = pool_blocks(model, block_size, kv_cache_tokens, gpu_memory_utilization)
         model.allocate_cache(self.n_blocks, block_size)
         self.max_blocks_per_seq = -(-model.max_seq_len // block_size)
+        self.batch = InputBatch(max_num_seqs, self.max_blocks_per_seq, block_size, model.config.vocab_size,
+                                model.device)
+        self.forward = model.forward                # a test may put a hook here
+        self.sample = sampler_for(model.device)
+        self.graphs = None
         if cuda_graphs:
-            # Decode steps replayed from CUDA graphs, one per batch-size bucket; the rest eager.
+            # Decode steps (forward and sampling) replayed from CUDA graphs, one per batch-size
+            # bucket, captured now; prefill and mixed steps run eagerly.
             from .cuda_graph import GraphRunner
-            self.forward = GraphRunner(model, max_num_seqs).run
-        else:
-            self.forward = model.forward
+            self.graphs = GraphRunner(model, max_num_seqs, self.batch)
+            self.graphs.capture_all()
 
     def prepare(self, work: list[tuple[Sequence, int]]) -> StepInputs:
-        """The flat Batch of a step (sequence, tokens computed this step) in batch order."""
-        bs = self.block_size
-        tokens, positions, slots, starts, lens, logit_rows = [], [], [], [0], [], []
-        tables = torch.zeros((len(work), self.max_blocks_per_seq), dtype=torch.int32)
-        samples, prompt_rows, embeds, embed_rows = [], [], [], []
-        for b, (seq, n) in enumerate(work):
-            lo, hi = seq.num_computed, seq.num_computed + n
-            row0 = len(tokens)
-            tokens += seq.tokens(lo, hi)
-            positions += range(lo, hi)
-            slots += [seq.blocks[p // bs] * bs + p % bs for p in range(lo, hi)]
-            for off, e, _ in seq.mm_embeds:
-                a, z = max(off, lo), min(off + e.shape[0], hi)
-                if a < z:
-                    embeds.append(e[a - off:z - off])
-                    embed_rows += range(row0 + a - lo, row0 + z - lo)
-            starts.append(len(tokens))
-            lens.append(hi)
-            tables[b, :len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
-            want_prompt = seq.params.prompt_logprobs is not None and lo < len(seq.prompt_ids)
-            if want_prompt:
-                prompt_rows.append((seq, len(logit_rows), lo, hi))
-                logit_rows += range(row0, row0 + n)
-            if hi == seq.num_tokens:
-                samples.append((seq, len(logit_rows) - 1 if want_prompt else len(logit_rows)))
-                if not want_prompt:
-                    logit_rows.append(row0 + n - 1)
-        dev = self.model.device
+        return self.batch.prepare(work)
 
-        def t(values, dtype=torch.int64):
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
-
-        batch = Batch(token_ids=t(tokens), positions=t(positions), slot_mapping=t(slots),
-                      query_start=t(starts, torch.int32), seq_lens=t(lens, torch.int32),
-                      block_tables=tables.to(dev, non_blocking=True),
-                      max_query_len=max(n for _, n in work), logits_rows=t(logit_rows))
-        if embeds:
-            batch.embeds, batch.embed_rows = torch.cat(embeds).to(dev), t(embed_rows)
-        return StepInputs(batch, samples, prompt_rows)
-
-    def run(self, batch: Batch) -> torch.Tensor:
-        """logits [len(batch.logits_rows), vocab] float32."""
+    def launch(self, inputs: StepInputs) -> LaunchedStep:
+        """Queue the step's forward and sampling; start its results' copies to the host."""
+        state = self.batch.sampling
         with torch.inference_mode():
-            return self.forward(batch)
+            if self.graphs is not None and self.forward == self.model.forward and self.graphs.fits(inputs):
+                logits, tokens = self.graphs.replay(inputs)
+                sample_rows = torch.arange(len(inputs.rows), device=logits.device)
+                sample_logits = sample_rows
+            else:
+                batch, sample_rows, sample_logits = self.batch.batch(inputs)
+                logits = self.forward(batch)
+                tokens = torch.empty(len(inputs.samples), dtype=torch.int64, device=logits.device)
+                if inputs.samples:
+                    self.sample(logits, sample_logits, sample_rows, state, tokens)
+            token_lps = None
+            if inputs.logprob_rows:
+                want = torch.tensor(inputs.logprob_rows, device=logits.device)
+                top = max(inputs.samples[i].params.logprobs for i in inputs.logprob_rows)
+                # a constrained row's logprobs are over what its grammar allows, as it samples
+                x = logits[sample_logits[want]].masked_fill(~allowed_tokens(state, sample_rows[want]), float("-inf"))
+                token_lps = tuple(_to_host(t) for t in logprobs(x, tokens[want], top))
+            prompt = []
+            for seq, row, lo, hi in inputs.prompt_rows:
+                end = min(hi, len(seq.prompt_ids) - 1)
+                if end > lo:
+                    nxt = torch.tensor(seq.prompt_ids[lo + 1:end + 1], device=logits.device)
+                    lps = logprobs(logits[row:row + end - lo], nxt, seq.params.prompt_logprobs)
+                    prompt.append((seq, lo, end, tuple(_to_host(t) for t in lps)))
+            host = _to_host(tokens)
+            ready = None
+            if logits.device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record()
+        return LaunchedStep(inputs, host, token_lps, prompt, ready)

@@ -1,13 +1,14 @@
-"""Sampling a batch of sequences at once, each with its own parameters, on the model's device.
+"""Each sequence's sampling: its parameters and seed, loaded into the rows of the kernel's
+SamplingState when it starts running, and the one-row reference of the distribution.
 
-Every row goes through row-wise ops only (penalties, softmax, sort, cumsum over its
-own vocabulary), so a sequence's draw does not depend on what else is in the batch.
-The randomness is a counter-hash exponential race: token = argmax p_i / E_i with
-E_i ~ Exp(1) a hash of (seed, step, token id), so a seeded request gives the same
-tokens alone, in a batch, after a preemption, on any device.
+The draw itself is kernels/sampling.py (sample_triton on a GPU, its torch reference
+sample_torch on the CPU): one call per step for the whole batch, reading only rows. The
+randomness is a counter-hash exponential race: token = argmax p_i / E_i with E_i ~ Exp(1)
+a hash of (seed, draw index, token id), so a seeded request gives the same tokens alone, in
+a batch, after a preemption, on any device.
 
-The distribution is sampling_probs' (the one-row reference below: temperature, top-k, top-p, min-p,
-the order of llama.cpp's chain and transformers' warpers), after the penalties:
+The distribution is sampling_probs' (the one-row reference below: temperature, top-k, top-p,
+min-p, the order of llama.cpp's chain and transformers' warpers), after the penalties:
 repetition (prompt and output, llama.cpp/transformers semantics) and OpenAI's
 presence / frequency (output only: logit -= presence * [count > 0] + frequency * count).
 """
@@ -18,32 +19,17 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.sampling import MASK32, SamplingState, exponential_noise, mix32, sample_torch, sample_triton
 from ..sampling_params import SamplingParams
 
-# ---------------------------------------------------------------- the noise
-# A counter-based hash of (seed, step, token id) in int64 tensor ops, not a stateful
-# generator: the same seed gives the same tokens on any device, in any batch and after a
-# preemption, and the CPU tests run exactly the code the GPU runs.
+__all__ = ["MASK32", "mix32", "exponential_noise", "seed_keys", "random_seed", "SamplerState", "load_rows",
+           "sampler_for", "sample", "logprobs", "apply_repetition_penalty", "sampling_probs"]
 
-MASK32 = 0xFFFFFFFF
-# Thomas Mueller's 32-bit integer hash multiplier: below 2**27, so x * _MIX for
-# x < 2**32 stays below 2**59 and int64 arithmetic is exact on every device.
-_MIX = 0x45D9F3B
 _GOLDEN = 0x9E3779B9
-# u = (k + 0.5) / 2**23 with k < 2**23: exact in float32 and strictly inside (0, 1),
-# so E = -log(u) is finite and > 0 (24 bits would round the top value to 1.0).
-_U_BITS = 23
-
-
-def mix32(x):
-    """A bijective 32-bit hash; x is a Python int or an int64 tensor with values in [0, 2**32)."""
-    x = ((x >> 16) ^ x) * _MIX & MASK32
-    x = ((x >> 16) ^ x) * _MIX & MASK32
-    return (x >> 16) ^ x
 
 
 def seed_keys(seed: int) -> tuple[int, int]:
-    """Two 32-bit keys from a seed in [0, 2**63): one mixes token ids, one step counters."""
+    """Two 32-bit keys from a seed in [0, 2**63): one mixes token ids, one draw counters."""
     token_key = mix32(mix32(seed & MASK32) ^ (seed >> 32))
     return token_key, mix32(token_key ^ _GOLDEN)
 
@@ -53,11 +39,77 @@ def random_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") >> 1
 
 
-def exponential_noise(hashes: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """E ~ Exp(1) [B, vocab] float32 from token hashes [vocab] and step keys [B, 1]."""
-    bits = mix32(hashes ^ keys) >> (32 - _U_BITS)
-    u = (bits.to(torch.float32) + 0.5) * 2.0 ** -_U_BITS
-    return -torch.log(u)
+@dataclass
+class SamplerState:
+    """A sequence's parameters and seed keys, as its state row receives them."""
+    params: SamplingParams
+    token_key: int
+    step_key: int
+
+    @classmethod
+    def start(cls, params: SamplingParams) -> SamplerState:
+        token_key, step_key = seed_keys(params.seed if params.seed is not None else random_seed())
+        return cls(params, token_key, step_key)
+
+    @property
+    def penalized(self) -> bool:
+        p = self.params
+        return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+
+
+def load_rows(state: SamplingState, rows: list[int], samplers: list[SamplerState],
+              histories: list[tuple[list[int], list[int]]]) -> None:
+    """Rows start new sequences: their parameters, keys and draw counters (the tokens they
+    have generated, for a preempted one), and for penalised ones the prompt's tokens and the
+    output's counts. One copy per field for all rows."""
+    vocab = state.vocab
+    device = state.temperature.device
+    idx = torch.tensor(rows, device=device)
+    ps = [s.params for s in samplers]
+
+    def put(field: torch.Tensor, values, dtype) -> None:
+        field[idx] = torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    put(state.temperature, [p.temperature for p in ps], torch.float64)
+    put(state.top_k, [p.top_k if 0 < p.top_k < vocab else vocab for p in ps], torch.int64)
+    put(state.top_p, [p.top_p for p in ps], torch.float32)
+    put(state.min_p, [p.min_p for p in ps], torch.float32)
+    put(state.penalties, [[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in ps], torch.float32)
+    put(state.penalized, [s.penalized for s in samplers], torch.int8)
+    put(state.keys, [[s.token_key, s.step_key] for s in samplers], torch.int64)
+    put(state.steps, [len(out) for _, out in histories], torch.int64)
+    put(state.masked, [0] * len(rows), torch.int8)
+    for row, s, (prompt, output) in zip(rows, samplers, histories):
+        if s.penalized:
+            state.seen[row].zero_()
+            state.seen[row, torch.tensor(prompt, dtype=torch.long, device=device)] = 1
+            state.counts[row] = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab).to(
+                device, torch.int32)
+
+
+def sampler_for(device: torch.device):
+    """The kernel on a GPU; on the CPU its torch reference (the interpreter would be far slower)."""
+    return sample_triton if device.type == "cuda" else sample_torch
+
+
+def sample(logits: torch.Tensor, states: list[SamplerState], histories: list[tuple[list[int], list[int]]]
+           ) -> torch.Tensor:
+    """Next tokens [B] (int64) from logits [B, vocab], one sequence per row, outside the
+    engine: histories[b] = (prompt ids, output ids) of row b (the penalties' tokens; the
+    output's length is the draw index)."""
+    B, vocab = logits.shape
+    state = SamplingState.allocate(B, vocab, logits.device)
+    load_rows(state, list(range(B)), states, histories)
+    rows = torch.arange(B, device=logits.device)
+    return sample_torch(logits, rows, rows, state, torch.empty(B, dtype=torch.int64, device=logits.device))
+
+
+def logprobs(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw-model log-probabilities (before penalties and temperature, as vLLM reports them).
+    logits [R, vocab], chosen [R] -> (chosen logprob [R], top ids [R, top], top logprobs [R, top])."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = lp.topk(top, dim=-1) if top else (lp[:, :0], chosen[:, None][:, :0])
+    return lp.gather(-1, chosen[:, None])[:, 0], ids, values
 
 
 # ---------------------------------------------------------------- the reference, one row at a time
@@ -92,88 +144,3 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     return probs / probs.sum()
-
-
-# ---------------------------------------------------------------- the batch sampler
-
-@dataclass
-class SamplerState:
-    """What a sequence's draws need besides its params; `step` counts its draws."""
-    params: SamplingParams
-    token_key: int
-    step_key: int
-
-    @classmethod
-    def start(cls, params: SamplingParams) -> SamplerState:
-        token_key, step_key = seed_keys(params.seed if params.seed is not None else random_seed())
-        return cls(params, token_key, step_key)
-
-
-def _penalize(logits: torch.Tensor, row: int, p: SamplingParams, prompt_ids: list[int],
-              output_ids: list[int]) -> None:
-    device = logits.device
-    if p.repetition_penalty != 1.0 and (prompt_ids or output_ids):
-        seen = torch.tensor(prompt_ids + output_ids, dtype=torch.long, device=device).unique()
-        picked = logits[row, seen]
-        logits[row, seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and output_ids:
-        ids, counts = torch.tensor(output_ids, dtype=torch.long, device=device).unique(return_counts=True)
-        logits[row, ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
-
-
-def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                   top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Unnormalised probabilities [B, vocab] of sampling_probs' distribution, one set of
-    parameters per row ([B, 1] each; top_k = vocab, top_p = 1, min_p = 0 disable)."""
-    # Shifted so the best logit is 0 and divided in float64, as sampling_probs does.
-    z = ((logits.double() - logits.amax(-1, keepdim=True)) / temperature).float()
-    z_sorted, order = z.sort(-1, descending=True)
-    kth = z_sorted.gather(-1, top_k - 1)
-    z = z.masked_fill(z < kth, float("-inf"))        # ties with the k-th survive, as in sampling_probs
-    probs = z.softmax(-1)
-    sorted_p = probs.gather(-1, order)
-    before = sorted_p.cumsum(-1) - sorted_p          # mass ranked above each token
-    drop = torch.empty_like(order, dtype=torch.bool).scatter_(-1, order, (before >= top_p) & (top_p < 1))
-    probs = probs.masked_fill(drop, 0.0)
-    return probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
-
-
-def sample(logits: torch.Tensor, states: list[SamplerState], histories: list[tuple[list[int], list[int]]]
-           ) -> torch.Tensor:
-    """Next tokens [B] (int64, on logits' device) from logits [B, vocab] float32.
-
-    histories[b] = (prompt ids, output ids) of row b, for the penalties; states[b].step
-    is the draw's index (the number of tokens the sequence has generated)."""
-    B, vocab = logits.shape
-    device = logits.device
-    logits = logits.float().clone()
-    for b, (st, (prompt_ids, output_ids)) in enumerate(zip(states, histories)):
-        _penalize(logits, b, st.params, prompt_ids, output_ids)
-    tokens = logits.argmax(-1)
-    drawn = [b for b, st in enumerate(states) if st.params.temperature > 0]
-    if drawn:
-        ps = [states[b].params for b in drawn]
-
-        def column(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)[:, None]
-
-        probs = filtered_probs(
-            logits[drawn],
-            column([p.temperature for p in ps], torch.float64),
-            column([p.top_k if 0 < p.top_k < vocab else vocab for p in ps], torch.long),
-            column([p.top_p for p in ps], torch.float32),
-            column([p.min_p for p in ps], torch.float32))
-        token_keys = column([states[b].token_key for b in drawn], torch.int64)
-        hashes = mix32(torch.arange(vocab, dtype=torch.int64, device=device)[None, :] ^ token_keys)
-        steps = column([len(histories[b][1]) for b in drawn], torch.int64)
-        keys = mix32(steps ^ column([states[b].step_key for b in drawn], torch.int64))
-        tokens[drawn] = (probs / exponential_noise(hashes, keys)).argmax(-1)
-    return tokens
-
-
-def logprobs(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw-model log-probabilities (before penalties and temperature, as vLLM reports them).
-    logits [R, vocab], chosen [R] -> (chosen logprob [R], top ids [R, top], top logprobs [R, top])."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    values, ids = lp.topk(top, dim=-1) if top else (lp[:, :0], chosen[:, None][:, :0])
-    return lp.gather(-1, chosen[:, None])[:, 0], ids, values

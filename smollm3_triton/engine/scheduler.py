@@ -8,6 +8,10 @@ and mixed with the other sequences' decodes, never stalling them for its whole
 prefill. When a running sequence needs a block and none is free, the newest running
 sequence is preempted: its blocks are freed and it goes back to the head of the
 waiting queue, to be recomputed (prompt and output so far) when there is room.
+
+With the engine's overlapped loop a step is scheduled while the previous one runs: a
+sequence's token still in flight counts in its length (Sequence.num_tokens), and one whose
+token in flight is its last by length (max_new_tokens, max_seq_len) is not scheduled again.
 """
 from __future__ import annotations
 
@@ -24,8 +28,9 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, block_size: int, *, max_num_seqs: int, max_num_batched_tokens: int):
-        self.pool, self.block_size = pool, block_size
+    def __init__(self, pool: BlockPool, block_size: int, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_seq_len: int):
+        self.pool, self.block_size, self.max_seq_len = pool, block_size, max_seq_len
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -79,10 +84,11 @@ class Scheduler:
         self.prefix_queries += len(seq.prompt_ids)
         self.prefix_hits += hit
 
-    def register_full_blocks(self, seq: Sequence) -> None:
-        """After a step: key the blocks it filled, so later requests can share them."""
+    def register_full_blocks(self, seq: Sequence, upto: int) -> None:
+        """After a step that computed the first `upto` tokens: key the blocks it filled, so
+        later requests can share them."""
         bs = self.block_size
-        while len(seq.keys) < seq.num_computed // bs:
+        while len(seq.keys) < upto // bs:
             j = len(seq.keys)
             key = block_key(seq.keys[-1] if seq.keys else None, seq.tokens(j * bs, (j + 1) * bs),
                             seq.block_extra(j, bs))
@@ -104,6 +110,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_inflight and self._ends_in_flight(seq):
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             while self.pool.num_free < self._blocks_needed(seq, n):
                 victim = self.running[-1]
@@ -119,6 +128,8 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
+            if seq.num_inflight:
+                break      # preempted with a token in flight: its ids must be known to recompute it
             prefix = self._cached_prefix(seq)
             cached = len(prefix) * self.block_size
             n = min(seq.num_tokens - cached, budget)
@@ -135,6 +146,11 @@ class Scheduler:
             work.append((seq, n))
             budget -= n
         return ScheduledStep(work)
+
+    def _ends_in_flight(self, seq: Sequence) -> bool:
+        """Its token in flight ends it by length: nothing more to compute."""
+        return len(seq.output_ids) + seq.num_inflight >= seq.params.max_new_tokens or \
+            seq.num_tokens >= self.max_seq_len
 
     def finish(self, seq: Sequence, reason: str) -> None:
         if seq.status == RUNNING:

@@ -18,7 +18,7 @@ class ThinkingBudget:
     """A cap on the tokens a sequence writes inside its think block. Once `budget` tokens have
     followed the opening tag (the model's, or the prompt's own), the closing tag's tokens are
     forced one per step, and the answer follows. A forced token is a one-token mask row, applied
-    with the grammars' rows by apply_constraints: the structured-output mechanism, not a second one.
+    with the grammars' rows by fill_bitmasks: the structured-output mechanism, not a second one.
     """
 
     def __init__(self, budget: int, open_tag: bytes, close_tag: bytes, close_ids: list[int], opened: bool):
@@ -86,14 +86,27 @@ class Sequence:
     prompt_logprobs_sent: bool = False
     constraint: Constraint | None = None   # the grammar its output must match (structured output)
     thinking: ThinkingBudget | None = None  # the cap on its think block (params.thinking_budget)
+    row: int | None = None         # its row in the persistent batch state while running (input_batch.py)
+    num_inflight: int = 0          # tokens drawn on the device whose ids the host has not read yet
 
     @property
     def num_tokens(self) -> int:
+        """Prompt and output, the tokens still in flight included."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_inflight
+
+    @property
+    def num_known(self) -> int:
+        """Prompt and output tokens whose ids the host holds."""
         return len(self.prompt_ids) + len(self.output_ids)
 
     def tokens(self, start: int, end: int) -> list[int]:
-        return (self.prompt_ids + self.output_ids)[start:end] if end > len(self.prompt_ids) \
-            else self.prompt_ids[start:end]
+        """Known token ids start..end-1, in O(end - start)."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[:end - n]
 
     def block_extra(self, j: int, block_size: int) -> bytes:
         """Content of block j beyond its token ids: the hashes of images it overlaps."""

@@ -4,8 +4,8 @@
  -> GrammarCompiler.compile      once per distinct spec (LRU cache), on a worker thread, refused
                                  past a time limit: never on the step thread, never hanging
  -> Constraint                   one matcher per sequence; gated until `after` ("</think>") appears
- -> apply_constraints            each step, one bitmask row per active constraint, applied to
-                                 those logits rows only (the other rows are not touched)
+ -> fill_bitmasks                each step, one bitmask row per active constraint, in the
+                                 sampler's state rows; the sampling kernel applies it to those rows only
  -> Constraint.advance           every sampled token moves the matcher; a stop token is allowed
                                  only where the grammar may end
 
@@ -13,8 +13,8 @@ The library is xgrammar (vLLM's default backend), chosen over llguidance on our 
 (bench/structured_output.py; figures in bench/README.md): xgrammar fills a row's mask and
 accepts its token in ~3 us on SmolLM2's 49,152 tokens (~27 us on a 128,256-token vocabulary),
 llguidance in 170-460 us, paid on every step of every constrained row; xgrammar refuses a bad
-schema, regex or GBNF grammar at compile time with a message, reads llama.cpp's GBNF as it
-is, and applies the bitmask with its own CPU and GPU kernels. Its cost is compile time
+schema, regex or GBNF grammar at compile time with a message, and reads llama.cpp's GBNF as it
+is. Its bitmask layout (bit t of word t // 32: token t allowed) is what kernels/sampling.py reads. Its cost is compile time
 (milliseconds to tens of ms per schema, seconds for a pathological one): hence the cache and
 the time limit.
 
@@ -33,6 +33,7 @@ import threading
 import torch
 
 from ..errors import RequestError
+from ..kernels.sampling import SamplingState
 from ..sampling_params import StructuredOutputs
 from ..tokenizer import Tokenizer
 
@@ -202,13 +203,22 @@ class Constraint:
         return self.matcher.accept_token(token)
 
 
-def apply_constraints(logits: torch.Tensor, rows: list[tuple[int, object]]) -> None:
-    """In place: the tokens each (row, constraint) forbids get -inf in that row; no other row
-    is read or written. A constraint is anything that fills its bitmask row (`fill_bitmask`):
-    a grammar's Constraint, or a ThinkingBudget forcing its closing tag."""
-    import xgrammar as xgr
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
-    for row, c in rows:
-        c.fill_bitmask(bitmask, row)
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
-                                    indices=[row for row, _ in rows])
+def fill_bitmasks(state: SamplingState, rows: list[tuple[int, object]]) -> None:
+    """Each (state row, mask source) of a step: an active source's bitmask of the tokens it
+    allows, and the row's flag that makes the sampler apply it (an inactive one: off). A
+    source is anything with `active` and `fill_bitmask`: a grammar's Constraint, or a
+    ThinkingBudget forcing its closing tag. No other row is read or written."""
+    active = [(r, c) for r, c in rows if c.active]
+    device = state.bitmask.device
+    if active:
+        if device.type == "cpu":
+            for r, c in active:
+                c.fill_bitmask(state.bitmask, r)
+        else:
+            import xgrammar as xgr
+            staging = xgr.allocate_token_bitmask(len(active), state.vocab)
+            for i, (_, c) in enumerate(active):
+                c.fill_bitmask(staging, i)
+            state.bitmask[torch.tensor([r for r, _ in active], device=device)] = staging.to(device, non_blocking=True)
+    state.masked[torch.tensor([r for r, _ in rows], device=device)] = torch.tensor(
+        [int(c.active) for _, c in rows], dtype=torch.int8).to(device, non_blocking=True)

@@ -1,13 +1,14 @@
-"""attention, rope_qkv and rms_norm Triton kernels against their eager references (and
-attention against torch SDPA) at SmolLM3-3B shapes: 16 query heads, 4 KV heads,
-head_dim 128, hidden 2048, bf16.
+"""attention and rope_qkv Triton kernels against their eager references (and attention
+against torch SDPA) at SmolLM3-3B shapes: 16 query heads, 4 KV heads, head_dim 128,
+hidden 2048, bf16.
 
 The cache is paged (block size 16, a random block table), as the engine runs it.
 Cases: prefill of 512 / 2k / 8k tokens from position 0; decode of one token at 1k / 8k /
-32k context; a decode step of 64 sequences at 1k context each (the batched engine). Attention reports TFLOP/s for prefill (causal: 4 * H * D * T(T+1)/2 flops)
-and GB/s for decode (the K and V rows read); rope_qkv's RoPE + KV-write kernel and
-rms_norm report GB/s (bytes read + written once). rope_qkv as a whole (qmatmul_triton
-projection, then the RoPE + KV-write kernel) is timed too.
+32k context; a decode step of 64 sequences at 1k context each (the batched engine).
+Attention reports TFLOP/s for prefill (causal: 4 * H * D * T(T+1)/2 flops) and GB/s for
+decode (the K and V rows read). rope_qkv (one launch: the QKV matmul with RoPE and the KV
+write in its epilogue) reports GB/s. RMSNorm has no kernel of its own on the Triton path
+(kernels/fusions.py).
 
 Timing: REPS calls captured in one CUDA graph and replayed, as a decode step runs, so
 launch overhead is excluded; the reference attention, which reads the length on the
@@ -170,43 +171,6 @@ ROPE_CASES = [("prefill", T, 0) for T in PREFILL] + [("decode", 1, ctx - 1) for 
 
 @pytest.mark.parametrize("impl", ["triton", "eager"])
 @pytest.mark.parametrize("phase,T,start", ROPE_CASES, ids=[f"{p}-T{t}-at{s}" for p, t, s in ROPE_CASES])
-def test_rope_kv_write(benchmark, report_figure, phase, T, start, impl):
-    """The RoPE + KV-cache write that follows the QKV projection, on its own."""
-    from smollm3_triton.kernels.rope_qkv import _rope_config, _rope_kv_write_kernel, apply_rope_torch, write_kv_torch
-
-    max_seq = max(start + T, 64)
-    k_cache, v_cache = paged_cache(max_seq)
-    cos, sin = rope_tables(max_seq)
-    qkv = torch.randn(T, (N_HEADS + 2 * N_KV) * HEAD_DIM, device="cuda").to(DTYPE)
-    pos = torch.arange(start, start + T, device="cuda")
-    slots = pos.clone()                  # the pool's blocks in order: slot = position
-    q = torch.empty(T, N_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
-    n_rows = N_HEADS + 2 * N_KV
-    block_h, warps = _rope_config(n_rows, HEAD_DIM)
-
-    def triton_fn():
-        _rope_kv_write_kernel[(T, -(-n_rows // block_h))](
-            qkv, pos, slots, cos, sin, q, k_cache, v_cache, cos.shape[0], k_cache.shape[0] * BLOCK,
-            qkv.stride(0), q.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], cos.stride(0),
-            N_HEADS=N_HEADS, N_KV_HEADS=N_KV, HALF=HEAD_DIM // 2, BLOCK_SIZE=BLOCK, BLOCK_H=block_h,
-            USE_ROPE=True, num_warps=warps)
-
-    def eager_fn():
-        qe = qkv[:, :N_HEADS * HEAD_DIM].view(T, N_HEADS, HEAD_DIM)
-        ke = qkv[:, N_HEADS * HEAD_DIM:(N_HEADS + N_KV) * HEAD_DIM].view(T, N_KV, HEAD_DIM)
-        ve = qkv[:, (N_HEADS + N_KV) * HEAD_DIM:].view(T, N_KV, HEAD_DIM)
-        c, s = cos[pos], sin[pos]
-        qr = apply_rope_torch(qe, c, s)
-        write_kv_torch(apply_rope_torch(ke, c, s), ve, k_cache, v_cache, slots)
-        return qr
-
-    nbytes = 2 * qkv.numel() * DTYPE.itemsize + 2 * T * HEAD_DIM * 4      # qkv in, q/k/v out, cos+sin rows
-    fn = triton_fn if impl == "triton" else eager_fn
-    measure(benchmark, report_figure, f"rope_kv_write {impl:<6} {phase} T={T} at {start}", fn, nbytes=nbytes)
-
-
-@pytest.mark.parametrize("impl", ["triton", "eager"])
-@pytest.mark.parametrize("phase,T,start", ROPE_CASES, ids=[f"{p}-T{t}-at{s}" for p, t, s in ROPE_CASES])
 def test_rope_qkv(benchmark, report_figure, phase, T, start, impl):
     """The whole op (projection by a bf16 weight + RoPE + KV write), as the model calls it."""
     from smollm3_triton.gguf.constants import GGMLType
@@ -226,17 +190,3 @@ def test_rope_qkv(benchmark, report_figure, phase, T, start, impl):
     measure(benchmark, report_figure, f"rope_qkv {impl:<6} {phase} T={T} at {start}",
             lambda: op(x, w, pos, cos, sin, k_cache, v_cache, pos, N_HEADS, N_KV, HEAD_DIM, True),
             nbytes=nbytes, flops=2 * T * n_out * HIDDEN if T > 1 else None)
-
-
-@pytest.mark.parametrize("impl", ["triton", "eager"])
-@pytest.mark.parametrize("T", [1] + PREFILL)
-def test_rms_norm(benchmark, report_figure, T, impl):
-    from smollm3_triton.kernels.rms_norm import rms_norm_torch, rms_norm_triton
-
-    x = torch.randn(T, HIDDEN, device="cuda").to(DTYPE)
-    residual = torch.randn(T, HIDDEN, device="cuda").to(DTYPE)
-    weight = torch.randn(HIDDEN, device="cuda")
-    op = rms_norm_triton if impl == "triton" else rms_norm_torch
-    nbytes = 4 * x.numel() * DTYPE.itemsize + weight.numel() * 4          # x, residual in; y, h out
-    measure(benchmark, report_figure, f"rms_norm+residual {impl:<6} T={T}", lambda: op(x, weight, 1e-6, residual),
-            nbytes=nbytes)

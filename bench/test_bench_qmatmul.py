@@ -82,10 +82,10 @@ def weights():
     def get(qtype, shape):
         if (qtype, shape) not in cache:
             cache.clear()                  # one matrix at a time: the LM head in fp32 is 1 GB on its own
-            from smollm3_triton.kernels.repack import prepare_weight
+            from smollm3_triton.kernels.qtiles import prepare_tiles
             n, k = SHAPES[shape]
             raw = random_weight(qtype, n, k)
-            cache[(qtype, shape)] = (raw, prepare_weight(raw))
+            cache[(qtype, shape)] = (raw, prepare_tiles(raw))
         return cache[(qtype, shape)]
     return get
 

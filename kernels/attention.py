@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..errors import KernelInputError, UnsupportedModelError
+from .fusions import counters
 
 # The reference walks keys in chunks of KEY_CHUNK at fixed absolute positions and
 # queries in tiles of QUERY_TILE rows, with an online softmax: no [heads, T, L] score
@@ -134,12 +135,11 @@ def attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # running max, denominator and accumulator stay fp32 whatever the input dtype.
 #
 # Two kernels share one tile step (_attend_block) and one paged K/V gather (_load_kv):
-# - decode (_attn_decode_split_kernel + _attn_decode_merge_kernel): every sequence whose
-#   step has exactly one query. Program (sequence, KV head, split): the GROUP query heads
-#   of that KV head are packed into one >= 16-row tile, so each K/V block is read once
-#   for the group; the split's partial output and log2-sum-exp are merged after. The
-#   number of splits comes from the block table's capacity (host shapes only), the
-#   valid length is read on the device: no host read, capturable in a CUDA graph.
+# - decode (_attn_decode_kernel): every sequence whose step has exactly one query. Program
+#   (sequence, KV head, split): the GROUP query heads of that KV head are packed into one
+#   >= 16-row tile, so each K/V block is read once for the group. Splits are sized by the
+#   sequence's length, read on the device (no host read, capturable in a CUDA graph);
+#   splits past it exit at once, and the last live split merges the partials: one launch.
 # - prefill (_attn_prefill_kernel): every sequence with two or more queries. Program
 #   (query tile of one sequence, KV head): BLOCK_Q queries x GROUP heads in one tile,
 #   keys from position 0 (the cached prefix, no mask) through the causal band. The
@@ -153,6 +153,9 @@ def attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 _LOG2E = 1.4426950408889634
 _CPU_DECODE_SPLITS = 4
 _MAX_DECODE_SPLITS = 128
+# Key blocks a decode split takes at least: a split's fixed cost (q, the partial, the merge)
+# over 4 blocks, and fewer, longer splits when many sequences already fill the GPU.
+_MIN_SPLIT_BLOCKS = 4
 
 
 @triton.jit
@@ -271,76 +274,81 @@ def _attn_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, qs_ptr, lens_ptr, bt_ptr, n
 
 
 @triton.jit
-def _attn_decode_split_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, lens_ptr, bt_ptr, part_o_ptr, part_lse_ptr,
-                              n_heads, n_splits, qk_scale, stride_qt, stride_qh, stride_bt,
-                              stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
-    """Flash-decoding, split phase: program (sequence, KV head, split) packs the GROUP
-    query heads that read this KV head into one tile and writes a normalised partial
-    output and its log2-sum-exp (-inf for an empty split)."""
+def _attn_decode_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, lens_ptr, bt_ptr, part_o_ptr, part_lse_ptr, o_ptr, count_ptr,
+                        n_heads, n_splits, want_splits, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                        stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+                        MIN_BLOCKS: tl.constexpr):
+    """Flash-decoding: program (sequence, KV head, split) packs the GROUP query heads that read this
+    KV head into one tile. Splits are sized by the sequence's own length (chunk =
+    ceil(len / want_splits) rounded up to BLOCK_N, at least MIN_BLOCKS key blocks), so a short
+    context wakes few of them: the others exit at once. Each live split stores a normalised partial output and its
+    log2-sum-exp; the last live split to finish (a counter per sequence and KV head) merges
+    them in split order and writes the output. A sequence with no key (seq_len 0: padding)
+    gets zeros; sequences with another query count are the prefill kernel's."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     q0 = tl.load(qs_ptr + b)
     q_len = tl.load(qs_ptr + b + 1) - q0
-    # The valid length comes from the device, never the host: the split size follows
-    # it, so a short context only wakes the first few splits. Sequences with another
-    # query count are the prefill kernel's (length 0 here: every split empty).
+    # The valid length comes from the device, never the host: no host read, capturable in a
+    # CUDA graph, and a sequence's splits depend on nothing but its length (batch invariance).
     kv_len = tl.where(q_len == 1, tl.load(lens_ptr + b), 0)
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(kv_len, want_splits), BLOCK_N), MIN_BLOCKS) * BLOCK_N
+    live = tl.cdiv(kv_len, tl.maximum(chunk, 1))
     r = tl.arange(0, BLOCK_M)
     row_ok = r < GROUP
     h = kvh * GROUP + r
     d = tl.arange(0, HEAD_DIM)
-    cols = tl.arange(0, BLOCK_N)
-    q = tl.load(q_ptr + q0.to(tl.int64) * stride_qt + h[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    chunk = tl.cdiv(tl.cdiv(kv_len, n_splits), BLOCK_N) * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(start + chunk, kv_len)
-    table_row = bt_ptr + b.to(tl.int64) * stride_bt
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for s in range(start, end, BLOCK_N):
-        kj = s + cols
-        kv_ok = kj < end
-        k, v = _load_kv(k_ptr, v_ptr, table_row, kj, kv_ok, kvh.to(tl.int64), stride_kb, stride_kh, stride_ks,
-                        stride_vb, stride_vh, stride_vs, d, BLOCK_SIZE)
-        m_i, l_i, acc = _attend_block(q, k, v, m_i, l_i, acc, qk_scale, kv_ok[None, :],
-                                      MASKED=True, DOT_F32=DOT_F32)
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    part = (b.to(tl.int64) * n_heads + h) * n_splits + split
-    tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None])
-    tl.store(part_lse_ptr + part, lse, mask=row_ok)
-
-
-@triton.jit
-def _attn_decode_merge_kernel(part_o_ptr, part_lse_ptr, o_ptr, qs_ptr, n_heads, n_splits, stride_ot, stride_oh,
-                              HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Flash-decoding, reduce phase: program (sequence, head) weighs the splits' partial
-    outputs by exp2(lse - max lse). A sequence with no key at all (seq_len 0: padding)
-    gets zeros, never NaN; sequences with other query counts are left to the prefill kernel."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    q0 = tl.load(qs_ptr + b)
-    q_len = tl.load(qs_ptr + b + 1) - q0
-    if q_len == 1:
-        row = b.to(tl.int64) * n_heads + h
-        s = tl.arange(0, BLOCK_S)
-        s_ok = s < n_splits
-        d = tl.arange(0, HEAD_DIM)
-        lse = tl.load(part_lse_ptr + row * n_splits + s, mask=s_ok, other=float("-inf"))
-        top = tl.max(lse, axis=0)
-        w = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top)))
-        o = tl.load(part_o_ptr + (row * n_splits + s)[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None],
-                    other=0.0)
-        total = tl.sum(w, axis=0)
-        out = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
-        tl.store(o_ptr + q0.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty))
+    out_rows = o_ptr + q0.to(tl.int64) * stride_ot + h[:, None] * stride_oh + d[None, :]
+    if split < live:
+        cols = tl.arange(0, BLOCK_N)
+        q = tl.load(q_ptr + q0.to(tl.int64) * stride_qt + h[:, None] * stride_qh + d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        start = split * chunk
+        end = tl.minimum(start + chunk, kv_len)
+        table_row = bt_ptr + b.to(tl.int64) * stride_bt
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for s in range(start, end, BLOCK_N):
+            kj = s + cols
+            kv_ok = kj < end
+            k, v = _load_kv(k_ptr, v_ptr, table_row, kj, kv_ok, kvh.to(tl.int64), stride_kb, stride_kh, stride_ks,
+                            stride_vb, stride_vh, stride_vs, d, BLOCK_SIZE)
+            m_i, l_i, acc = _attend_block(q, k, v, m_i, l_i, acc, qk_scale, kv_ok[None, :],
+                                          MASKED=True, DOT_F32=DOT_F32)
+        seen = l_i > 0.0
+        part = (b.to(tl.int64) * n_heads + h) * n_splits + split
+        tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], acc / tl.where(seen, l_i, 1.0)[:, None],
+                 mask=row_ok[:, None])
+        tl.store(part_lse_ptr + part, tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf")),
+                 mask=row_ok)
+        tl.debug_barrier()
+        counter = count_ptr + b * tl.num_programs(1) + kvh
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == live - 1:
+            # Merge: weights exp2(lse - max lse) over the live splits, in split order.
+            first = (b.to(tl.int64) * n_heads + h) * n_splits
+            top = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            for t in range(0, live):
+                top = tl.maximum(top, tl.load(part_lse_ptr + first + t, mask=row_ok, other=float("-inf"),
+                                              cache_modifier=".cg"))
+            shift = tl.where(top == float("-inf"), 0.0, top)
+            total = tl.zeros([BLOCK_M], tl.float32)
+            out = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+            for t in range(0, live):
+                lse = tl.load(part_lse_ptr + first + t, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                w = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - shift))
+                o = tl.load(part_o_ptr + (first + t)[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None],
+                            other=0.0, cache_modifier=".cg")
+                out += o * w[:, None]
+                total += w
+            out = out / tl.where(total > 0.0, total, 1.0)[:, None]
+            tl.store(out_rows, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.atomic_xchg(counter, 0)
+    elif (split == 0) & (q_len == 1) & (live == 0):
+        tl.store(out_rows, tl.zeros([BLOCK_M, HEAD_DIM], o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 def _check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_start: torch.Tensor,
@@ -394,8 +402,11 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, arch: int | None) -> dict
     if arch is None:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        # 3xTF32 splits both operands: at head_dim 128 a 32x32 tile spills.
-        return dict(BLOCK_M=32, BLOCK_N=32 if head_dim <= 64 else 16, num_warps=8, num_stages=2)
+        # 3xTF32 splits both operands: at head_dim 128 a 32x32 tile spills, and triton 3.6 (the
+        # GPU machines') spills a 32x16 one too.
+        if head_dim <= 64:
+            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
     if head_dim <= 64:
         # sm_80 spills the paged 128x64 tile at 4 warps (the per-key block gather costs registers).
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if arch >= 90 else 8, num_stages=3)
@@ -414,7 +425,8 @@ def _decode_config(head_dim: int, dtype: torch.dtype, arch: int | None) -> dict:
     if arch is None:
         return dict(BLOCK_N=64, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
+        # 8 warps: with 4, triton 3.6 spills on sm_80.
+        return dict(BLOCK_N=32, num_warps=8, num_stages=2)
     return dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
@@ -436,30 +448,23 @@ def _arch_and_sms(device: torch.device) -> tuple[int | None, int | None]:
     return _device_info(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def decode_splits(n_kv_heads: int, capacity: int, block_n: int, sm_count: int | None) -> int:
-    """How many KV splits the decode kernel launches. The host knows only the block
-    table's capacity (reading the lengths would sync), so this is an upper bound sized
-    to fill the GPU about twice over with the KV heads of ONE sequence; the kernel
-    shrinks the splits' reach to the real length. It depends on neither the batch size
-    nor the lengths, so a sequence's reduction order is the same in any batch (batch
-    invariance) and every CUDA-graph bucket runs the same count. Without a GPU
-    (sm_count None) a fixed small count still exercises the merge."""
-    if sm_count is None:
-        return _CPU_DECODE_SPLITS
-    wanted = triton.cdiv(2 * sm_count, n_kv_heads)
-    return max(1, min(wanted, _MAX_DECODE_SPLITS, triton.cdiv(capacity, block_n)))
-
-
-def _merge_warps(block_s: int, head_dim: int) -> int:
-    # The [BLOCK_S, HEAD_DIM] fp32 partial tile lives in registers: ~64 per thread at most.
-    return 4 if block_s * head_dim <= 8192 else 8
+def decode_splits(n_kv_heads: int, capacity: int, block_n: int, sm_count: int | None) -> tuple[int, int]:
+    """(want, grid): a sequence of length L is cut into ceil(L / chunk) live splits, chunk =
+    ceil(L / want) rounded up to block_n, want sized to fill the GPU about twice over with the
+    KV heads of ONE sequence; the grid has room for the most any length within the block
+    table's capacity can have (the host cannot read the lengths without a sync). A
+    sequence's splits depend on its length and the GPU only: the same in any batch (batch
+    invariance) and in every CUDA-graph bucket. Without a GPU (sm_count None) a fixed small
+    count still exercises the merge."""
+    want = _CPU_DECODE_SPLITS if sm_count is None else min(triton.cdiv(2 * sm_count, n_kv_heads), _MAX_DECODE_SPLITS)
+    return want, max(1, min(want, triton.cdiv(capacity, block_n)))
 
 
 def attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      query_start: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                      max_query_len: int, scale: float) -> torch.Tensor:
     """Same contract as attention_torch. Reads no device value on the host: with
-    max_query_len == 1 it is two launches (split + merge), graph-capturable."""
+    max_query_len == 1 it is one launch, graph-capturable."""
     _check_attention_args(q, k_cache, v_cache, query_start, seq_lens, block_tables, max_query_len)
     N, H, D = q.shape
     n_kv, bs = k_cache.shape[1], k_cache.shape[2]
@@ -472,25 +477,25 @@ def attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out.zero_()
     query_start, seq_lens = query_start.contiguous(), seq_lens.contiguous()
     qk_scale = float(scale) * _LOG2E
-    dot_f32 = q.dtype == torch.float32 or q.device.type != "cuda"
     arch, sm_count = _arch_and_sms(q.device)
+    # fp32 operands for fp32 tensors and under the interpreter (no GPU: arch None); read from
+    # the arch, not the device, so bench.static_report compiles what the GPU would run.
+    dot_f32 = q.dtype == torch.float32 or arch is None
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                      v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
 
     # Decode rows (one-query sequences): launched for every step that may hold one.
     if max_query_len <= 1 or B > 1:
         cfg = _decode_config(D, q.dtype, arch)
-        n_splits = decode_splits(n_kv, block_tables.shape[1] * bs, cfg["BLOCK_N"], sm_count)
+        want, n_splits = decode_splits(n_kv, block_tables.shape[1] * bs, cfg["BLOCK_N"], sm_count)
         part_o = torch.empty((B, H, n_splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, H, n_splits), dtype=torch.float32, device=q.device)
-        _attn_decode_split_kernel[(B, n_kv, n_splits)](
-            q, k_cache, v_cache, query_start, seq_lens, block_tables, part_o, part_lse,
-            H, n_splits, qk_scale, q.stride(0), q.stride(1), block_tables.stride(0), *cache_strides,
-            GROUP=group, HEAD_DIM=D, BLOCK_SIZE=bs, BLOCK_M=_decode_block_m(group), DOT_F32=dot_f32, **cfg)
-        block_s = triton.next_power_of_2(n_splits)
-        _attn_decode_merge_kernel[(B, H)](
-            part_o, part_lse, out, query_start, H, n_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_S=block_s, num_warps=_merge_warps(block_s, D))
+        _attn_decode_kernel[(B, n_kv, n_splits)](
+            q, k_cache, v_cache, query_start, seq_lens, block_tables, part_o, part_lse, out,
+            counters(q.device, B * n_kv), H, n_splits, want, qk_scale, q.stride(0), q.stride(1), out.stride(0),
+            out.stride(1), block_tables.stride(0), *cache_strides,
+            GROUP=group, HEAD_DIM=D, BLOCK_SIZE=bs, BLOCK_M=_decode_block_m(group), DOT_F32=dot_f32,
+            MIN_BLOCKS=_MIN_SPLIT_BLOCKS, **cfg)
     if max_query_len >= 2:
         cfg = _prefill_config(D, q.dtype, arch)
         block_q = _prefill_block_q(cfg["BLOCK_M"], group)

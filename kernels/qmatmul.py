@@ -1,43 +1,52 @@
-"""y = x @ dequant(W).T for GGUF-quantized weights.
+"""y = x @ dequant(W).T for GGUF-quantized weights on the tile layout (kernels/qtiles.py).
 
-Reference: dequantize the whole matrix to fp32, then matmul in fp32, output in
-x's dtype. The Triton kernels are held to this.
+Reference: `qmatmul_torch`: dequantize the whole matrix to fp32, matmul in fp32.
 
-Triton path (`qmatmul_triton`): weights are read from the planes of
-kernels/repack.py (call `prepare_weight` once at load). Two kernels:
-
-- GEMV (M <= GEMV_MAX_M, decode): a [BLOCK_N, K step] tile of quants is decoded
-  in registers once per K step and reused for each of the M rows (4/5/6-bit
-  types: each byte is loaded once and decoded into its two adjacent elements); the
-  per-sub-block scale multiplies the sub-block's dot product, not each weight:
-      sum_k w_k x_k = sum_sub (d*sc) * sum(q x) + (bias) * sum(x)
-  with fp32 accumulation and tl.sum. Split-K (fp32 partials, summed after)
-  when the output has too few row blocks to fill the GPU.
-- tiled (larger M, prefill): a [BLOCK_N, BLOCK_K] tile is dequantized to x's
-  dtype and fed to tl.dot; fp32 accumulation. For fp32 inputs the dot runs in
-  IEEE fp32 (no TF32), so the result stays within fp32 rounding of the reference.
-
-Why the GEMV stops at M = 4: each row costs one FMA per weight on the CUDA
-cores. At H200 bandwidth a Q4_K GEMV streams ~8.5e12 weights/s, and ~3.3e13
-fp32 ops/s are all the SMs issue, so beyond a few rows the tl.sum form would be
-ALU-bound; tl.dot moves those rows onto the tensor cores for free.
-
-Quants become floats without the int->float convert (which issues at a quarter
-of the FP32 rate): a value v < 2^23 OR-ed into the mantissa of 2^23 is the float
-2^23 + v, and one subtraction, exact, leaves v minus the type's offset.
+One arithmetic for every row, whatever the batch:
+- W is cut into K-slices of GROUPS x 64 columns, a fixed count per weight (from its shape
+  and the GPU's SM count, never from M). A slice's product with x is computed by
+  `tile_products` (kernels/qdecode.py): weights as exact bf16 integers in the left
+  operand of m16n8k16 tensor-core dots, x in tiles of 8 rows as the right operand, each
+  16-column chunk's fp32 dot product times its scale; the slices' products are summed in
+  slice order. A row's result is bitwise the same alone, in any batch and in a prompt:
+  the same instructions in the same order compute it, and MMA outputs do not mix columns.
+- Decode (M <= 8, and up to DECODE_ROWS for weights of few row tiles), `_qmv_kernel`: program
+  (slice s, range of row tiles) loads its slice of x once (every row of x), decodes each
+  weight tile once for all 8-row tiles of x, and stores fp32 partials; the last program to finish a tile (an atomic counter per
+  tile) sums the slices' partials in slice order and writes y. One launch, bandwidth-bound
+  by construction: enough programs for every SM at M = 1, 16-byte loads of quants, a few
+  LOP3 + one bf16x2 FMA per two weights, x read once per program.
+- Prefill (and decode batches of wide weights), `_qmm_kernel`: program (row tile, 16 rows
+  of x; 8 for gate+up) walks the slices in order, summing their products in registers: the decode
+  kernel's sums, without partials in memory.
+- PAIRED (gate+up, kernels/swiglu.py): unit u is gate tile u and up tile u; y = silu(gate) * up.
+A weight of two types (a Q4_K_M file's fused QKV) is one launch: each row tile belongs to
+one part, which picks its decoding path (both compiled in).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from ..errors import KernelInputError
-from ..gguf.constants import GGMLType
 from ..gguf.tensors import Weight
-from .repack import Packed, PackedTensor, PackedWeight, packed
+from .fusions import (
+    RESIDUAL,
+    ROPE_KV,
+    STORE,
+    SWIGLU,
+    counters,
+    residual_rows,
+    rms_from_squares,
+    rope_kv_rows,
+    rope_pairs,
+    x_chunk,
+)
+from .qdecode import INTERPRETED, round_to, tile_products
+from .qtiles import GROUP, Tiled, TiledTensor, segments, tiled
 
 # CPU BLAS runs a few rows through other kernels (other summation orders) than many;
 # from MIN_ROWS rows on, each row's result is independent of the row count. Padding
@@ -55,360 +64,232 @@ def qmatmul_torch(x: torch.Tensor, w: Weight) -> torch.Tensor:
     return y[:M].to(x.dtype)
 
 
-# Whether @triton.jit below builds interpreted kernels (it decides when it decorates).
-_INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
-
-# GGMLType codes, as the kernels' QTYPE constexpr.
-_F32 = tl.constexpr(0)
-_F16 = tl.constexpr(1)
-_Q4_0 = tl.constexpr(2)
-_Q4_1 = tl.constexpr(3)
-_Q5_0 = tl.constexpr(6)
-_Q5_1 = tl.constexpr(7)
-_Q8_0 = tl.constexpr(8)
-_Q4_K = tl.constexpr(12)
-_Q5_K = tl.constexpr(13)
-_Q6_K = tl.constexpr(14)
-_BF16 = tl.constexpr(30)
+DECODE_ROWS = 64       # up to this many rows of x: the split-K decode kernel
+BLOCK_N = 64           # weight rows per tile
+PREFILL_BATCH = 2      # 8-row tiles of x per prefill program
 
 
 @triton.jit
-def _exact_f32(v, OFFSET: tl.constexpr):
-    """int32 v in [0, 2^23) -> float32(v - OFFSET), exactly, with a LOP and an FADD."""
-    return (v | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+def _x_slice(x_ptr, stride_xm, M, K, row0, s, NORM: tl.constexpr, norm, GROUPS: tl.constexpr,
+             BATCH: tl.constexpr, DTYPE: tl.constexpr):
+    """x rows row0 .. row0 + 8 * BATCH - 1, columns of K-slice s, as tile_products takes them."""
+    xs = ()
+    for b in tl.static_range(BATCH):
+        m = row0 + b * 8 + tl.arange(0, 8)
+        for i in tl.static_range(GROUPS):
+            k0 = (s * GROUPS + i) * 64
+            xs = xs + ((x_chunk(x_ptr, stride_xm, m, m < M, k0, K, NORM, norm, DTYPE),
+                        x_chunk(x_ptr, stride_xm, m, m < M, k0 + 16, K, NORM, norm, DTYPE),
+                        x_chunk(x_ptr, stride_xm, m, m < M, k0 + 32, K, NORM, norm, DTYPE),
+                        x_chunk(x_ptr, stride_xm, m, m < M, k0 + 48, K, NORM, norm, DTYPE)),)
+    return xs
 
 
 @triton.jit
-def _cast(v, dtype: tl.constexpr):
-    """v.to(dtype) with the GPU's round-to-nearest-even, also under the CPU interpreter,
-    whose float32 -> bfloat16 cast truncates."""
-    if _INTERPRETED and (dtype == tl.bfloat16) and (v.dtype == tl.float32):
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        out = v.to(dtype)
-    return out
+def _products(xs, part, t, s, K, QTYPE: tl.constexpr, GROUPS: tl.constexpr, BATCH: tl.constexpr,
+              DTYPE: tl.constexpr):
+    """Tile t of a part (planes tuple: 5 pointers, 5 row strides, rows), K-slice s: (products, rows, mask)."""
+    qw, qh, sc, sm, sd, s_qw, s_qh, s_sc, s_sm, s_sd, rows = part
+    n = t * 64 + tl.arange(0, 64)
+    accs = tile_products(xs, qw, qh, sc, sm, sd, s_qw, s_qh, s_sc, s_sm, s_sd, n, n < rows, s * GROUPS, K, QTYPE,
+                         GROUPS, BATCH, DTYPE)
+    return accs, n, n < rows
 
 
 @triton.jit
-def _scales(s_ptr, f_ptr, s_row, f_row, sb, K, mask, QTYPE: tl.constexpr):
-    """(mul, bias) of sub-block sb (its index along the row): w = quant * mul + bias."""
-    if (QTYPE == _Q4_K) or (QTYPE == _Q5_K):
-        sup = sb // 8
-        d = tl.load(f_ptr + f_row + sup, mask=mask, other=0.0).to(tl.float32)
-        dmin = tl.load(f_ptr + f_row + K // 256 + sup, mask=mask, other=0.0).to(tl.float32)
-        sc = tl.load(s_ptr + s_row + sb, mask=mask, other=0).to(tl.float32)
-        mn = tl.load(s_ptr + s_row + K // 32 + sb, mask=mask, other=0).to(tl.float32)
-        mul = d * sc
-        bias = -(dmin * mn)
-    elif QTYPE == _Q6_K:
-        d = tl.load(f_ptr + f_row + sb // 16, mask=mask, other=0.0).to(tl.float32)
-        mul = d * tl.load(s_ptr + s_row + sb, mask=mask, other=0).to(tl.float32)
-        bias = 0.0
-    else:
-        mul = tl.load(f_ptr + f_row + sb, mask=mask, other=0.0).to(tl.float32)
-        if (QTYPE == _Q4_1) or (QTYPE == _Q5_1):
-            bias = tl.load(f_ptr + f_row + K // 32 + sb, mask=mask, other=0.0).to(tl.float32)
-        else:
-            bias = 0.0
-    return mul, bias
+def _store_part(part_ptr, accs, s, col, ok, N_TOTAL, row0, M, BATCH: tl.constexpr):
+    """part[s, col, m] = accs for rows m = row0 + 8b + j < M (rows of x fastest, as the MMA's registers
+    hold them; only real rows, so one row of x is 4 bytes per column)."""
+    for b in tl.static_range(BATCH):
+        m = row0 + b * 8 + tl.arange(0, 8)
+        dst = part_ptr + (s * N_TOTAL + col.to(tl.int64))[:, None] * M + m[None, :]
+        tl.store(dst, accs[b], mask=ok[:, None] & (m < M)[None, :])
 
 
 @triton.jit
-def _pair_quants(q_ptr, qh_ptr, q_row, qh_row, k0, sb, j, mask, QTYPE: tl.constexpr, SUB: tl.constexpr):
-    """4/5/6-bit types: byte j of sub-block sb (relative to k0) decoded into its two elements
-    (k0 + SUB*sb + 2j, the next one), fp32 less the type's offset. Each byte is loaded once."""
-    b = tl.load(q_ptr + q_row + k0 // 2 + sb * (SUB // 2) + j, mask=mask, other=0).to(tl.int32)
-    lo = b & 15
-    hi = b >> 4
-    if (QTYPE == _Q5_0) or (QTYPE == _Q5_1) or (QTYPE == _Q5_K):
-        # One word holds the fifth bits of the 32-element sub-block.
-        h = tl.load(qh_ptr + qh_row + k0 // 32 + sb, mask=mask, other=0) >> (2 * j)
-        lo = lo | ((h & 1) << 4)
-        hi = hi | ((h & 2) << 3)
-    if QTYPE == _Q6_K:
-        # One word holds the top two bits of the 16-element sub-block.
-        h = tl.load(qh_ptr + qh_row + k0 // 16 + sb, mask=mask, other=0) >> (4 * j)
-        lo = lo | ((h & 3) << 4)
-        hi = hi | ((h & 12) << 2)
-    if QTYPE == _Q4_0:
-        OFFSET: tl.constexpr = 8.0
-    elif QTYPE == _Q5_0:
-        OFFSET: tl.constexpr = 16.0
-    elif QTYPE == _Q6_K:
-        OFFSET: tl.constexpr = 32.0
-    else:
-        OFFSET: tl.constexpr = 0.0
-    return _exact_f32(lo, OFFSET), _exact_f32(hi, OFFSET)
-
-
-@triton.jit
-def _wide_values(q_ptr, q_row, k, mask, QTYPE: tl.constexpr):
-    """Q8_0 and float types: element k as fp32 (one byte or more per element, nothing to split)."""
-    if QTYPE == _Q8_0:
-        b = tl.load(q_ptr + q_row + k, mask=mask, other=0).to(tl.int32)
-        # Flipping the sign bit of the int8 gives q + 128 as an unsigned byte.
-        val = _exact_f32(b ^ 0x80, 128.0)
-    else:
-        val = tl.load(q_ptr + q_row + k, mask=mask, other=0.0).to(tl.float32)
-    return val
-
-
-@triton.jit
-def _weight_tile(q_ptr, qh_ptr, s_ptr, f_ptr, stride_q, stride_qh, stride_s, stride_f,
-                 n, n_ok, k0, K, QTYPE: tl.constexpr, SUB: tl.constexpr, BLOCK_K: tl.constexpr):
-    """W[n, k0 : k0 + BLOCK_K] dequantized to fp32 [BLOCK_N, BLOCK_K] (zero outside the matrix)."""
-    NSUB: tl.constexpr = BLOCK_K // SUB
-    IS_FLOAT: tl.constexpr = (QTYPE == _F32) or (QTYPE == _F16) or (QTYPE == _BF16)
-    HAS_BIAS: tl.constexpr = (QTYPE == _Q4_1) or (QTYPE == _Q5_1) or (QTYPE == _Q4_K) or (QTYPE == _Q5_K)
-    n2 = n[:, None]
-    if IS_FLOAT:
-        k = k0 + tl.arange(0, BLOCK_K)
-        w = _wide_values(q_ptr, n2 * stride_q, k[None, :], n_ok[:, None] & (k < K)[None, :], QTYPE)
-    else:
-        sb = tl.arange(0, NSUB)
-        ok = n_ok[:, None] & (k0 + sb * SUB < K)[None, :]                             # [BLOCK_N, NSUB]
-        mul, bias = _scales(s_ptr, f_ptr, n2 * stride_s, n2 * stride_f, k0 // SUB + sb[None, :], K, ok, QTYPE)
-        n3 = n[:, None, None]
-        if QTYPE == _Q8_0:
-            k = k0 + sb[:, None] * SUB + tl.arange(0, SUB)[None, :]
-            q = _wide_values(q_ptr, n3 * stride_q, k[None, :, :], ok[:, :, None], QTYPE)
-            w = tl.reshape(q * mul[:, :, None], [n.shape[0], BLOCK_K])
-        else:
-            lo, hi = _pair_quants(q_ptr, qh_ptr, n3 * stride_q, n3 * stride_qh, k0, sb[None, :, None],
-                                  tl.arange(0, SUB // 2)[None, None, :], ok[:, :, None], QTYPE, SUB)
-            lo = lo * mul[:, :, None]
-            hi = hi * mul[:, :, None]
-            if HAS_BIAS:
-                lo += bias[:, :, None]
-                hi += bias[:, :, None]
-            # (element 2j, element 2j + 1) side by side: columns in order.
-            w = tl.reshape(tl.join(lo, hi), [n.shape[0], BLOCK_K])
-    return w
-
-
-@triton.jit
-def _gemv_step(acc, x_ptr, stride_xm, M, k0, K, q_ptr, qh_ptr, s_ptr, f_ptr,
-               stride_q, stride_qh, stride_s, stride_f, n, n_ok,
-               QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, SUB: tl.constexpr, NSUB: tl.constexpr):
-    """acc[BLOCK_M, BLOCK_N] += x[:, k0 : k0 + SUB*NSUB] @ W[n, same].T: the tile is decoded once for
-    all rows, and each scale multiplies a sub-block's dot product rather than each weight."""
-    IS_FLOAT: tl.constexpr = (QTYPE == _F32) or (QTYPE == _F16) or (QTYPE == _BF16)
-    WIDE: tl.constexpr = IS_FLOAT or (QTYPE == _Q8_0)
-    HAS_BIAS: tl.constexpr = (QTYPE == _Q4_1) or (QTYPE == _Q5_1) or (QTYPE == _Q4_K) or (QTYPE == _Q5_K)
-    sb = tl.arange(0, NSUB)
-    n2 = n[:, None]
-    n3 = n[:, None, None]
-    rows = tl.arange(0, BLOCK_M)[:, None]
-    ok = n_ok[:, None] & (k0 + sb * SUB < K)[None, :]                                 # [BLOCK_N, NSUB]
-    if not IS_FLOAT:
-        mul, bias = _scales(s_ptr, f_ptr, n2 * stride_s, n2 * stride_f, k0 // SUB + sb[None, :], K, ok, QTYPE)
-    if WIDE:
-        k = k0 + sb[:, None] * SUB + tl.arange(0, SUB)[None, :]                     # [NSUB, SUB]
-        k_ok = k < K
-        q = _wide_values(q_ptr, n3 * stride_q, k[None, :, :], n_ok[:, None, None] & k_ok[None, :, :], QTYPE)
-    else:
-        j = tl.arange(0, SUB // 2)
-        k = k0 + sb[:, None] * SUB + 2 * j[None, :]                                   # even elements
-        k_ok = k < K
-        q_even, q_odd = _pair_quants(q_ptr, qh_ptr, n3 * stride_q, n3 * stride_qh, k0, sb[None, :, None],
-                                     j[None, None, :], ok[:, :, None], QTYPE, SUB)  # [BLOCK_N, NSUB, SUB/2]
-    for m in tl.static_range(BLOCK_M):
-        # Rows past M re-read row M-1; their sums are never stored.
-        x_row = x_ptr + tl.minimum(m, M - 1) * stride_xm
-        if WIDE:
-            xm = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
-            dots = tl.sum(q * xm[None, :, :], axis=2)
-        else:
-            x_even = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
-            x_odd = tl.load(x_row + k + 1, mask=k_ok, other=0.0).to(tl.float32)
-            dots = tl.sum(q_even * x_even[None, :, :] + q_odd * x_odd[None, :, :], axis=2)
-            if HAS_BIAS:
-                xsum = tl.sum(x_even + x_odd, axis=1)
-        if IS_FLOAT:
-            part = tl.sum(dots, axis=1)
-        elif HAS_BIAS:
-            part = tl.sum(dots * mul + bias * xsum[None, :], axis=1)
-        else:
-            part = tl.sum(dots * mul, axis=1)
-        if BLOCK_M == 1:
-            acc += part[None, :]
-        else:
-            acc += tl.where(rows == m, part[None, :], 0.0)
+def _sum_parts(part_ptr, col, ok, m, M, N_TOTAL, S):
+    """sum over slices s = 0 .. S-1, in that order, of part[s, col, m] -> fp32 [cols, rows m]."""
+    acc = tl.zeros([col.shape[0], m.shape[0]], tl.float32)
+    for s in range(0, S):
+        src = part_ptr + (s * N_TOTAL + col.to(tl.int64))[:, None] * M + m[None, :]
+        acc += tl.load(src, mask=ok[:, None] & (m < M)[None, :], other=0.0, cache_modifier=".cg")
     return acc
 
 
 @triton.jit
-def _qgemv_kernel(x_ptr, y_ptr, q_ptr, qh_ptr, s_ptr, f_ptr,
-                  M, N, K, stride_xm, stride_ym, stride_ysplit,
-                  stride_q, stride_qh, stride_s, stride_f,
-                  SPLIT_K, QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  SUB: tl.constexpr, NSUB: tl.constexpr):
-    """y[:M, n-block] (or split pid_k's fp32 partial) for M <= BLOCK_M rows of x; K steps of SUB * NSUB."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    BK: tl.constexpr = SUB * NSUB
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    per_split = tl.cdiv(tl.cdiv(K, BK), SPLIT_K) * BK
-    k_lo = pid_k * per_split
-    k_hi = tl.minimum(K, k_lo + per_split)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BK):
-        acc = _gemv_step(acc, x_ptr, stride_xm, M, k0, K, q_ptr, qh_ptr, s_ptr, f_ptr,
-                         stride_q, stride_qh, stride_s, stride_f, n, n_ok, QTYPE, BLOCK_M, SUB, NSUB)
-    rows = tl.arange(0, BLOCK_M)[:, None]
-    out = y_ptr + pid_k * stride_ysplit + rows * stride_ym + n[None, :]
-    tl.store(out, _cast(acc, y_ptr.dtype.element_ty), mask=(rows < M) & n_ok[None, :])
+def _finish_unit(u, part_ptr, S, N_A, N_TOTAL, tiles_a, M, row0, count_ptr, units, epi, B_PRESENT: tl.constexpr,
+                 EPILOGUE: tl.constexpr, UNIT_TILES: tl.constexpr, BATCH: tl.constexpr, N_HEADS: tl.constexpr,
+                 N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_ROPE: tl.constexpr,
+                 DTYPE: tl.constexpr):
+    """The epilogue of unit u (kernels/fusions.py) for rows row0 .. row0 + 8 * BATCH - 1 of x, from the
+    S slices' partials. RESIDUAL: the last unit to finish turns the squares into inv_rms."""
+    UNIT_ROWS: tl.constexpr = 64 * UNIT_TILES
+    col = u * UNIT_ROWS + tl.arange(0, UNIT_ROWS)
+    ok = col < N_A
+    if B_PRESENT and (EPILOGUE != SWIGLU):
+        if u * UNIT_TILES >= tiles_a:
+            col = N_A + (u * UNIT_TILES - tiles_a) * 64 + tl.arange(0, UNIT_ROWS)
+            ok = col < N_TOTAL
+    for b in tl.static_range(BATCH):
+        m = row0 + b * 8 + tl.arange(0, 8)
+        if EPILOGUE == ROPE_KV:
+            rope, col0 = epi
+            r1, i = rope_pairs(UNIT_ROWS, HEAD_DIM)
+            row1 = u * UNIT_ROWS + r1
+            x1 = _sum_parts(part_ptr, row1, row1 < N_TOTAL, m, M, N_TOTAL, S)
+            x2 = _sum_parts(part_ptr, row1 + HEAD_DIM // 2, row1 < N_TOTAL, m, M, N_TOTAL, S)
+            rope_kv_rows(x1, x2, col0 + row1, row1 < N_TOTAL, i, m, M, rope, N_HEADS, N_KV_HEADS, HEAD_DIM,
+                         BLOCK_SIZE, USE_ROPE, DTYPE)
+        else:
+            value = _sum_parts(part_ptr, col, ok, m, M, N_TOTAL, S)
+            if EPILOGUE == RESIDUAL:
+                h_ptr, stride_h, sq_ptr, inv_ptr, eps = epi
+                residual_rows(value, m, M, col, ok, u, h_ptr, stride_h, sq_ptr)
+            else:
+                y_ptr, stride_ym = epi
+                if EPILOGUE == SWIGLU:
+                    up = _sum_parts(part_ptr, N_A + col, ok, m, M, N_TOTAL, S)
+                    value = value * tl.sigmoid(value) * up
+                dst = y_ptr + m.to(tl.int64)[None, :] * stride_ym + col[:, None]
+                tl.store(dst, round_to(value, y_ptr.dtype.element_ty), mask=(m < M)[None, :] & ok[:, None])
+    if EPILOGUE == RESIDUAL:
+        h_ptr, stride_h, sq_ptr, inv_ptr, eps = epi
+        tl.debug_barrier()
+        if tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == units - 1:
+            rms_from_squares(sq_ptr, inv_ptr, units, M, row0, 8 * BATCH, N_TOTAL, eps)
+            tl.atomic_xchg(count_ptr, 0)
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped launch order: GROUP_M row tiles share each column tile's weights while they sit in L2."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * grid_n
-    first_m = (pid // per_group) * GROUP_M
-    rows_here = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows_here
-    pid_n = (pid % per_group) // rows_here
-    return pid_m, pid_n
+def _qmv_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, units_per_program, epi,
+                QTYPE_A: tl.constexpr, QTYPE_B: tl.constexpr, NORM: tl.constexpr, EPILOGUE: tl.constexpr,
+                UNIT_TILES: tl.constexpr, GROUPS: tl.constexpr, BATCH: tl.constexpr,
+                N_HEADS: tl.constexpr = 0, N_KV_HEADS: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 0,
+                BLOCK_SIZE: tl.constexpr = 0, USE_ROPE: tl.constexpr = False):
+    """Decode: program (K-slice, range of units) for every row of x (module docstring). Units are
+    UNIT_TILES row tiles of part A, then of part B (SWIGLU: gate tile u with up tile u)."""
+    s = tl.program_id(0)
+    first = tl.program_id(1) * units_per_program
+    S = tl.num_programs(0)
+    N_A = A[10]
+    N_TOTAL = N_A + B[10]
+    # The dots' operand type: x's (weights as exact integers); fp32 under the interpreter, whose
+    # dot cannot multiply 16-bit floats (products of 16-bit values are exact in fp32 anyway).
+    DTYPE: tl.constexpr = tl.float32 if INTERPRETED else x_ptr.dtype.element_ty
+    xs = _x_slice(x_ptr, stride_xm, M, K, 0, s, NORM, norm, GROUPS, BATCH, DTYPE)
+    tiles_a = tl.cdiv(N_A, 64)
+    last = tl.minimum(first + units_per_program, units)
+    # One loop per part, so each loop decodes one type (and is software-pipelined).
+    for t in range(first * UNIT_TILES, tl.minimum(last * UNIT_TILES, tiles_a)):
+        accs, n, ok = _products(xs, A, t, s, K, QTYPE_A, GROUPS, BATCH, DTYPE)
+        _store_part(part_ptr, accs, s, n, ok, N_TOTAL, 0, M, BATCH)
+        if EPILOGUE == SWIGLU:
+            accs, n, ok = _products(xs, B, t, s, K, QTYPE_B, GROUPS, BATCH, DTYPE)
+            _store_part(part_ptr, accs, s, N_A + n, ok, N_TOTAL, 0, M, BATCH)
+    if (QTYPE_B is not None) and (EPILOGUE != SWIGLU):
+        for t in range(tl.maximum(first * UNIT_TILES, tiles_a), last * UNIT_TILES):
+            accs, n, ok = _products(xs, B, t - tiles_a, s, K, QTYPE_B, GROUPS, BATCH, DTYPE)
+            _store_part(part_ptr, accs, s, N_A + n, ok, N_TOTAL, 0, M, BATCH)
+    # Every thread's partial stores land before the counts say so; the last of the S slices
+    # of a unit finishes it and re-arms its counter.
+    tl.debug_barrier()
+    for u in range(first, last):
+        if tl.atomic_add(count_ptr + u, 1, sem="acq_rel", scope="gpu") == S - 1:
+            _finish_unit(u, part_ptr, S, N_A, N_TOTAL, tiles_a, M, 0, count_ptr + units, units, epi,
+                         QTYPE_B is not None, EPILOGUE, UNIT_TILES, BATCH, N_HEADS, N_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
+                         USE_ROPE, x_ptr.dtype.element_ty)
+            tl.atomic_xchg(count_ptr + u, 0)
 
 
 @triton.jit
-def _dot(x, w, acc):
-    """acc += x @ w.T with w first rounded to x's dtype, as the tensor cores take it.
-
-    fp32 x runs an IEEE fp32 dot (TF32 would cost ~1e-3 relative). So do 16-bit x under
-    the CPU interpreter, whose dot cannot multiply bfloat16: a product of two 16-bit
-    floats is exact in fp32, so that matches the tensor-core dot up to the order of the sum.
-    """
-    w = _cast(w, x.dtype)
-    if (x.dtype == tl.float32) or _INTERPRETED:
-        acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(x, tl.trans(w), acc)
-    return acc
+def _slices_summed(xs_args, part, t, S, QTYPE: tl.constexpr, GROUPS: tl.constexpr, BATCH: tl.constexpr,
+                   DTYPE: tl.constexpr, NORM: tl.constexpr):
+    """Tile t of a part times x rows row0 .. row0 + 8 * BATCH - 1: the slices' products summed in
+    slice order, exactly as the decode kernel's last program sums its partials."""
+    x_ptr, stride_xm, M, K, row0, norm = xs_args
+    n = t * 64 + tl.arange(0, 64)
+    ok = n < part[10]
+    totals = ()
+    for b in tl.static_range(BATCH):
+        totals = totals + (tl.zeros([64, 8], tl.float32),)
+    for s in range(0, S):
+        xs = _x_slice(x_ptr, stride_xm, M, K, row0, s, NORM, norm, GROUPS, BATCH, DTYPE)
+        accs, _, _ = _products(xs, part, t, s, K, QTYPE, GROUPS, BATCH, DTYPE)
+        summed = ()
+        for b in tl.static_range(BATCH):
+            summed = summed + (totals[b] + accs[b],)
+        totals = summed
+    return totals, n, ok
 
 
 @triton.jit
-def _qgemm_kernel(x_ptr, y_ptr, q_ptr, qh_ptr, s_ptr, f_ptr,
-                  M, N, K, stride_xm, stride_ym, stride_ysplit,
-                  stride_q, stride_qh, stride_s, stride_f,
-                  SPLIT_K, QTYPE: tl.constexpr, SUB: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = m < M
-    n_ok = n < N
-    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_lo = pid_k * per_split
-    k_hi = tl.minimum(K, k_lo + per_split)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
-        w = _weight_tile(q_ptr, qh_ptr, s_ptr, f_ptr, stride_q, stride_qh, stride_s, stride_f,
-                         n, n_ok, k0, K, QTYPE, SUB, BLOCK_K)
-        acc = _dot(x, w, acc)
-    out = y_ptr + pid_k * stride_ysplit + m[:, None] * stride_ym + n[None, :]
-    tl.store(out, _cast(acc, y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+def _qmm_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, S, epi,
+                QTYPE_A: tl.constexpr, QTYPE_B: tl.constexpr, NORM: tl.constexpr, EPILOGUE: tl.constexpr,
+                UNIT_TILES: tl.constexpr, GROUPS: tl.constexpr, BATCH: tl.constexpr,
+                N_HEADS: tl.constexpr = 0, N_KV_HEADS: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 0,
+                BLOCK_SIZE: tl.constexpr = 0, USE_ROPE: tl.constexpr = False):
+    """Prefill: program (unit, 8 * BATCH rows of x). Its sums go to its own rows of a one-slice
+    partial buffer, then the decode kernel's epilogue runs on them (a CTA barrier between)."""
+    u = tl.program_id(0)
+    row_block = tl.program_id(1)
+    row0 = row_block * (8 * BATCH)
+    N_A = A[10]
+    N_TOTAL = N_A + B[10]
+    DTYPE: tl.constexpr = tl.float32 if INTERPRETED else x_ptr.dtype.element_ty
+    tiles_a = tl.cdiv(N_A, 64)
+    xs_args = (x_ptr, stride_xm, M, K, row0, norm)
+    for j in tl.static_range(UNIT_TILES):
+        t = u * UNIT_TILES + j
+        if EPILOGUE == SWIGLU:
+            totals, n, ok = _slices_summed(xs_args, A, t, S, QTYPE_A, GROUPS, BATCH, DTYPE, NORM)
+            _store_part(part_ptr, totals, 0, n, ok, N_TOTAL, row0, M, BATCH)
+            totals, n, ok = _slices_summed(xs_args, B, t, S, QTYPE_B, GROUPS, BATCH, DTYPE, NORM)
+            _store_part(part_ptr, totals, 0, N_A + n, ok, N_TOTAL, row0, M, BATCH)
+        elif t < tiles_a:          # without a part B every tile is part A's
+            totals, n, ok = _slices_summed(xs_args, A, t, S, QTYPE_A, GROUPS, BATCH, DTYPE, NORM)
+            _store_part(part_ptr, totals, 0, n, ok, N_TOTAL, row0, M, BATCH)
+        else:
+            if QTYPE_B is not None:
+                totals, n, ok = _slices_summed(xs_args, B, t - tiles_a, S, QTYPE_B, GROUPS, BATCH, DTYPE, NORM)
+                _store_part(part_ptr, totals, 0, N_A + n, ok, N_TOTAL, row0, M, BATCH)
+    tl.debug_barrier()
+    _finish_unit(u, part_ptr, 1, N_A, N_TOTAL, tiles_a, M, row0, count_ptr + row_block, units, epi,
+                 QTYPE_B is not None, EPILOGUE, UNIT_TILES, BATCH, N_HEADS, N_KV_HEADS, HEAD_DIM, BLOCK_SIZE, USE_ROPE,
+                 x_ptr.dtype.element_ty)
 
 
 # ----------------------------------------------------------------------------- launch
 
-# Rows of x up to which the GEMV kernel runs (see the module docstring).
-GEMV_MAX_M = 4
-
-# Elements per sub-block: the granularity of the integer/fp16 scales.
-SUB_BLOCK = {GGMLType.Q6_K: 16, GGMLType.F32: 32, GGMLType.F16: 32, GGMLType.BF16: 32}
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def sub_block(qtype: GGMLType) -> int:
-    return SUB_BLOCK.get(qtype, 32)
-
-
-@dataclass(frozen=True)
-class GemvConfig:
-    block_n: int = 32
-    block_k: int = 256
-    split_k: int | None = None        # None: chosen from the grid size
-    num_warps: int = 8
-    num_stages: int = 3
-
-
-@dataclass(frozen=True)
-class GemmConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-    group_m: int = 8
-    split_k: int | None = None        # None: chosen from the grid size
-
-
-def gemv_config(m: int) -> GemvConfig:
-    """Rows per program for the GEMV: fewer when each decoded weight serves several rows of x."""
-    return GemvConfig(block_n=32 if m == 1 else 16)
-
-
-def gemm_config(m: int, dtype: torch.dtype) -> GemmConfig:
-    """Tile shape for the tiled path by rows of x and activation dtype (GPU tuning still to do)."""
-    if dtype == torch.float32:
-        # IEEE fp32 dots run on the FMA units: smaller tiles keep the accumulators in registers.
-        return GemmConfig(32, 64, 32, num_warps=4, num_stages=2)
-    if m <= 16:
-        return GemmConfig(16, 64, 128, num_warps=4, num_stages=3)
-    if m <= 64:
-        return GemmConfig(64, 64, 64, num_warps=4, num_stages=3)
-    return GemmConfig(128, 128, 64, num_warps=8, num_stages=3)
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """SMs the slices are sized for; without a GPU an H200's 132, so the CPU computes the same
+    slices (the same sums) as that GPU."""
     if device.type != "cuda":
-        return 1
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+        return 132
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _split_k(programs: int, k_steps: int, device: torch.device) -> int:
-    """Slices of K so that small outputs (o_proj, down: 2048 rows) still give every SM a few programs."""
-    want = 4 * _sm_count(device)
-    if programs >= want:
-        return 1
-    return max(1, min(8, want // programs, k_steps // 2))
+def slice_groups(k: int, units: int, sms: int) -> int:
+    """64-column groups per K-slice: the most (4, 2, 1) that still gives every SM two (slice,
+    unit) programs at M = 1. From the weight's shape, its epilogue's unit and the GPU only."""
+    groups_k = triton.cdiv(k, GROUP)
+    for groups in (4, 2):
+        if triton.cdiv(groups_k, groups) * units >= 2 * sms:
+            return groups
+    return 1
 
 
-def _segments(w: Packed) -> list[tuple[int, PackedTensor]]:
-    """(first output row, part) for each part of a packed weight."""
-    parts = w.parts if isinstance(w, PackedWeight) else (w,)
-    out, row = [], 0
-    for p in parts:
-        out.append((row, p))
-        row += p.shape[0]
-    return out
+def _plane_args(p: TiledTensor) -> list:
+    """Five plane pointers and five row strides; an absent plane is stood in for by qw (never read)."""
+    planes = [p.qw if t is None else t for t in p.planes]
+    return planes + [0 if t is None else t.stride(0) for t in p.planes]
 
 
-def _plane_args(p: PackedTensor) -> tuple[list[torch.Tensor], list[int]]:
-    """Pointers and row strides of the four planes; an absent plane is stood in for by q (never read)."""
-    ptrs, strides = [], []
-    for plane in p.planes:
-        ptrs.append(p.q if plane is None else plane)
-        strides.append(0 if plane is None else plane.stride(0))
-    return ptrs, strides
-
-
-def check_input(x: torch.Tensor, w: Packed, what: str) -> None:
+def check_input(x: torch.Tensor, w, what: str) -> None:
     if x.dim() != 2:
         raise KernelInputError(f"{what}: x must be 2-D [M, K], got shape {list(x.shape)}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -420,62 +301,106 @@ def check_input(x: torch.Tensor, w: Packed, what: str) -> None:
         raise KernelInputError(f"{what}: x is on {x.device} but the weight is on {w.device}")
 
 
-def _launch(x: torch.Tensor, y: torch.Tensor, p: PackedTensor, col0: int, split: int,
-            path: str, cfg: GemvConfig | GemmConfig) -> None:
-    """One part's output columns [col0, col0 + N): into y (split == 1) or into fp32 partials y[split]."""
+def launch(x: torch.Tensor, a: TiledTensor, b: TiledTensor | None, groups: int, epilogue: int, epi: tuple, *,
+           norm: tuple | None = None, unit_tiles: int = 1, consts: dict | None = None) -> None:
+    """x (or RMSNorm(x) with norm = (inv_rms, weight)) @ [a; b].T, finished by `epilogue`
+    (kernels/fusions.py) with its arguments `epi`, by the decode or the prefill kernel.
+    SWIGLU pairs tile u of a (gate) with tile u of b (up). RESIDUAL: epi = (h, inv_rms, eps)."""
     M, K = x.shape
-    N = p.shape[0]
-    (q, qh, s, f), (sq, sqh, ss, sf) = _plane_args(p)
-    out = y[..., col0:col0 + N]
-    split_stride = y.stride(0) if split > 1 else 0
-    if path == "gemv":
-        block_m = triton.next_power_of_2(M)
-        grid = (triton.cdiv(N, cfg.block_n), split)
-        _qgemv_kernel[grid](x, out, q, qh, s, f, M, N, K, x.stride(0), out.stride(-2), split_stride,
-                            sq, sqh, ss, sf, split, QTYPE=int(p.qtype), BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-                            SUB=sub_block(p.qtype), NSUB=cfg.block_k // sub_block(p.qtype),
-                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    n_a = a.shape[0]
+    n_b = b.shape[0] if b is not None else 0
+    tiles_a = triton.cdiv(n_a, BLOCK_N)
+    units = tiles_a if epilogue == SWIGLU else triton.cdiv(tiles_a + triton.cdiv(n_b, BLOCK_N), unit_tiles)
+    S = triton.cdiv(triton.cdiv(K, GROUP), groups)
+    # Both kernels compute the same sums (same slices, same order), so the choice may follow M:
+    # split-K for few rows of x (x read once per program, partials small), the slices summed in
+    # registers when there are rows enough that the partials would outweigh the weight and the
+    # weight has units enough to fill the GPU without splitting.
+    decode = M <= 8 or (M <= DECODE_ROWS and units < 2 * sm_count(x.device))
+    if decode:
+        batch = triton.next_power_of_2(triton.cdiv(M, 8))
     else:
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
-        _qgemm_kernel[grid](x, out, q, qh, s, f, M, N, K, x.stride(0), out.stride(-2), split_stride,
-                            sq, sqh, ss, sf, split, QTYPE=int(p.qtype), SUB=sub_block(p.qtype),
-                            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        # Two 8-row tiles of x per program (one for gate+up, which holds both): more spill.
+        batch = min(1 if epilogue == SWIGLU else PREFILL_BATCH, triton.next_power_of_2(triton.cdiv(M, 8)))
+    row_blocks = 1 if decode else triton.cdiv(M, 8 * batch)
+    if epilogue == RESIDUAL:
+        h, inv_rms, eps = epi
+        epi = (h, h.stride(0), torch.empty((units, M), dtype=torch.float32, device=x.device), inv_rms, float(eps))
+    part_a = (*_plane_args(a), n_a)
+    part_b = (*_plane_args(b), n_b) if b is not None else (*_plane_args(a), 0)
+    norm = norm if norm is not None else (x, x)
+    count = counters(x.device, units + row_blocks)
+    kw = dict(QTYPE_A=int(a.qtype), QTYPE_B=None if b is None else int(b.qtype), NORM=norm[0] is not x,
+              EPILOGUE=getattr(epilogue, "value", epilogue), UNIT_TILES=unit_tiles, GROUPS=groups, BATCH=batch,
+              num_warps=4, num_stages=2 if decode else 1, **(consts or {}))
+    if decode:
+        # Units per program: about 4 programs per SM at M = 1 (the result does not depend on it).
+        per_program = max(1, (S * units) // (4 * sm_count(x.device)))
+        part = torch.empty((S, n_a + n_b, M), dtype=torch.float32, device=x.device)
+        _qmv_kernel[(S, triton.cdiv(units, per_program))](x, x.stride(0), M, K, norm, part_a, part_b, part, count,
+                                                          units, per_program, epi, **kw)
+    else:
+        part = torch.empty((1, n_a + n_b, M), dtype=torch.float32, device=x.device)
+        _qmm_kernel[(units, row_blocks)](x, x.stride(0), M, K, norm, part_a, part_b, part, count, units, S, epi,
+                                         **kw)
 
 
-def qmatmul_triton(x: torch.Tensor, w: Weight | Packed, *,
-                   config: GemvConfig | GemmConfig | None = None) -> torch.Tensor:
-    """x [M, K] @ w[N, K].T -> [M, N] in x's dtype, fp32 accumulation; same semantics as qmatmul_torch.
+def two_parts(w: Tiled, unit_tiles: int = 1) -> list[tuple[int, TiledTensor, TiledTensor | None]]:
+    """The weight as launches (first output row, part A, part B or None) of at most two parts,
+    part A a whole number of units of unit_tiles row tiles."""
+    segs = segments(w)
+    out = []
+    while segs:
+        row, a = segs.pop(0)
+        if segs and a.shape[0] % (BLOCK_N * unit_tiles) == 0:
+            out.append((row, a, segs.pop(0)[1]))
+        else:
+            out.append((row, a, None))
+    return out
 
-    `w` should come from `prepare_weight` (done once at load); a raw QuantTensor or
-    SegmentedTensor is packed on first use and the packing kept while it lives.
-    Each part of a mixed-type weight writes its own columns of one output.
-    `config` overrides the path and tiles (tests, tuning).
-    """
-    w = packed(w)
-    check_input(x, w, "qmatmul")
-    M, K = x.shape
-    N = w.shape[0]
-    if M == 0:
-        return x.new_empty(0, N)
+
+def prepared(x: torch.Tensor, w, what: str, unit_rows: int = BLOCK_N):
+    """(x with unit column stride, w tiled, the weight's K-slice groups for units of unit_rows
+    output rows), inputs checked."""
+    w = tiled(w)
+    check_input(x, w, what)
     if x.stride(1) != 1:
         x = x.contiguous()
-    if config is None:
-        config = gemv_config(M) if M <= GEMV_MAX_M else gemm_config(M, x.dtype)
-    path = "gemv" if isinstance(config, GemvConfig) else "gemm"
-    if path == "gemv" and M > GEMV_MAX_M:
-        raise KernelInputError(f"qmatmul: the GEMV path takes at most {GEMV_MAX_M} rows, got {M}")
-    block_k = config.block_k
-    if config.split_k is not None:
-        split = config.split_k
-    else:
-        tiles = triton.cdiv(N, config.block_n)
-        if path == "gemm":
-            tiles *= triton.cdiv(M, config.block_m)
-        split = _split_k(tiles, triton.cdiv(K, block_k), x.device)
-    # Split-K slices write fp32 partials, summed here (deterministic, unlike atomics).
-    shape = (split, M, N) if split > 1 else (M, N)
-    y = torch.empty(shape, dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
-    for col0, p in _segments(w):
-        _launch(x, y, p, col0, split, path, config)
-    return y.sum(0).to(x.dtype) if split > 1 else y
+    return x, w, slice_groups(x.shape[1], triton.cdiv(w.shape[0], unit_rows), sm_count(x.device))
+
+
+def qmatmul_triton(x: torch.Tensor, w: Weight | Tiled, *, out_dtype: torch.dtype | None = None,
+                   norm: tuple | None = None) -> torch.Tensor:
+    """x [M, K] @ w[N, K].T -> [M, N] in out_dtype (default x's dtype), fp32 accumulation; same
+    semantics as qmatmul_torch. With norm = (inv_rms [M] fp32, weight [K]), x is first replaced
+    by RMSNorm(x) = round(x * inv_rms * weight) (the LM head after the final norm). `w` should
+    come from prepare_tiles (once at load); a raw weight is tiled on first use and kept."""
+    x, w, groups = prepared(x, w, "qmatmul")
+    M, N = x.shape[0], w.shape[0]
+    y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    if M:
+        for row, a, b in two_parts(w):
+            rows = a.shape[0] + (b.shape[0] if b is not None else 0)
+            out = y[:, row:row + rows]
+            launch(x, a, b, groups, STORE, (out, out.stride(0)), norm=norm)
+    return y
+
+
+def add_qmatmul_triton(x: torch.Tensor, w: Weight | Tiled, h: torch.Tensor, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream after a branch: h += round(x @ w.T) in place, and inv_rms [M] of the new
+    h (1 / sqrt(mean(h^2) + eps)) for the next RMSNorm. One launch."""
+    x, w, groups = prepared(x, w, "qmatmul")
+    M, N = x.shape[0], w.shape[0]
+    if h.shape != (M, N) or h.stride(1) != 1:
+        raise KernelInputError(f"qmatmul: the residual stream must be [{M}, {N}] with unit column stride, "
+                               f"got {tuple(h.shape)} strides {h.stride()}")
+    launches = two_parts(w)
+    if len(launches) != 1:
+        raise KernelInputError(f"qmatmul: a residual update takes a weight of at most two parts, part A a whole "
+                               f"number of {BLOCK_N}-row tiles; got parts of {[p.shape[0] for _, p in segments(w)]}")
+    inv_rms = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M:
+        _, a, b = launches[0]
+        launch(x, a, b, groups, RESIDUAL, (h, inv_rms, eps))
+    return h, inv_rms

@@ -13,21 +13,20 @@ cos/sin come from a table [max_seq, d/2] built in float64 at load (positions rea
 The caches are paged, [n_blocks, n_kv_heads, block_size, head_dim]; k and v of
 token t go to slot slot_mapping[t] (= block * block_size + offset; -1: not written).
 Returns q [T, n_heads, head_dim].
+
+Triton path (`rope_qkv_triton`): one launch of the matmul kernels (kernels/qmatmul.py) whose
+epilogue (kernels/fusions.py ROPE_KV) takes each head's fp32 sums, rounds them to x's dtype,
+rotates q and k and writes q out and k, v into the cache: qkv never reaches memory.
 """
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from ..errors import KernelInputError, UnsupportedModelError
 from ..gguf.tensors import Weight
-from .qmatmul import qmatmul_torch, qmatmul_triton
-
-# The one place the Triton path does its QKV GEMV/GEMM (then a second launch rotates
-# and writes the cache). The next step moves the RoPE + KV write into that kernel's
-# epilogue, saving the launch and the qkv round trip through memory.
-_qkv_projection = qmatmul_triton
+from .fusions import ROPE_KV
+from .qmatmul import BLOCK_N, launch, qmatmul_torch, two_parts
+from .qmatmul import prepared as _prepared_matmul
 
 
 def apply_rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -67,64 +66,6 @@ def rope_qkv_torch(x: torch.Tensor, w_qkv: Weight, positions: torch.Tensor,
     return q
 
 
-@triton.jit
-def _rope_kv_write_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
-                          n_positions, n_slots, stride_qkv, stride_q,
-                          stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_cs,
-                          N_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-                          BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, USE_ROPE: tl.constexpr):
-    """One token's slice of heads: q, k and v heads are rows of one [BLOCK_H, HALF] tile
-    (the two halves of the head loaded separately), so one launch serves all three.
-    K/V go to cache slot slot_mapping[t] = block * BLOCK_SIZE + offset (-1: not written)."""
-    t = tl.program_id(0).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    i = tl.arange(0, HALF)
-    in_range = heads < N_HEADS + 2 * N_KV_HEADS
-    src = qkv_ptr + t * stride_qkv + heads[:, None] * (2 * HALF) + i[None, :]
-    x1 = tl.load(src, mask=in_range[:, None], other=0.0)
-    x2 = tl.load(src + HALF, mask=in_range[:, None], other=0.0)
-    pos = tl.load(pos_ptr + t)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    # A position past the RoPE tables or a slot outside the pool would read or write out
-    # of bounds: that token's K/V write is dropped instead (the engine never sends one;
-    # slot -1 is its "do not write"). Kept as integer limits: the interpreter mishandles
-    # a scalar bool in a mask.
-    pos_ok = (pos >= 0) & (pos < n_positions)
-    write_ok = pos_ok & (slot >= 0) & (slot < n_slots)
-    kv_heads_written = tl.where(write_ok, N_KV_HEADS, 0)
-    if USE_ROPE:
-        row_ok = i < tl.where(pos_ok, HALF, 0)
-        c = tl.load(cos_ptr + pos * stride_cs + i, mask=row_ok, other=0.0)[None, :]
-        s = tl.load(sin_ptr + pos * stride_cs + i, mask=row_ok, other=0.0)[None, :]
-        x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-        rotate = (heads < N_HEADS + N_KV_HEADS)[:, None]
-        # Rounded back to the activation dtype before any cache-dtype cast, as the
-        # unfused graph does.
-        x1 = tl.where(rotate, x1f * c - x2f * s, x1f).to(x1.dtype)
-        x2 = tl.where(rotate, x2f * c + x1f * s, x2f).to(x2.dtype)
-
-    is_q = heads < N_HEADS
-    qh = tl.where(is_q, heads, 0)
-    dst = q_ptr + t * stride_q + qh[:, None] * (2 * HALF) + i[None, :]
-    tl.store(dst, x1, mask=is_q[:, None])
-    tl.store(dst + HALF, x2, mask=is_q[:, None])
-
-    # int64 block offsets: block * stride crosses 2^31 elements in a large pool.
-    block = tl.where(write_ok, slot // BLOCK_SIZE, 0)
-    offset = tl.where(write_ok, slot % BLOCK_SIZE, 0)
-    is_k = (heads >= N_HEADS) & (heads < N_HEADS + kv_heads_written)
-    kh = tl.where(is_k, heads - N_HEADS, 0).to(tl.int64)
-    dst = k_cache_ptr + block * stride_kb + kh[:, None] * stride_kh + offset * stride_ks + i[None, :]
-    tl.store(dst, x1.to(k_cache_ptr.dtype.element_ty), mask=is_k[:, None])
-    tl.store(dst + HALF, x2.to(k_cache_ptr.dtype.element_ty), mask=is_k[:, None])
-
-    is_v = (heads >= N_HEADS + N_KV_HEADS) & (heads < N_HEADS + N_KV_HEADS + kv_heads_written)
-    vh = tl.where(is_v, heads - N_HEADS - N_KV_HEADS, 0).to(tl.int64)
-    dst = v_cache_ptr + block * stride_vb + vh[:, None] * stride_vh + offset * stride_vs + i[None, :]
-    tl.store(dst, x1.to(v_cache_ptr.dtype.element_ty), mask=is_v[:, None])
-    tl.store(dst + HALF, x2.to(v_cache_ptr.dtype.element_ty), mask=is_v[:, None])
-
-
 def _check_rope_args(x: torch.Tensor, w_qkv: Weight, positions: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                      n_heads: int, n_kv_heads: int, head_dim: int) -> None:
@@ -160,36 +101,28 @@ def _check_rope_args(x: torch.Tensor, w_qkv: Weight, positions: torch.Tensor, co
         raise KernelInputError("rope_qkv: cos and sin tables must have the same rows and row stride")
 
 
-def _rope_config(n_rows: int, head_dim: int) -> tuple[int, int]:
-    """(heads per program, warps): a token's q, k and v heads in one program when they
-    fit 32 rows (SmolLM3-3B: 24), about 512 elements per warp."""
-    block_h = min(triton.next_power_of_2(n_rows), 32)
-    return block_h, max(1, min(8, block_h * head_dim // 512))
-
-
 def rope_qkv_triton(x: torch.Tensor, w_qkv: Weight, positions: torch.Tensor,
                     cos: torch.Tensor, sin: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                    n_heads: int, n_kv_heads: int, head_dim: int, use_rope: bool) -> torch.Tensor:
+                    n_heads: int, n_kv_heads: int, head_dim: int, use_rope: bool, *,
+                    norm: tuple | None = None) -> torch.Tensor:
+    """rope_qkv_torch's contract in one matmul launch: the QKV projection's epilogue rotates q and k
+    and writes q out and k, v into the cache (kernels/fusions.py). With norm = (inv_rms, weight),
+    x is first RMSNorm(x)."""
     _check_rope_args(x, w_qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, n_heads, n_kv_heads, head_dim)
-    qkv = _qkv_projection(x, w_qkv)
-    if qkv.stride(-1) != 1:
-        qkv = qkv.contiguous()
-    positions = positions.contiguous()
-    slot_mapping = slot_mapping.contiguous()
-    T = qkv.shape[0]
-    q = torch.empty((T, n_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    # A unit (what one program finishes) is whole heads: RoPE pairs element i with i + head_dim / 2.
+    unit_tiles = max(1, head_dim // BLOCK_N)
+    x, w, groups = _prepared_matmul(x, w_qkv, "rope_qkv", unit_tiles * BLOCK_N)
+    T = x.shape[0]
+    q = torch.empty((T, n_heads, head_dim), dtype=x.dtype, device=x.device)
     if T == 0:
         return q
-    n_rows = n_heads + 2 * n_kv_heads
-    block_h, num_warps = _rope_config(n_rows, head_dim)
-    grid = (T, triton.cdiv(n_rows, block_h))
     n_blocks, _, block_size, _ = k_cache.shape
-    _rope_kv_write_kernel[grid](
-        qkv, positions, slot_mapping, cos, sin, q, k_cache, v_cache,
-        cos.shape[0], n_blocks * block_size, qkv.stride(0), q.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos.stride(0),
-        N_HEADS=n_heads, N_KV_HEADS=n_kv_heads, HALF=head_dim // 2, BLOCK_SIZE=block_size,
-        BLOCK_H=block_h, USE_ROPE=bool(use_rope), num_warps=num_warps)
+    rope = (positions.contiguous(), slot_mapping.contiguous(), cos, sin, cos.stride(0), cos.shape[0],
+            n_blocks * block_size, q, q.stride(0), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
+            k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
+    consts = dict(N_HEADS=n_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+                  USE_ROPE=bool(use_rope))
+    for row, a, b in two_parts(w, unit_tiles):
+        launch(x, a, b, groups, ROPE_KV, (rope, row), norm=norm, unit_tiles=unit_tiles, consts=consts)
     return q

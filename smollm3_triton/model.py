@@ -1,13 +1,14 @@
 """The SmolLM3 / SmolLM2 transformer over a flattened batch on the paged KV cache.
 
-    embed -> for each layer:  x += o_proj(attn(rope_qkv(rms_norm(x))))     RoPE or passthrough per layer
-                              x += down(swiglu(gate_up(rms_norm(x))))
+    embed -> for each layer:  h += o_proj(attn(rope_qkv(rms_norm(h))))     RoPE or passthrough per layer
+                              h += down(swiglu(gate_up(rms_norm(h))))
           -> rms_norm -> lm_head
 
 A step's tokens from every sequence are one flat batch (`Batch`); only attention
 looks across tokens, through each sequence's block table. Every step is one call
-into `ops` (Triton kernels or their torch references). The residual add is folded
-into the next rms_norm: x is the branch output and `residual` the running stream.
+into `ops` (backends.Ops: Triton kernels or their torch references): each RMSNorm is
+part of the op that consumes it and each residual add part of the matmul whose output
+it adds, so on the Triton path a layer is five launches.
 """
 from __future__ import annotations
 
@@ -103,22 +104,23 @@ class Transformer:
         return self.cache
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """-> logits [len(batch.logits_rows), vocab] float32; the tokens' K/V go into the cache."""
+        """-> logits [len(batch.logits_rows), vocab] float32; the tokens' K/V go into the cache.
+        h is the residual stream; `stats` what its next RMSNorm needs beyond h (backends.Ops)."""
         c, w, ops, cache = self.config, self.weights, self.ops, self.cache
         N = batch.token_ids.shape[0]
-        x = w.embed.dequantize_rows(batch.token_ids, self.dtype)
+        eps = c.rms_norm_eps
+        h, stats = ops.embed(batch.token_ids, w.embed, self.dtype, eps)
         if batch.embeds is not None:
-            x[batch.embed_rows] = batch.embeds.to(self.dtype)
-        residual = None
+            h[batch.embed_rows] = batch.embeds.to(self.dtype)
+            stats = ops.row_stats(h, eps)
         for i, layer in enumerate(w.layers):
-            h, residual = ops.rms_norm(x, layer.attn_norm, c.rms_norm_eps, residual)
-            q = ops.rope_qkv(h, layer.qkv, batch.positions, self.cos, self.sin, cache.k[i], cache.v[i],
-                             batch.slot_mapping, c.n_heads, c.n_kv_heads, c.head_dim, c.use_rope[i])
+            q = ops.norm_rope_qkv(h, stats, layer.attn_norm, eps, layer.qkv, batch.positions, self.cos, self.sin,
+                                  cache.k[i], cache.v[i], batch.slot_mapping, c.n_heads, c.n_kv_heads, c.head_dim,
+                                  c.use_rope[i])
             attn = ops.attention(q, cache.k[i], cache.v[i], batch.query_start, batch.seq_lens,
                                  batch.block_tables, batch.max_query_len, self.scale)
-            x = ops.qmatmul(attn.reshape(N, c.n_heads * c.head_dim), layer.o)
-            h, residual = ops.rms_norm(x, layer.ffn_norm, c.rms_norm_eps, residual)
-            x = ops.qmatmul(ops.gate_up_swiglu(h, layer.gate_up), layer.down)
-        x, residual = x[batch.logits_rows], residual[batch.logits_rows]
-        h, _ = ops.rms_norm(x, w.norm, c.rms_norm_eps, residual)
-        return ops.qmatmul(h, w.lm_head).float()
+            h, stats = ops.add_matmul(attn.reshape(N, c.n_heads * c.head_dim), layer.o, h, eps)
+            act = ops.norm_gate_up_swiglu(h, stats, layer.ffn_norm, eps, layer.gate_up)
+            h, stats = ops.add_matmul(act, layer.down, h, eps)
+        rows = batch.logits_rows
+        return ops.norm_logits(h[rows], None if stats is None else stats[rows], w.norm, eps, w.lm_head)

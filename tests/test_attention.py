@@ -108,17 +108,22 @@ def test_decode_at_70k(dtype):
 
 
 def test_decode_rows_do_not_depend_on_the_batch():
-    """A decode row's result is bit-identical alone, in a bigger decode step and in a
-    step where others prefill (every one-query row goes through the decode kernel with
-    a split count fixed by the block table's width)."""
+    """A decode row's result is bit-identical alone, in a bigger decode step and in a step
+    where others prefill, and whatever the block table's width (its capacity): every
+    one-query row goes through the decode kernel, whose splits are sized by the row's own
+    length; the splits a longer table would add exit without touching anything."""
     heads = (16, 4, 128)
     mixed = Case(heads, MIXED, torch.bfloat16, seed=6)
     out = attention_triton(*mixed.args())
     for b in (1, 2):
-        alone = Case(heads, [MIXED[b]], torch.bfloat16, seed=6, width=mixed.block_tables.shape[1])
+        alone = Case(heads, [MIXED[b]], torch.bfloat16, seed=6)
         alone.q, alone.k, alone.v = mixed.q[mixed.rows(b)], mixed.k, mixed.v
-        alone.block_tables = mixed.block_tables[b:b + 1]
-        assert torch.equal(attention_triton(*alone.args()), out[mixed.rows(b)])
+        needed = -(-MIXED[b][1] // mixed.k.shape[2])
+        for width in (needed, 1000):
+            table = torch.zeros(1, width, dtype=torch.int32, device=DEVICE)
+            table[0, :needed] = mixed.block_tables[b, :needed]
+            alone.block_tables = table
+            assert torch.equal(attention_triton(*alone.args()), out[mixed.rows(b)]), (b, width)
 
 
 def test_chunked_prefill_equals_whole_prompt():

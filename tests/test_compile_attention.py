@@ -1,5 +1,7 @@
-"""Every variant of the rope_qkv, attention and rms_norm kernels compiles to a cubin for
-sm_80 and sm_90 on a machine without a GPU (triton.compile with a GPUTarget).
+"""Every variant of the attention and rms_stats kernels compiles to a cubin for sm_80 and sm_90
+on a machine without a GPU (triton.compile with a GPUTarget), on the triton this environment
+resolves and on triton 3.6 (SMOLLM3_TRITON36, as tests/test_compile_qmatmul.py). RoPE and the
+KV write are the QKV matmul's epilogue now (compiled there).
 
 Each compile prints registers per thread, spill bytes (ptxas -v) and shared memory; the
 test fails on spills or on shared memory past the architecture's per-block limit.
@@ -25,7 +27,6 @@ import triton
 
 from smollm3_triton.kernels import attention as attention_mod
 from smollm3_triton.kernels import rms_norm as rms_mod
-from smollm3_triton.kernels import rope_qkv as rope_mod
 
 # Triton's wheels ship ptxas (and, for newer PTX, ptxas-blackwell); the PTX it emits for
 # an arch may need either.
@@ -76,29 +77,11 @@ class Variant:
 
 def rms_variants(arch):
     out = []
-    for dtype, n, residual in [(torch.bfloat16, 2048, True), (torch.float32, 576, False)]:
+    for dtype, n in [(torch.bfloat16, 2048), (torch.float32, 576)]:
         block = triton.next_power_of_2(n)
         t = TL[dtype]
-        out.append(Variant(
-            f"rms_norm {t} N={n} residual={residual}", "rms_norm", "_rms_norm_kernel",
-            dict(x_ptr=t, r_ptr=t, w_ptr="fp32", y_ptr=t, h_ptr=t),
-            dict(HAS_RESIDUAL=residual, BLOCK_N=block), dict(num_warps=rms_mod._rms_norm_warps(block))))
-    return out
-
-
-def rope_variants(arch):
-    out = []
-    for (h, kv, d), dtype, use_rope, bs in [((16, 4, 128), torch.bfloat16, True, 16),
-                                            ((16, 4, 128), torch.bfloat16, False, 16),
-                                            ((9, 3, 64), torch.float32, True, 32)]:
-        block_h, warps = rope_mod._rope_config(h + 2 * kv, d)
-        t = TL[dtype]
-        out.append(Variant(
-            f"rope_kv_write {t} {h}/{kv} d{d} rope={use_rope} bs{bs}", "rope_qkv", "_rope_kv_write_kernel",
-            dict(qkv_ptr=t, pos_ptr="i64", slot_ptr="i64", cos_ptr="fp32", sin_ptr="fp32", q_ptr=t,
-                 k_cache_ptr=t, v_cache_ptr=t),
-            dict(N_HEADS=h, N_KV_HEADS=kv, HALF=d // 2, BLOCK_SIZE=bs, BLOCK_H=block_h, USE_ROPE=use_rope),
-            dict(num_warps=warps)))
+        out.append(Variant(f"rms_stats {t} N={n}", "rms_norm", "_rms_stats_kernel", dict(h_ptr=t, inv_ptr="fp32"),
+                           dict(BLOCK_N=block), dict(num_warps=max(1, min(16, block // 256)))))
     return out
 
 
@@ -130,23 +113,17 @@ def attention_variants(arch):
         rows = attention_mod._decode_block_m(group)
         t = TL[dtype]
         out.append(Variant(
-            f"attn_decode_split {t} d{d} group={group} bs{bs} rows={rows} N={cfg['BLOCK_N']}", "attention",
-            "_attn_decode_split_kernel",
-            dict(q_ptr=t, k_ptr=t, v_ptr=t, part_o_ptr="fp32", part_lse_ptr="fp32", **BATCH_PTRS),
+            f"attn_decode {t} d{d} group={group} bs{bs} rows={rows} N={cfg['BLOCK_N']}", "attention",
+            "_attn_decode_kernel",
+            dict(q_ptr=t, k_ptr=t, v_ptr=t, part_o_ptr="fp32", part_lse_ptr="fp32", o_ptr=t, count_ptr="i32",
+                 **BATCH_PTRS),
             dict(GROUP=group, HEAD_DIM=d, BLOCK_SIZE=bs, BLOCK_M=rows, BLOCK_N=cfg["BLOCK_N"],
-                 DOT_F32=dtype == torch.float32),
+                 DOT_F32=dtype == torch.float32, MIN_BLOCKS=attention_mod._MIN_SPLIT_BLOCKS),
             dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
-    for d, block_s, dtype in [(128, 128, torch.bfloat16), (64, 128, torch.bfloat16), (128, 4, torch.float32)]:
-        t = TL[dtype]
-        out.append(Variant(
-            f"attn_decode_merge {t} d{d} splits<={block_s}", "attention", "_attn_decode_merge_kernel",
-            dict(part_o_ptr="fp32", part_lse_ptr="fp32", o_ptr=t, qs_ptr="i32"),
-            dict(HEAD_DIM=d, BLOCK_S=block_s),
-            dict(num_warps=attention_mod._merge_warps(block_s, d))))
     return out
 
 
-CASES = [(v, arch) for arch in (80, 90) for v in rms_variants(arch) + rope_variants(arch) + attention_variants(arch)]
+CASES = [(v, arch) for arch in (80, 90) for v in rms_variants(arch) + attention_variants(arch)]
 
 
 def ptxas_usage(ptx: str, workdir: Path) -> tuple[int, int]:
@@ -175,7 +152,7 @@ def compile_all() -> dict:
     from triton.runtime.jit import JITFunction
 
     assert isinstance(attention_mod._attn_prefill_kernel, JITFunction), "kernels were decorated for the interpreter"
-    modules = {"attention": attention_mod, "rms_norm": rms_mod, "rope_qkv": rope_mod}
+    modules = {"attention": attention_mod, "rms_norm": rms_mod}
     results = {}
     for variant, arch in CASES:
         fn = getattr(modules[variant.module], variant.kernel)
@@ -189,12 +166,29 @@ def compile_all() -> dict:
     return results
 
 
-@pytest.fixture(scope="module")
-def compiled():
+def _run_child(pythonpath: str | None) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="0")
+    repo = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, repo, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module", params=["resolved", "3.6"])
+def compiled(request):
+    if request.param == "resolved":
+        return _run_child(None)
+    path = os.environ.get("SMOLLM3_TRITON36")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("SMOLLM3_TRITON36 is not set under CI: .ci/run installs triton 3.6 and sets it")
+        pytest.skip("SMOLLM3_TRITON36 is not set: no triton 3.6 to compile with (.ci/run sets it)")
+    if not (Path(path) / "triton" / "__init__.py").exists():
+        pytest.fail(f"SMOLLM3_TRITON36={path} holds no triton package")
+    results = _run_child(path)
+    assert results.pop("triton").startswith("3.6")
+    return results
 
 
 @pytest.mark.skipif(not PTXAS, reason="this triton wheel ships no ptxas")
@@ -211,4 +205,6 @@ def test_compiles(compiled, variant, arch):
 
 
 if __name__ == "__main__":
-    print(json.dumps(compile_all()))
+    results = compile_all()
+    results["triton"] = triton.__version__
+    print(json.dumps(results))

@@ -265,12 +265,12 @@ def test_without_the_extension_the_torch_ops_serve(smollm2_path, monkeypatch):
     from smollm3_triton.backends import get_backend
     monkeypatch.setattr(cpu_native, "AVAILABLE", False)
     backend = get_backend("cpu", torch.device("cpu"), torch.float32)
-    assert backend.ops.qmatmul is cpu_fast.qmatmul_cpu and backend.step_runner is None
+    assert backend.prepare_matrix is cpu_fast.prepare and backend.step_runner is None
     rt = Runtime.load(smollm2_path, device="cpu", backend="cpu", max_seq_len=64)
     assert isinstance(rt.model.weights.layers[0].qkv, cpu_fast.CpuWeight)
     assert rt.engine.runner.forward == rt.model.forward
     monkeypatch.undo()
-    assert get_backend("cpu", torch.device("cpu"), torch.bfloat16).ops.qmatmul is cpu_fast.qmatmul_cpu
+    assert get_backend("cpu", torch.device("cpu"), torch.bfloat16).prepare_matrix is cpu_fast.prepare
 
 
 @pytest.mark.parametrize("given, expected", [(None, "1000"), ("5", "5")])

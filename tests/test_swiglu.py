@@ -1,4 +1,4 @@
-"""gate_up_swiglu_triton (SwiGLU in the epilogue of the gate+up matmul) against an independent oracle.
+"""gate_up_swiglu_triton (gate and up tiles in one launch, SwiGLU in its epilogue) against an independent oracle.
 
 Oracle: silu(x @ Wg.T) * (x @ Wu.T) in float64, W from gguf-py's dequantization
 (tests/quant_samples.py). Without CUDA the kernels run under TRITON_INTERPRET=1.
@@ -25,8 +25,7 @@ import pytest  # noqa: E402
 from smollm3_triton.errors import KernelInputError  # noqa: E402
 from smollm3_triton.gguf.constants import GGMLType  # noqa: E402
 from smollm3_triton.gguf.tensors import SegmentedTensor, concat_rows  # noqa: E402
-from smollm3_triton.kernels.qmatmul import GemmConfig, GemvConfig  # noqa: E402
-from smollm3_triton.kernels.repack import prepare_weight  # noqa: E402
+from smollm3_triton.kernels.qtiles import prepare_tiles, tiled  # noqa: E402
 from smollm3_triton.kernels.swiglu import gate_up_swiglu_torch, gate_up_swiglu_triton  # noqa: E402
 from tests.helpers.quant_samples import oracle_matrix, random_weight  # noqa: E402
 
@@ -91,7 +90,7 @@ def test_gate_up_swiglu(gate_type, up_type, k, m, dtype):
     if gate_type != up_type:
         assert isinstance(w, SegmentedTensor)
     x = make_x(m, k, dtype)
-    check(run(x, prepare_weight(w.to(DEVICE))), x, wg, wu, f"{gate_type.name}/{up_type.name} M={m}")
+    check(run(x, prepare_tiles(w.to(DEVICE))), x, wg, wu, f"{gate_type.name}/{up_type.name} M={m}")
 
 
 @pytest.mark.parametrize("m", [1, 7])
@@ -101,16 +100,26 @@ def test_parts_not_aligned_with_the_halves(m):
     w = SegmentedTensor((a, b))
     full = torch.cat([oracle_matrix(a), oracle_matrix(b)])
     x = make_x(m, 256, torch.float32)
-    check(run(x, prepare_weight(w.to(DEVICE))), x, full[:40], full[40:], f"unaligned parts M={m}")
+    check(run(x, prepare_tiles(w.to(DEVICE))), x, full[:40], full[40:], f"unaligned parts M={m}")
 
 
-def test_configs_and_raw_weights():
-    """Non-default tiles, and an unprepared weight (packed on first use)."""
+def test_raw_weights_and_prompts():
+    """An unprepared weight (tiled on first use), at a decode M and at a prompt's M (the prefill kernel)."""
     w, wg, wu = gate_up(GGMLType.Q4_K, GGMLType.Q6_K, 40, 512, seed=5)
     x = make_x(3, 512, torch.float32)
-    check(run(x, w.to(DEVICE), config=GemvConfig(block_n=16, block_k=512)), x, wg, wu, "GEMV block_k 512")
-    x = make_x(20, 512, torch.bfloat16)
-    check(run(x, w.to(DEVICE), config=GemmConfig(32, 16, 128, num_warps=4, num_stages=2)), x, wg, wu, "tiled 32x16")
+    check(run(x, w.to(DEVICE)), x, wg, wu, "raw weight, M=3")
+    assert tiled(w) is tiled(w)
+    x = make_x(72, 512, torch.bfloat16)
+    check(run(x, w.to(DEVICE)), x, wg, wu, "prompt of 72 rows")
+
+
+def test_a_row_is_bitwise_the_same_in_any_batch():
+    """Row 2 alone, in a batch of 16 and in a prompt of 72 rows: the same bits."""
+    w = prepare_tiles(gate_up(GGMLType.Q4_K, GGMLType.Q4_K, 64, 256, seed=8)[0].to(DEVICE))
+    x = make_x(72, 256, torch.bfloat16)
+    alone = run(x[2:3], w)[0]
+    assert torch.equal(run(x[:16], w)[2], alone)
+    assert torch.equal(run(x, w)[2], alone)
 
 
 def test_matches_gate_up_swiglu_torch():
@@ -119,13 +128,13 @@ def test_matches_gate_up_swiglu_torch():
     w = w.to(DEVICE)
     x = make_x(2, 256, torch.float32).to(DEVICE)
     ref = gate_up_swiglu_torch(x, w).cpu()
-    assert torch.allclose(run(x, prepare_weight(w)), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert torch.allclose(run(x, prepare_tiles(w)), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 def test_bad_inputs_name_the_problem():
-    odd = prepare_weight(random_weight(GGMLType.Q8_0, 5, 64).to(DEVICE))
+    odd = prepare_tiles(random_weight(GGMLType.Q8_0, 5, 64).to(DEVICE))
     with pytest.raises(KernelInputError, match="odd number of rows"):
         run(torch.zeros(1, 64), odd)
-    w = prepare_weight(random_weight(GGMLType.Q8_0, 8, 64).to(DEVICE))
+    w = prepare_tiles(random_weight(GGMLType.Q8_0, 8, 64).to(DEVICE))
     with pytest.raises(KernelInputError, match="has 32 columns"):
         run(torch.zeros(1, 32), w)

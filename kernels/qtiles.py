@@ -34,7 +34,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..gguf.constants import FLOAT_DTYPES, SUPPORTED_TYPES, GGMLType, type_name
-from ..gguf.tensors import QuantTensor, SegmentedTensor
+from ..gguf.tensors import QuantTensor, RowStack, SegmentedTensor
 from .repack import PackedTensor, prepare_weight
 
 GROUP = 64
@@ -164,28 +164,8 @@ class TiledTensor:
         return self.dequantize_rows(None, dtype)
 
 
-@dataclass(frozen=True)
-class TiledWeight:
+class TiledWeight(RowStack):
     """Row-wise stack of TiledTensors of mixed types (a fused QKV or gate+up of a Q4_K_M file)."""
-    parts: tuple[TiledTensor, ...]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (sum(p.shape[0] for p in self.parts), self.parts[0].shape[1])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.parts)
-
-    @property
-    def device(self) -> torch.device:
-        return self.parts[0].device
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.cat([p.dequantize(dtype) for p in self.parts])
-
-    def to(self, device) -> TiledWeight:
-        return TiledWeight(tuple(p.to(device) for p in self.parts))
 
 
 Tiled = TiledTensor | TiledWeight

@@ -33,7 +33,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..gguf.constants import BLOCK_SIZES, FLOAT_DTYPES, SUPPORTED_TYPES, GGMLType, row_bytes, type_name
-from ..gguf.tensors import QuantTensor, SegmentedTensor
+from ..gguf.tensors import QuantTensor, RowStack, SegmentedTensor
 
 _FIVE_BIT = (GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q5_K)
 
@@ -161,28 +161,8 @@ class PackedTensor:
         return d, -dm
 
 
-@dataclass(frozen=True)
-class PackedWeight:
+class PackedWeight(RowStack):
     """Row-wise stack of PackedTensors of mixed types (a fused QKV or gate+up of a Q4_K_M file)."""
-    parts: tuple[PackedTensor, ...]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (sum(p.shape[0] for p in self.parts), self.parts[0].shape[1])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.parts)
-
-    @property
-    def device(self) -> torch.device:
-        return self.parts[0].device
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.cat([p.dequantize(dtype) for p in self.parts])
-
-    def to(self, device: torch.device | str) -> PackedWeight:
-        return PackedWeight(tuple(p.to(device) for p in self.parts))
 
 
 Packed = PackedTensor | PackedWeight

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import pytest
 
@@ -17,7 +16,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from smollm3_triton import Runtime  # noqa: E402
-from tests.helpers.serve_util import SMOLLM3_TEMPLATE, ScriptedRunner, metric, running_server, tiny_folder  # noqa: E402
+from tests.helpers.serve_util import SMOLLM3_TEMPLATE, ScriptedRunner, metrics_once_idle, running_server, tiny_folder  # noqa: E402
 
 SYSTEM = "You are a helpful assistant."
 QUESTION = "What is the capital of France?"
@@ -403,14 +402,7 @@ def test_disconnect_mid_stream_frees_the_sequence_and_metrics_count_each_endpoin
             for n, _ in enumerate(stream):
                 if n == 4:
                     break                                    # leaving the block closes the connection
-        deadline = time.monotonic() + 20
-        while True:
-            m = httpx.get(base + "/metrics").text
-            if metric(m, "smollm3:num_requests_running") == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert metric(m, "smollm3:num_requests_running") == 0 and metric(m, "smollm3:num_requests_waiting") == 0
-        assert metric(m, "smollm3:kv_cache_blocks_free") == metric(m, "smollm3:kv_cache_blocks_total")
+        m = metrics_once_idle(base, within_s=20)
         client.messages.count_tokens(model="smollm3", messages=USER)
         httpx.post(base + "/v1/messages", json={"messages": USER})                     # 400
         openai.OpenAI(base_url=base + "/v1", api_key="x").responses.create(model="smollm3", input="Hi",

@@ -7,7 +7,6 @@ lengths), json.loads of the scripted arguments."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -15,7 +14,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from smollm3_triton import Runtime  # noqa: E402
-from tests.helpers.serve_util import SMOLLM3_TEMPLATE, ScriptedRunner, metric, running_server, tiny_folder  # noqa: E402
+from tests.helpers.serve_util import SMOLLM3_TEMPLATE, ScriptedRunner, metrics_once_idle, running_server, tiny_folder  # noqa: E402
 
 INSTRUCTIONS = "You are a helpful assistant."
 QUESTION = "Name three colours."
@@ -235,11 +234,4 @@ def test_disconnect_mid_stream_frees_the_sequence(smollm3_folder):
             for n, _ in enumerate(stream):
                 if n == 6:
                     break                                    # leaving the block closes the connection
-        deadline = time.monotonic() + 20
-        while True:
-            m = httpx.get(base + "/metrics").text
-            if metric(m, "smollm3:num_requests_running") == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert metric(m, "smollm3:num_requests_running") == 0 and metric(m, "smollm3:num_requests_waiting") == 0
-        assert metric(m, "smollm3:kv_cache_blocks_free") == metric(m, "smollm3:kv_cache_blocks_total")
+        metrics_once_idle(base, within_s=20)

@@ -21,7 +21,15 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from smollm3_triton import Runtime  # noqa: E402
-from tests.helpers.serve_util import SMOLLM3_TEMPLATE, ScriptedRunner, free_port, metric, running_server, tiny_folder  # noqa: E402
+from tests.helpers.serve_util import (  # noqa: E402
+    SMOLLM3_TEMPLATE,
+    ScriptedRunner,
+    free_port,
+    metric,
+    metrics_once_idle,
+    running_server,
+    tiny_folder,
+)
 
 MAX_SEQ_LEN = 512
 
@@ -612,14 +620,7 @@ def test_100_streams_with_10_disconnects(llama_folder):
         assert sum(t is None for t in texts) == 10
 
         # The aborted sequences leave the batch within a step: poll briefly, bounded.
-        deadline = time.monotonic() + 10
-        while True:
-            m = httpx.get(base + "/metrics").text
-            if metric(m, "smollm3:num_requests_running") == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert metric(m, "smollm3:num_requests_running") == 0 and metric(m, "smollm3:num_requests_waiting") == 0
-        assert metric(m, "smollm3:kv_cache_blocks_free") == metric(m, "smollm3:kv_cache_blocks_total")
+        metrics_once_idle(base, within_s=10)
 
         alone = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
         for i in [i for i in range(100) if i % 10]:               # each of the 90, one at a time

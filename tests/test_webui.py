@@ -15,7 +15,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import zipfile
 from html.parser import HTMLParser
 from pathlib import Path
@@ -29,7 +28,14 @@ pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 from smollm3_triton import Runtime  # noqa: E402
-from tests.helpers.serve_util import SMOLLM3_TEMPLATE, ScriptedRunner, metric, running_server, tiny_folder  # noqa: E402
+from tests.helpers.serve_util import (  # noqa: E402
+    SMOLLM3_TEMPLATE,
+    ScriptedRunner,
+    metric,
+    metrics_once_idle,
+    running_server,
+    tiny_folder,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WEBUI = ROOT / "smollm3_triton" / "entrypoints" / "webui"
@@ -394,14 +400,7 @@ def test_stop_midway_frees_the_sequence(smollm2, open_page):
     assert answer.locator(".meta").inner_text().startswith("stopped after")
     p.shot("stopped")
 
-    deadline = time.monotonic() + 10
-    while True:                      # the disconnect aborts the sequence within a step
-        m = httpx.get(smollm2 + "/metrics").text
-        if metric(m, "smollm3:num_requests_running") == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert metric(m, "smollm3:num_requests_running") == 0 and metric(m, "smollm3:num_requests_waiting") == 0
-    assert metric(m, "smollm3:kv_cache_blocks_free") == metric(m, "smollm3:kv_cache_blocks_total")
+    m = metrics_once_idle(smollm2, within_s=10)  # the disconnect aborts the sequence within a step
     assert metric(m, "smollm3:generation_tokens_total") - before < 1500
     assert p.stored()[0]["messages"][-1]["stopped"] is True
     assert p.console_errors == [] and p.page_errors == []

@@ -46,14 +46,19 @@ class QuantTensor:
         """Rows gathered in a new order: whole rows of blocks move, nothing is requantized."""
         return QuantTensor(self.data[index].contiguous(), self.qtype, (len(index), self.shape[1]))
 
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
     def to(self, device: torch.device | str) -> QuantTensor:
         return QuantTensor(self.data.to(device), self.qtype, self.shape)
 
 
 @dataclass(frozen=True)
-class SegmentedTensor:
-    """Row-wise concatenation of QuantTensors of one column count and mixed types."""
-    parts: tuple[QuantTensor, ...]
+class RowStack:
+    """Row-wise stack of 2-D weights of one column count, each part in its own format (the
+    fused QKV or gate+up of a Q4_K_M file mixes types). Each layout's stack subclasses it."""
+    parts: tuple
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -63,11 +68,19 @@ class SegmentedTensor:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.cat([p.dequantize(dtype) for p in self.parts])
 
-    def to(self, device: torch.device | str) -> SegmentedTensor:
-        return SegmentedTensor(tuple(p.to(device) for p in self.parts))
+    def to(self, device: torch.device | str):
+        return type(self)(tuple(p.to(device) for p in self.parts))
+
+
+class SegmentedTensor(RowStack):
+    """Row-wise concatenation of QuantTensors of mixed types."""
 
 
 Weight = QuantTensor | SegmentedTensor

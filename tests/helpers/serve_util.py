@@ -96,3 +96,19 @@ def metric(text: str, name: str) -> float:
             if sample.name == name:
                 return sample.value
     raise KeyError(name)
+
+
+def metrics_once_idle(base: str, within_s: float) -> str:
+    """/metrics polled until no sequence runs (an aborted one leaves within a step), bounded in
+    time; asserts nothing runs or waits and every KV block is free, and returns the last text."""
+    import httpx
+
+    deadline = time.monotonic() + within_s
+    while True:
+        m = httpx.get(base + "/metrics").text
+        if metric(m, "smollm3:num_requests_running") == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert metric(m, "smollm3:num_requests_running") == 0 and metric(m, "smollm3:num_requests_waiting") == 0
+    assert metric(m, "smollm3:kv_cache_blocks_free") == metric(m, "smollm3:kv_cache_blocks_total")
+    return m

@@ -14,7 +14,14 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from smollm3_triton import Runtime  # noqa: E402
-from tests.helpers.serve_util import SMOLLM3_TEMPLATE, ScriptedRunner, metrics_once_idle, running_server, tiny_folder  # noqa: E402
+from tests.helpers.serve_util import (  # noqa: E402
+    SMOLLM3_TEMPLATE,
+    ScriptedRunner,
+    hf_prompt_len,
+    metrics_once_idle,
+    running_server,
+    tiny_folder,
+)
 
 INSTRUCTIONS = "You are a helpful assistant."
 QUESTION = "Name three colours."
@@ -56,13 +63,6 @@ def scripted(server3):
 
     yield script
     rt.engine.runner.forward = real
-
-
-def hf_prompt_len(folder, messages, **kwargs) -> int:
-    from transformers import AutoTokenizer
-    ids = AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, add_generation_prompt=True,
-                                                                     tokenize=True, **kwargs)
-    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 # ---------------------------------------------------------------- text, real SmolLM2

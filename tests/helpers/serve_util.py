@@ -112,3 +112,13 @@ def metrics_once_idle(base: str, within_s: float) -> str:
     assert metric(m, "smollm3:num_requests_running") == 0 and metric(m, "smollm3:num_requests_waiting") == 0
     assert metric(m, "smollm3:kv_cache_blocks_free") == metric(m, "smollm3:kv_cache_blocks_total")
     return m
+
+
+def hf_prompt_len(folder, messages, **kwargs) -> int:
+    """The prompt's length in tokens as transformers renders the folder's chat template: the
+    oracle for what a request's messages become."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, add_generation_prompt=True,
+                                                                     tokenize=True, **kwargs)
+    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)

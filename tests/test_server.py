@@ -167,6 +167,13 @@ def test_streamed_choices_and_logprobs_equal_non_streamed(client):
         assert max(abs(a - b) for (_, a), (_, b) in zip(lps[c.index], want)) < 1e-5
 
 
+# The cpu backend (the CPU default) keeps K/V in float16, as llama.cpp does: every cached
+# value is rounded to 11 significant bits, which moves this model's log-probabilities against
+# transformers' fp32 by up to 3.7e-4 (worst seen, completion echo). The exact path (backend="torch") is held to
+# 1e-5 elsewhere (tests/test_engine.py); here the API's plumbing is under test.
+LOGPROB_TOL = 1e-3
+
+
 def test_chat_logprobs_equal_transformers(server, client, hf):
     rt = runtime(server[1])
     r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0,
@@ -186,7 +193,7 @@ def test_chat_logprobs_equal_transformers(server, client, hf):
                                                                   for t, v in zip(e.top_logprobs, top.values)))
         assert bytes(e.bytes).decode("utf-8", errors="replace") == e.token
     print(f"chat logprobs vs transformers: worst abs diff {worst:.2e}")
-    assert worst < 1e-4
+    assert worst < LOGPROB_TOL
 
 
 # ---------------------------------------------------------------- completions
@@ -208,7 +215,7 @@ def test_completion_echo_logprobs_equal_transformers(server, client, hf):
     got = lp.token_logprobs[1:]
     worst = max(abs(a - b) for a, b in zip(got, want))
     print(f"completion echo logprobs vs transformers: worst abs diff {worst:.2e} over {len(want)} tokens")
-    assert len(got) == len(want) and worst < 1e-4
+    assert len(got) == len(want) and worst < LOGPROB_TOL
 
 
 def test_lm_eval_loglikelihood_request(server, hf):
@@ -237,7 +244,7 @@ def test_lm_eval_loglikelihood_request(server, hf):
             ref = torch.log_softmax(hf[0](torch.tensor([ids])).logits[0].double(), -1)
         want = sum(float(ref[i - 1, ids[i]]) for i in range(ctxlen, len(ids)))
         want_greedy = all(int(ref[i - 1].argmax()) == ids[i] for i in range(ctxlen, len(ids)))
-        assert abs(total - want) < 1e-4 and greedy == want_greedy
+        assert abs(total - want) < LOGPROB_TOL and greedy == want_greedy
 
 
 def test_completion_prompt_forms(server, client):

@@ -75,13 +75,13 @@ def test_fuzz_gguf(corpus, draw):
     # a fresh name per example: a file still mapped must never be rewritten under us
     path = tmp / f"fuzz{next(counter)}.gguf"
     path.write_bytes(mutate(data, mutation))
-    t0 = time.process_time()
+    t0 = time.thread_time()
     try:
         f = GGUFFile(path)
     except GGUFError as e:
         event(f"refused ({mutation[0]})")
         assert str(path) in str(e)
-        assert time.process_time() - t0 < 0.1
+        assert time.thread_time() - t0 < 0.1
         path.unlink()
         return
     event(f"loaded ({mutation[0]})")

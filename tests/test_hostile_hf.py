@@ -309,14 +309,14 @@ def test_every_field_with_hostile_values():
     for key in base:
         for value in HOSTILE_VALUES:
             cfg = dict(base, **{key: value})
-            t0 = time.process_time()
+            t0 = time.thread_time()
             try:
                 ModelConfig.from_hf_config(cfg, "config.json")
                 accepted += 1
             except OURS as e:
                 assert "config.json" in str(e)
                 refused_count += 1
-            slowest = max(slowest, time.process_time() - t0)
+            slowest = max(slowest, time.thread_time() - t0)
     print(f"\nconfig sweep: {len(base)} fields x {len(HOSTILE_VALUES)} values: {refused_count} refused, "
           f"{accepted} accepted, slowest {slowest * 1e3:.2f} ms")
     assert refused_count > 100 and slowest < 0.1
@@ -389,9 +389,9 @@ def test_header_that_lies(lie, valid_file):
     }
     (folder / "model.safetensors").write_bytes(edits[lie]())
     tracemalloc.start()
-    t0 = time.process_time()
+    t0 = time.thread_time()
     refused(ModelFormatError, r"not a valid safetensors file", folder, str(folder / "model.safetensors"))
-    seconds = time.process_time() - t0
+    seconds = time.thread_time() - t0
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert seconds < 0.1 and peak < 1 << 20
@@ -656,7 +656,7 @@ def write_gguf(path: Path, kv: dict, tensors: dict, arch: str = "smollm3") -> Pa
 
 
 def gguf_refused(path: Path, error, pattern: str, *names: str) -> str:
-    t0 = time.process_time()
+    t0 = time.thread_time()
     with pytest.raises(OURS) as info, GGUFFile(path) as f:
         load_gguf(f)
     msg = str(info.value)
@@ -664,7 +664,7 @@ def gguf_refused(path: Path, error, pattern: str, *names: str) -> str:
     assert re.search(pattern, msg), (pattern, msg)
     for name in (str(path), *names):
         assert name in msg, (name, msg)
-    assert time.process_time() - t0 < 0.5
+    assert time.thread_time() - t0 < 0.5
     return msg
 
 

@@ -224,10 +224,10 @@ def test_max_seq_len_refused(value, rt):
 
 
 def test_max_seq_len_that_can_never_fit_is_refused_without_allocating(rt):
-    t0 = time.process_time()
+    t0 = time.thread_time()
     assert_request_error(lambda: check_max_seq_len(10**13, rt.config, torch.float32, torch.device("cpu")),
                          "max_seq_len 10000000000000", "GiB")
-    assert time.process_time() - t0 < 0.1
+    assert time.thread_time() - t0 < 0.1
 
 
 def test_runtime_load_checks_max_seq_len(exported):

@@ -20,6 +20,7 @@ from gguf import GGUFValueType as VT
 from smollm3_triton.errors import GGUFError
 from smollm3_triton.gguf.constants import GGMLType
 from smollm3_triton.gguf.reader import MAX_STRING_BYTES, GGUFFile
+from tests.helpers.cpu_time import own_cpu_seconds
 from tests.helpers.gguf_cases import (
     HANDCRAFTED_KINDS,
     RawGGUF,
@@ -40,19 +41,13 @@ def load(tmp_path: Path, data: bytes, name: str = "x.gguf") -> GGUFFile:
 
 
 def open_timed(path: Path) -> tuple[GGUFFile | GGUFError, float]:
-    """GGUFFile(path) or the GGUFError it raised, and the CPU seconds it took.
-
-    This thread's CPU time, neither wall time nor the process's: the test
-    machines are shared, and threads an earlier test left in this process (CI
-    once charged a 3 ms refusal 471 ms that way) say nothing about the parser,
-    which runs in the calling thread.
-    """
-    t0 = time.thread_time()
-    try:
-        result = GGUFFile(path)
-    except GGUFError as e:
-        result = e
-    return result, time.thread_time() - t0
+    """GGUFFile(path) or the GGUFError it raised, and the parser's own CPU seconds."""
+    with own_cpu_seconds() as cpu:
+        try:
+            result = GGUFFile(path)
+        except GGUFError as e:
+            result = e
+    return result, cpu.seconds
 
 
 def refuse(tmp_path: Path, data: bytes, pattern: str, at: int | None = None) -> str:

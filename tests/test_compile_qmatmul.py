@@ -8,8 +8,8 @@ MATMUL_COMPILE_ALL=1 adds M = 16 / 32, fp32 and fp16 activations and SmolLM2-135
 Each is compiled with triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)) in a
 child process started with TRITON_INTERPRET=0 (here the kernels are interpreted functions);
 registers and spills from ptxas -v on the PTX, shared memory from the kernel's metadata.
-No variant may spill (each runs in decode steps: the partial-free kernel takes wide weights at
-9-64 rows) but the known exceptions named in KNOWN_SPILLS: with triton 3.9 the 64-row decode
+No variant may spill (each runs in decode steps, or in prompts) but the known exceptions named
+in KNOWN_SPILLS: with triton 3.9 the 64-row decode
 kernel on sm_90 and gate+up on sm_80 (36-2000 bytes; 3.6 none), with 3.6 BF16 weights' prefill
 tile on sm_90 (8 bytes).
 

@@ -43,8 +43,10 @@ _LOG2E = 1.4426950408889634
 _CPU_DECODE_SPLITS = 4
 _MAX_DECODE_SPLITS = 128
 # Key blocks a decode split takes at least: a split's fixed cost (q, the partial, the merge)
-# over 4 blocks, and fewer, longer splits when many sequences already fill the GPU.
-_MIN_SPLIT_BLOCKS = 4
+# over 2 blocks. From the length alone (batch invariance), so it trades one sequence's CTAs
+# (32 live at context 1024: 4 x 8 splits) against 64 sequences' partials (+150 MB a step);
+# bench/README.md has the estimate of both.
+_MIN_SPLIT_BLOCKS = 2
 
 
 @triton.jit

@@ -65,10 +65,16 @@ def _matmul(launch) -> tuple[int, int, int]:
     part = a["part_ptr"]
     other = M * K * item + 2 * _nbytes(part) + 2 * M * N * item     # x; partials written and read; out (+ h in)
     c = launch.constexprs()
+    groups_k = triton.cdiv(K, 64)
     if launch.name == "_qmv_kernel":
-        trips = a["units_per_program"] * (1 if c["EPILOGUE"] == 1 else c["UNIT_TILES"])
+        tiles = 1 if c["EPILOGUE"] == 1 else c["UNIT_TILES"]
+        if c["GROUPS"] == c["SUB"]:
+            trips = a["units_per_program"] * tiles          # the loop over units, the slice's x loaded once
+        else:
+            # the loop over the slice's x chunks (one unit per program), averaged over the slices
+            trips = tiles * groups_k / (triton.cdiv(groups_k, c["GROUPS"]) * c["SUB"])
     else:
-        trips = triton.cdiv(triton.cdiv(K, 64), c["GROUPS"])
+        trips = triton.cdiv(groups_k, c["GROUPS"] if c["GROUPS"] == c["SUB"] else c["SUB"])
     return weights, other, trips
 
 

@@ -42,7 +42,8 @@ def _variant_key(launch) -> tuple:
 def compile_stats(launch, arch: int) -> dict:
     """Registers, spills, shared memory, occupancy and the main loop of one launch's variant.
     A decode matmul whose programs take one unit each is compiled without a loop (triton
-    specialises the count 1); its per-tile loop is read from the variant taking two."""
+    specialises the count 1); its per-tile loop is read from the variant taking two. A streamed
+    slice (GROUPS > SUB) has its loop over x chunks whatever the count."""
     start = time.perf_counter()
     k = kernel_compile.compile_launch(launch, arch)
     text = kernel_compile.sass(k.asm["cubin"], arch)
@@ -50,7 +51,8 @@ def compile_stats(launch, arch: int) -> dict:
     stats.update(shared=k.metadata.shared, occupancy=kernel_compile.occupancy(stats["regs"], k.metadata.shared,
                                                                            launch.num_warps, arch))
     stats["kernel_instructions"] = kernel_compile.whole_kernel(text).total
-    if launch.name == "_qmv_kernel" and launch.args["units_per_program"] == 1:
+    consts = launch.constexprs()
+    if launch.name == "_qmv_kernel" and launch.args["units_per_program"] == 1 and consts["GROUPS"] == consts["SUB"]:
         looped = dataclasses.replace(launch, args=dict(launch.args, units_per_program=2))
         text = kernel_compile.sass(kernel_compile.compile_launch(looped, arch).asm["cubin"], arch)
     loop = kernel_compile.main_loop(text)

@@ -127,7 +127,8 @@ def sdpa(q, k_cache, v_cache, kv_len, causal):
 @pytest.mark.parametrize("impl", ["triton", "sdpa", "eager"])
 @pytest.mark.parametrize("T", PREFILL)
 def test_attention_prefill(benchmark, report_figure, T, impl):
-    from smollm3_triton.kernels.attention import attention_torch, attention_triton
+    from smollm3_triton.kernels.attention import attention_triton
+    from smollm3_triton.kernels.attention_reference import attention_torch
 
     p = Paged(1, T, T)
     k_cache, v_cache = kv_cache(T)
@@ -145,7 +146,8 @@ DECODE_CASES = [(1, ctx) for ctx in DECODE_CTX] + BATCH_DECODE
 @pytest.mark.parametrize("impl", ["triton", "sdpa", "eager"])
 @pytest.mark.parametrize("n_seqs,ctx", DECODE_CASES, ids=[f"B{b}-ctx{c}" for b, c in DECODE_CASES])
 def test_attention_decode(benchmark, report_figure, n_seqs, ctx, impl):
-    from smollm3_triton.kernels.attention import attention_torch, attention_triton
+    from smollm3_triton.kernels.attention import attention_triton
+    from smollm3_triton.kernels.attention_reference import attention_torch
 
     if impl == "sdpa" and n_seqs > 1:
         pytest.skip("SDPA has no paged varlen form")

@@ -261,18 +261,18 @@ def dot(a, b, acc):
 
 
 @triton.jit
-def tile_products(xs, qw_ptr, qh_ptr, sc_ptr, sm_ptr, sd_ptr, s_qw, s_qh, s_sc, s_sm, s_sd,
-          n, n_ok, g0, K, QTYPE: tl.constexpr, GROUPS: tl.constexpr, BATCH: tl.constexpr, DTYPE: tl.constexpr):
-    """W[rows n, groups g0 .. g0 + GROUPS - 1] @ x.T as fp32 [rows n, 8] tiles, one per 8-row
+def tile_products(accs, xs, qw_ptr, qh_ptr, sc_ptr, sm_ptr, sd_ptr, s_qw, s_qh, s_sc, s_sm, s_sd,
+                  n, n_ok, g0, K, QTYPE: tl.constexpr, GROUPS: tl.constexpr, BATCH: tl.constexpr,
+                  DTYPE: tl.constexpr):
+    """accs + W[rows n, groups g0 .. g0 + GROUPS - 1] @ x.T: fp32 [rows n, 8] tiles, one per 8-row
     batch tile b < BATCH of x (xs[b * GROUPS + i]: the 4 chunks of group i for batch tile b, from
-    x_chunk). Each group's weights are decoded once for all batch tiles; each 8-row tile
-    takes the same instructions in the same order, so a row's result does not depend on
-    BATCH or on the other rows. Both matmul kernels compute every K-slice with this."""
+    x_chunk), each group's products added in group order. Each group's weights are decoded
+    once for all batch tiles; each 8-row tile takes the same instructions in the same order,
+    so a row's result does not depend on BATCH or on the other rows. Both matmul kernels
+    compute every K-slice with this, a slice's groups in one call or in consecutive calls
+    (the same additions in the same order)."""
     IS_FLOAT: tl.constexpr = (QTYPE == F32) or (QTYPE == F16) or (QTYPE == BF16)
     HAS_BIAS: tl.constexpr = (QTYPE == Q4_K) or (QTYPE == Q5_K) or (QTYPE == Q4_1) or (QTYPE == Q5_1)
-    accs = ()
-    for b in tl.static_range(BATCH):
-        accs = accs + (tl.zeros([n.shape[0], 8], tl.float32),)
     for i in tl.static_range(GROUPS):
         g = g0 + i
         c0, c1, c2, c3 = chunks(qw_ptr, qh_ptr, s_qw, s_qh, n, n_ok, g, K, QTYPE, DTYPE)

@@ -4,21 +4,24 @@ Reference: `qmatmul_torch`: dequantize the whole matrix to fp32, matmul in fp32.
 
 One arithmetic for every row, whatever the batch:
 - W is cut into K-slices of GROUPS x 64 columns, a fixed count per weight (from its shape
-  and the GPU's SM count, never from M). A slice's product with x is computed by
-  `tile_products` (kernels/qdecode.py): weights as exact bf16 integers in the left
-  operand of m16n8k16 tensor-core dots, x in tiles of 8 rows as the right operand, each
-  16-column chunk's fp32 dot product times its scale; the slices' products are summed in
-  slice order. A row's result is bitwise the same alone, in any batch and in a prompt:
-  the same instructions in the same order compute it, and MMA outputs do not mix columns.
-- Decode (M <= 8, and up to DECODE_ROWS for weights of few row tiles), `_qmv_kernel`: program
-  (slice s, range of row tiles) loads its slice of x once (every row of x), decodes each
-  weight tile once for all 8-row tiles of x, and stores fp32 partials; the last program to finish a tile (an atomic counter per
-  tile) sums the slices' partials in slice order and writes y. One launch, bandwidth-bound
-  by construction: enough programs for every SM at M = 1, 16-byte loads of quants, a few
-  LOP3 + one bf16x2 FMA per two weights, x read once per program.
-- Prefill (and decode batches of wide weights), `_qmm_kernel`: program (row tile, 16 rows
-  of x; 8 for gate+up) walks the slices in order, summing their products in registers: the decode
-  kernel's sums, without partials in memory.
+  and the GPU's SM count, never from M): as few as still give every SM two programs at
+  M = 1, since each slice costs fp32 partials of every row. A slice's product with x is
+  computed by `tile_products` (kernels/qdecode.py): weights as exact bf16 integers in the
+  left operand of m16n8k16 tensor-core dots, x in tiles of 8 rows as the right operand,
+  each 16-column chunk's fp32 dot product times its scale, added in group order; the
+  slices' products are summed in slice order. A row's result is bitwise the same alone, in
+  any batch and in a prompt: the same instructions in the same order compute it, and MMA
+  outputs do not mix columns.
+- Decode (M <= DECODE_ROWS), `_qmv_kernel`: program (slice s, range of row tiles) loads its
+  slice of x once (every row of x; a wide slice SUB groups at a time, for one unit),
+  decodes each weight tile once for all 8-row tiles of x, and stores fp32 partials; the
+  last program to finish a tile (an atomic counter per tile) sums the slices' partials in
+  slice order and writes y. One launch, bandwidth-bound by construction: enough programs
+  for every SM at M = 1, 16-byte loads of quants, a few LOP3 + one bf16x2 FMA per two
+  weights, x read once per program.
+- Prefill (M > DECODE_ROWS), `_qmm_kernel`: program (row tile, 16 rows of x; 8 for gate+up)
+  walks the slices in order, summing their products in registers: the decode kernel's
+  sums, without partials in memory.
 - PAIRED (gate+up, kernels/swiglu.py): unit u is gate tile u and up tile u; y = silu(gate) * up.
 A weight of two types (a Q4_K_M file's fused QKV) is one launch: each row tile belongs to
 one part, which picks its decoding path (both compiled in).
@@ -26,6 +29,7 @@ one part, which picks its decoding path (both compiled in).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -43,9 +47,9 @@ from .fusions import (
     rms_from_squares,
     rope_kv_rows,
     rope_pairs,
-    x_chunk,
 )
-from .qdecode import INTERPRETED, round_to, tile_products
+from .qdecode import INTERPRETED, round_to
+from .qslices import products, store_part, streamed, streamed_unit, sum_parts, tile_rows, x_slice, zero_tiles
 from .qtiles import GROUP, Tiled, TiledTensor, segments, tiled
 
 # CPU BLAS runs a few rows through other kernels (other summation orders) than many;
@@ -70,53 +74,6 @@ PREFILL_BATCH = 2      # 8-row tiles of x per prefill program
 
 
 @triton.jit
-def _x_slice(x_ptr, stride_xm, M, K, row0, s, NORM: tl.constexpr, norm, GROUPS: tl.constexpr,
-             BATCH: tl.constexpr, DTYPE: tl.constexpr):
-    """x rows row0 .. row0 + 8 * BATCH - 1, columns of K-slice s, as tile_products takes them."""
-    xs = ()
-    for b in tl.static_range(BATCH):
-        m = row0 + b * 8 + tl.arange(0, 8)
-        for i in tl.static_range(GROUPS):
-            k0 = (s * GROUPS + i) * 64
-            xs = xs + ((x_chunk(x_ptr, stride_xm, m, m < M, k0, K, NORM, norm, DTYPE),
-                        x_chunk(x_ptr, stride_xm, m, m < M, k0 + 16, K, NORM, norm, DTYPE),
-                        x_chunk(x_ptr, stride_xm, m, m < M, k0 + 32, K, NORM, norm, DTYPE),
-                        x_chunk(x_ptr, stride_xm, m, m < M, k0 + 48, K, NORM, norm, DTYPE)),)
-    return xs
-
-
-@triton.jit
-def _products(xs, part, t, s, K, QTYPE: tl.constexpr, GROUPS: tl.constexpr, BATCH: tl.constexpr,
-              DTYPE: tl.constexpr):
-    """Tile t of a part (planes tuple: 5 pointers, 5 row strides, rows), K-slice s: (products, rows, mask)."""
-    qw, qh, sc, sm, sd, s_qw, s_qh, s_sc, s_sm, s_sd, rows = part
-    n = t * 64 + tl.arange(0, 64)
-    accs = tile_products(xs, qw, qh, sc, sm, sd, s_qw, s_qh, s_sc, s_sm, s_sd, n, n < rows, s * GROUPS, K, QTYPE,
-                         GROUPS, BATCH, DTYPE)
-    return accs, n, n < rows
-
-
-@triton.jit
-def _store_part(part_ptr, accs, s, col, ok, N_TOTAL, row0, M, BATCH: tl.constexpr):
-    """part[s, col, m] = accs for rows m = row0 + 8b + j < M (rows of x fastest, as the MMA's registers
-    hold them; only real rows, so one row of x is 4 bytes per column)."""
-    for b in tl.static_range(BATCH):
-        m = row0 + b * 8 + tl.arange(0, 8)
-        dst = part_ptr + (s * N_TOTAL + col.to(tl.int64))[:, None] * M + m[None, :]
-        tl.store(dst, accs[b], mask=ok[:, None] & (m < M)[None, :])
-
-
-@triton.jit
-def _sum_parts(part_ptr, col, ok, m, M, N_TOTAL, S):
-    """sum over slices s = 0 .. S-1, in that order, of part[s, col, m] -> fp32 [cols, rows m]."""
-    acc = tl.zeros([col.shape[0], m.shape[0]], tl.float32)
-    for s in range(0, S):
-        src = part_ptr + (s * N_TOTAL + col.to(tl.int64))[:, None] * M + m[None, :]
-        acc += tl.load(src, mask=ok[:, None] & (m < M)[None, :], other=0.0, cache_modifier=".cg")
-    return acc
-
-
-@triton.jit
 def _finish_unit(u, part_ptr, S, N_A, N_TOTAL, tiles_a, M, row0, count_ptr, units, epi, B_PRESENT: tl.constexpr,
                  EPILOGUE: tl.constexpr, UNIT_TILES: tl.constexpr, BATCH: tl.constexpr, N_HEADS: tl.constexpr,
                  N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_ROPE: tl.constexpr,
@@ -136,19 +93,19 @@ def _finish_unit(u, part_ptr, S, N_A, N_TOTAL, tiles_a, M, row0, count_ptr, unit
             rope, col0 = epi
             r1, i = rope_pairs(UNIT_ROWS, HEAD_DIM)
             row1 = u * UNIT_ROWS + r1
-            x1 = _sum_parts(part_ptr, row1, row1 < N_TOTAL, m, M, N_TOTAL, S)
-            x2 = _sum_parts(part_ptr, row1 + HEAD_DIM // 2, row1 < N_TOTAL, m, M, N_TOTAL, S)
+            x1 = sum_parts(part_ptr, row1, row1 < N_TOTAL, m, M, N_TOTAL, S)
+            x2 = sum_parts(part_ptr, row1 + HEAD_DIM // 2, row1 < N_TOTAL, m, M, N_TOTAL, S)
             rope_kv_rows(x1, x2, col0 + row1, row1 < N_TOTAL, i, m, M, rope, N_HEADS, N_KV_HEADS, HEAD_DIM,
                          BLOCK_SIZE, USE_ROPE, DTYPE)
         else:
-            value = _sum_parts(part_ptr, col, ok, m, M, N_TOTAL, S)
+            value = sum_parts(part_ptr, col, ok, m, M, N_TOTAL, S)
             if EPILOGUE == RESIDUAL:
                 h_ptr, stride_h, sq_ptr, inv_ptr, eps = epi
                 residual_rows(value, m, M, col, ok, u, h_ptr, stride_h, sq_ptr)
             else:
                 y_ptr, stride_ym = epi
                 if EPILOGUE == SWIGLU:
-                    up = _sum_parts(part_ptr, N_A + col, ok, m, M, N_TOTAL, S)
+                    up = sum_parts(part_ptr, N_A + col, ok, m, M, N_TOTAL, S)
                     value = value * tl.sigmoid(value) * up
                 dst = y_ptr + m.to(tl.int64)[None, :] * stride_ym + col[:, None]
                 tl.store(dst, round_to(value, y_ptr.dtype.element_ty), mask=(m < M)[None, :] & ok[:, None])
@@ -163,11 +120,13 @@ def _finish_unit(u, part_ptr, S, N_A, N_TOTAL, tiles_a, M, row0, count_ptr, unit
 @triton.jit
 def _qmv_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, units_per_program, epi,
                 QTYPE_A: tl.constexpr, QTYPE_B: tl.constexpr, NORM: tl.constexpr, EPILOGUE: tl.constexpr,
-                UNIT_TILES: tl.constexpr, GROUPS: tl.constexpr, BATCH: tl.constexpr,
+                UNIT_TILES: tl.constexpr, GROUPS: tl.constexpr, SUB: tl.constexpr, BATCH: tl.constexpr,
                 N_HEADS: tl.constexpr = 0, N_KV_HEADS: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 0,
                 BLOCK_SIZE: tl.constexpr = 0, USE_ROPE: tl.constexpr = False):
     """Decode: program (K-slice, range of units) for every row of x (module docstring). Units are
-    UNIT_TILES row tiles of part A, then of part B (SWIGLU: gate tile u with up tile u)."""
+    UNIT_TILES row tiles of part A, then of part B (SWIGLU: gate tile u with up tile u). A slice
+    is GROUPS groups of 64 columns; x is loaded SUB groups at a time (SUB < GROUPS: one unit per
+    program)."""
     s = tl.program_id(0)
     first = tl.program_id(1) * units_per_program
     S = tl.num_programs(0)
@@ -176,20 +135,31 @@ def _qmv_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, 
     # The dots' operand type: x's (weights as exact integers); fp32 under the interpreter, whose
     # dot cannot multiply 16-bit floats (products of 16-bit values are exact in fp32 anyway).
     DTYPE: tl.constexpr = tl.float32 if INTERPRETED else x_ptr.dtype.element_ty
-    xs = _x_slice(x_ptr, stride_xm, M, K, 0, s, NORM, norm, GROUPS, BATCH, DTYPE)
     tiles_a = tl.cdiv(N_A, 64)
     last = tl.minimum(first + units_per_program, units)
-    # One loop per part, so each loop decodes one type (and is software-pipelined).
-    for t in range(first * UNIT_TILES, tl.minimum(last * UNIT_TILES, tiles_a)):
-        accs, n, ok = _products(xs, A, t, s, K, QTYPE_A, GROUPS, BATCH, DTYPE)
-        _store_part(part_ptr, accs, s, n, ok, N_TOTAL, 0, M, BATCH)
-        if EPILOGUE == SWIGLU:
-            accs, n, ok = _products(xs, B, t, s, K, QTYPE_B, GROUPS, BATCH, DTYPE)
-            _store_part(part_ptr, accs, s, N_A + n, ok, N_TOTAL, 0, M, BATCH)
-    if (QTYPE_B is not None) and (EPILOGUE != SWIGLU):
-        for t in range(tl.maximum(first * UNIT_TILES, tiles_a), last * UNIT_TILES):
-            accs, n, ok = _products(xs, B, t - tiles_a, s, K, QTYPE_B, GROUPS, BATCH, DTYPE)
-            _store_part(part_ptr, accs, s, N_A + n, ok, N_TOTAL, 0, M, BATCH)
+    g_begin = s * GROUPS
+    if GROUPS == SUB:
+        # The slice's x, loaded once for all the program's units.
+        xs = x_slice(x_ptr, stride_xm, M, K, 0, g_begin, NORM, norm, GROUPS, BATCH, DTYPE)
+        # One loop per part, so each loop decodes one type (and is software-pipelined).
+        for t in range(first * UNIT_TILES, tl.minimum(last * UNIT_TILES, tiles_a)):
+            n, ok = tile_rows(A, t)
+            accs = products(zero_tiles(BATCH), xs, A, t, g_begin, K, QTYPE_A, GROUPS, BATCH, DTYPE)
+            store_part(part_ptr, accs, s, n, ok, N_TOTAL, 0, M, BATCH)
+            if EPILOGUE == SWIGLU:
+                accs = products(zero_tiles(BATCH), xs, B, t, g_begin, K, QTYPE_B, GROUPS, BATCH, DTYPE)
+                store_part(part_ptr, accs, s, N_A + n, ok, N_TOTAL, 0, M, BATCH)
+        if (QTYPE_B is not None) and (EPILOGUE != SWIGLU):
+            for t in range(tl.maximum(first * UNIT_TILES, tiles_a), last * UNIT_TILES):
+                n, ok = tile_rows(B, t - tiles_a)
+                accs = products(zero_tiles(BATCH), xs, B, t - tiles_a, g_begin, K, QTYPE_B, GROUPS, BATCH, DTYPE)
+                store_part(part_ptr, accs, s, N_A + n, ok, N_TOTAL, 0, M, BATCH)
+    else:
+        # A slice of several x chunks (SUB groups each): one unit per program, its slice
+        # streamed chunk by chunk, each chunk of x loaded once for the unit's tiles.
+        streamed_unit(first, s, (x_ptr, stride_xm, M, K, 0, norm), A, B, part_ptr, N_A, N_TOTAL, tiles_a,
+                      g_begin, tl.minimum(g_begin + GROUPS, tl.cdiv(K, 64)), QTYPE_A, QTYPE_B, EPILOGUE,
+                      UNIT_TILES, SUB, BATCH, DTYPE, NORM)
     # Every thread's partial stores land before the counts say so; the last of the S slices
     # of a unit finishes it and re-arms its counter.
     tl.debug_barrier()
@@ -202,19 +172,20 @@ def _qmv_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, 
 
 
 @triton.jit
-def _slices_summed(xs_args, part, t, S, QTYPE: tl.constexpr, GROUPS: tl.constexpr, BATCH: tl.constexpr,
-                   DTYPE: tl.constexpr, NORM: tl.constexpr):
+def _slices_summed(xs_args, part, t, S, QTYPE: tl.constexpr, GROUPS: tl.constexpr, SUB: tl.constexpr,
+                   BATCH: tl.constexpr, DTYPE: tl.constexpr, NORM: tl.constexpr):
     """Tile t of a part times x rows row0 .. row0 + 8 * BATCH - 1: the slices' products summed in
     slice order, exactly as the decode kernel's last program sums its partials."""
     x_ptr, stride_xm, M, K, row0, norm = xs_args
-    n = t * 64 + tl.arange(0, 64)
-    ok = n < part[10]
-    totals = ()
-    for b in tl.static_range(BATCH):
-        totals = totals + (tl.zeros([64, 8], tl.float32),)
+    n, ok = tile_rows(part, t)
+    totals = zero_tiles(BATCH)
     for s in range(0, S):
-        xs = _x_slice(x_ptr, stride_xm, M, K, row0, s, NORM, norm, GROUPS, BATCH, DTYPE)
-        accs, _, _ = _products(xs, part, t, s, K, QTYPE, GROUPS, BATCH, DTYPE)
+        if GROUPS == SUB:
+            xs = x_slice(x_ptr, stride_xm, M, K, row0, s * GROUPS, NORM, norm, GROUPS, BATCH, DTYPE)
+            accs = products(zero_tiles(BATCH), xs, part, t, s * GROUPS, K, QTYPE, GROUPS, BATCH, DTYPE)
+        else:
+            accs = streamed(zero_tiles(BATCH), xs_args, part, t, s * GROUPS,
+                                 tl.minimum(s * GROUPS + GROUPS, tl.cdiv(K, 64)), QTYPE, SUB, BATCH, DTYPE, NORM)
         summed = ()
         for b in tl.static_range(BATCH):
             summed = summed + (totals[b] + accs[b],)
@@ -225,7 +196,7 @@ def _slices_summed(xs_args, part, t, S, QTYPE: tl.constexpr, GROUPS: tl.constexp
 @triton.jit
 def _qmm_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, S, epi,
                 QTYPE_A: tl.constexpr, QTYPE_B: tl.constexpr, NORM: tl.constexpr, EPILOGUE: tl.constexpr,
-                UNIT_TILES: tl.constexpr, GROUPS: tl.constexpr, BATCH: tl.constexpr,
+                UNIT_TILES: tl.constexpr, GROUPS: tl.constexpr, SUB: tl.constexpr, BATCH: tl.constexpr,
                 N_HEADS: tl.constexpr = 0, N_KV_HEADS: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 0,
                 BLOCK_SIZE: tl.constexpr = 0, USE_ROPE: tl.constexpr = False):
     """Prefill: program (unit, 8 * BATCH rows of x). Its sums go to its own rows of a one-slice
@@ -241,17 +212,17 @@ def _qmm_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, 
     for j in tl.static_range(UNIT_TILES):
         t = u * UNIT_TILES + j
         if EPILOGUE == SWIGLU:
-            totals, n, ok = _slices_summed(xs_args, A, t, S, QTYPE_A, GROUPS, BATCH, DTYPE, NORM)
-            _store_part(part_ptr, totals, 0, n, ok, N_TOTAL, row0, M, BATCH)
-            totals, n, ok = _slices_summed(xs_args, B, t, S, QTYPE_B, GROUPS, BATCH, DTYPE, NORM)
-            _store_part(part_ptr, totals, 0, N_A + n, ok, N_TOTAL, row0, M, BATCH)
+            totals, n, ok = _slices_summed(xs_args, A, t, S, QTYPE_A, GROUPS, SUB, BATCH, DTYPE, NORM)
+            store_part(part_ptr, totals, 0, n, ok, N_TOTAL, row0, M, BATCH)
+            totals, n, ok = _slices_summed(xs_args, B, t, S, QTYPE_B, GROUPS, SUB, BATCH, DTYPE, NORM)
+            store_part(part_ptr, totals, 0, N_A + n, ok, N_TOTAL, row0, M, BATCH)
         elif t < tiles_a:          # without a part B every tile is part A's
-            totals, n, ok = _slices_summed(xs_args, A, t, S, QTYPE_A, GROUPS, BATCH, DTYPE, NORM)
-            _store_part(part_ptr, totals, 0, n, ok, N_TOTAL, row0, M, BATCH)
+            totals, n, ok = _slices_summed(xs_args, A, t, S, QTYPE_A, GROUPS, SUB, BATCH, DTYPE, NORM)
+            store_part(part_ptr, totals, 0, n, ok, N_TOTAL, row0, M, BATCH)
         else:
             if QTYPE_B is not None:
-                totals, n, ok = _slices_summed(xs_args, B, t - tiles_a, S, QTYPE_B, GROUPS, BATCH, DTYPE, NORM)
-                _store_part(part_ptr, totals, 0, N_A + n, ok, N_TOTAL, row0, M, BATCH)
+                totals, n, ok = _slices_summed(xs_args, B, t - tiles_a, S, QTYPE_B, GROUPS, SUB, BATCH, DTYPE, NORM)
+                store_part(part_ptr, totals, 0, N_A + n, ok, N_TOTAL, row0, M, BATCH)
     tl.debug_barrier()
     _finish_unit(u, part_ptr, 1, N_A, N_TOTAL, tiles_a, M, row0, count_ptr + row_block, units, epi,
                  QTYPE_B is not None, EPILOGUE, UNIT_TILES, BATCH, N_HEADS, N_KV_HEADS, HEAD_DIM, BLOCK_SIZE, USE_ROPE,
@@ -273,10 +244,24 @@ def sm_count(device: torch.device) -> int:
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def x_chunk_groups(k: int, groups: int) -> int:
+    """Groups of x a program loads at a time for slices of `groups` groups: at most 4 (64 rows
+    of them fill 64 registers a thread), and a divisor of the slice and of K's groups, so
+    that no chunk reaches past K."""
+    return math.gcd(groups, triton.cdiv(k, GROUP), 4)
+
+
 def slice_groups(k: int, units: int, sms: int) -> int:
-    """64-column groups per K-slice: the most (4, 2, 1) that still gives every SM two (slice,
-    unit) programs at M = 1. From the weight's shape, its epilogue's unit and the GPU only."""
+    """64-column groups per K-slice, from the weight's shape, its epilogue's unit and the GPU
+    only. A weight whose units give every SM two programs is not split (one slice: no
+    partials to speak of at 64 rows, where the LM head's would be 260 MB; x then streams
+    through each program a chunk at a time). Otherwise the most of 4, 2, 1 that still gives
+    every SM two (slice, unit) programs at M = 1: a slice's x stays in registers for all
+    of a program's units (wider slices would stream x once per unit, which costs more
+    instructions at 64 rows than their fewer partials save, bench/README.md)."""
     groups_k = triton.cdiv(k, GROUP)
+    if units >= 2 * sms:
+        return groups_k
     for groups in (4, 2):
         if triton.cdiv(groups_k, groups) * units >= 2 * sms:
             return groups
@@ -312,11 +297,13 @@ def launch(x: torch.Tensor, a: TiledTensor, b: TiledTensor | None, groups: int, 
     tiles_a = triton.cdiv(n_a, BLOCK_N)
     units = tiles_a if epilogue == SWIGLU else triton.cdiv(tiles_a + triton.cdiv(n_b, BLOCK_N), unit_tiles)
     S = triton.cdiv(triton.cdiv(K, GROUP), groups)
+    sub = x_chunk_groups(K, groups)
+    if sub < groups and M > 32:
+        sub = 1      # a streamed slice past 32 rows: 4 groups of 64 rows of x would take 64 registers
     # Both kernels compute the same sums (same slices, same order), so the choice may follow M:
-    # split-K for few rows of x (x read once per program, partials small), the slices summed in
-    # registers when there are rows enough that the partials would outweigh the weight and the
-    # weight has units enough to fill the GPU without splitting.
-    decode = M <= 8 or (M <= DECODE_ROWS and units < 2 * sm_count(x.device))
+    # split-K up to DECODE_ROWS rows of x (each weight tile decoded once for every row), the
+    # slices summed in registers for prompts.
+    decode = M <= DECODE_ROWS
     if decode:
         batch = triton.next_power_of_2(triton.cdiv(M, 8))
     else:
@@ -331,11 +318,13 @@ def launch(x: torch.Tensor, a: TiledTensor, b: TiledTensor | None, groups: int, 
     norm = norm if norm is not None else (x, x)
     count = counters(x.device, units + row_blocks)
     kw = dict(QTYPE_A=int(a.qtype), QTYPE_B=None if b is None else int(b.qtype), NORM=norm[0] is not x,
-              EPILOGUE=getattr(epilogue, "value", epilogue), UNIT_TILES=unit_tiles, GROUPS=groups, BATCH=batch,
+              EPILOGUE=getattr(epilogue, "value", epilogue), UNIT_TILES=unit_tiles, GROUPS=groups, SUB=sub,
+              BATCH=batch,
               num_warps=4, num_stages=2 if decode else 1, **(consts or {}))
     if decode:
-        # Units per program: about 4 programs per SM at M = 1 (the result does not depend on it).
-        per_program = max(1, (S * units) // (4 * sm_count(x.device)))
+        # Units per program: about 4 programs per SM at M = 1, one where a slice is streamed
+        # (the result does not depend on it).
+        per_program = 1 if sub < groups else max(1, (S * units) // (4 * sm_count(x.device)))
         part = torch.empty((S, n_a + n_b, M), dtype=torch.float32, device=x.device)
         _qmv_kernel[(S, triton.cdiv(units, per_program))](x, x.stride(0), M, K, norm, part_a, part_b, part, count,
                                                           units, per_program, epi, **kw)

@@ -26,7 +26,7 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 from .errors import RequestError
 from .gguf.tensors import QuantTensor
-from .kernels.attention import attention_torch
+from .kernels.attention_reference import attention_torch
 from .kernels.qmatmul import qmatmul_torch
 from .kernels.rms_norm import rms_norm_torch
 from .kernels.rope_qkv import rope_qkv_torch

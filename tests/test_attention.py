@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from smollm3_triton.errors import KernelInputError, UnsupportedModelError
-from smollm3_triton.kernels.attention import attention_torch, attention_triton
+from smollm3_triton.kernels.attention import attention_triton
+from smollm3_triton.kernels.attention_reference import attention_torch
 from tests.helpers.attention_cases import DEVICE, HEAD_IDS, HEADS, MIXED, Case
 
 DTYPES = [torch.float32, torch.bfloat16]

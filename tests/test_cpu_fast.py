@@ -19,7 +19,7 @@ from smollm3_triton import Runtime
 from smollm3_triton.errors import RequestError
 from smollm3_triton.gguf.constants import FLOAT_DTYPES, GGMLType
 from smollm3_triton.gguf.tensors import QuantTensor
-from smollm3_triton.kernels.attention import attention_torch
+from smollm3_triton.kernels.attention_reference import attention_torch
 from smollm3_triton.kernels.cpu_fast import attention_cpu, prepare, qmatmul_cpu, rope_qkv_cpu
 from smollm3_triton.kernels.rope_qkv import rope_qkv_torch
 from tests.helpers.attention_cases import HEAD_IDS, HEADS, MIXED, Case

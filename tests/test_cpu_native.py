@@ -26,7 +26,7 @@ import torch
 from smollm3_triton.gguf.constants import GGMLType
 from smollm3_triton.gguf.tensors import concat_rows
 from smollm3_triton.kernels import cpu_fast, cpu_native
-from smollm3_triton.kernels.attention import attention_torch
+from smollm3_triton.kernels.attention_reference import attention_torch
 from smollm3_triton.kernels.rms_norm import rms_norm_torch
 from tests.helpers.attention_cases import HEAD_IDS, HEADS, MIXED, Case
 from tests.helpers.quant_samples import QUANT_TYPES, oracle_matrix, random_weight

@@ -3,7 +3,7 @@ forwards, the prefix cache, preemption under pressure, aborts from another threa
 
 The oracle of each test is the same request run alone (on a fresh engine with the
 prefix cache off), or the one-sequence forward, or transformers. On the torch backend
-in fp32 a row's arithmetic does not depend on the batch (kernels/attention.py and
+in fp32 a row's arithmetic does not depend on the batch (kernels/attention_reference.py and
 qmatmul_torch say why), so outputs are compared exactly, logprobs included.
 """
 from __future__ import annotations

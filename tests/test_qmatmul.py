@@ -108,6 +108,46 @@ def test_slices_partial_last_and_many():
     check(run(x, prepare_tiles(w)), x, oracle_matrix(w), "K 2048, 32 slices")
 
 
+@pytest.mark.parametrize("qtype, k, dtype", [(GGMLType.Q4_K, 1024, torch.float32),
+                                             (GGMLType.Q6_K, 1024, torch.bfloat16),
+                                             (GGMLType.Q8_0, 576, torch.bfloat16)], ids=lambda v: getattr(v, "name", v))
+def test_streamed_slices(qtype, k, dtype, monkeypatch):
+    """A weight not split along K, x streamed through each program a chunk at a time (the LM
+    head's path on 132 SMs), made here by sizing for a 1-SM GPU: against the oracle at 1 and
+    64 rows, and a row bitwise the same alone, in batches of 5 and 64 and in a 72-row prompt.
+    K-quants at K 1024: x in chunks of 4 groups up to 32 rows, of 1 past them; Q8_0 at K 576
+    (9 groups): chunks of 1 group."""
+    monkeypatch.setattr(qm, "sm_count", lambda device: 1)
+    groups = qm.slice_groups(k, 2, 1)
+    assert groups == -(-k // 64) > qm.x_chunk_groups(k, groups), "the case must stream x through one slice"
+    w = random_weight(qtype, 72, k, seed=7)
+    tw, oracle = prepare_tiles(w.to(DEVICE)), oracle_matrix(w)
+    x = make_x(1, k, dtype, seed=8).to(DEVICE)
+    others = make_x(72, k, dtype, seed=9).to(DEVICE)
+    alone = qmatmul_triton(x, tw)
+    check(alone, x.cpu(), oracle, f"{qtype.name} streamed M=1")
+    for m, at in ((5, 4), (64, 63), (72, 40)):
+        batch = others[:m].clone()
+        batch[at] = x[0]
+        y = qmatmul_triton(batch, tw)
+        assert torch.equal(y[at], alone[0]), f"streamed slices: the row at {at} of a {m}-row batch"
+        if m == 64:
+            check(y, batch.cpu(), oracle, f"{qtype.name} streamed M=64")
+
+
+def test_streamed_slices_of_a_two_type_weight(monkeypatch):
+    """A fused Q4_K + Q6_K weight (QKV of a Q4_K_M file) with streamed slices: each program's
+    unit picks its part's decoding inside the slice loop."""
+    monkeypatch.setattr(qm, "sm_count", lambda device: 1)
+    w, w64 = _fused([random_weight(GGMLType.Q4_K, 128, 512, 30), random_weight(GGMLType.Q6_K, 64, 512, 31)])
+    tw = prepare_tiles(w.to(DEVICE))
+    assert qm.slice_groups(512, 3, 1) > qm.x_chunk_groups(512, qm.slice_groups(512, 3, 1))
+    x = make_x(16, 512, torch.float32, seed=32)
+    y = run(x, tw)
+    check(y, x, w64, "two-type streamed M=16")
+    assert torch.equal(run(x[5:6], tw)[0], y[5])
+
+
 def test_lm_head_writes_fp32():
     """out_dtype=float32: the kernel writes its fp32 sums; a bf16 activation's logits are never
     rounded to bf16 (fp32 bound, not the bf16 one)."""

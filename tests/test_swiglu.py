@@ -122,6 +122,25 @@ def test_a_row_is_bitwise_the_same_in_any_batch():
     assert torch.equal(run(x, w)[2], alone)
 
 
+def test_streamed_slices(monkeypatch):
+    """Gate+up not split along K, x streamed a chunk at a time and shared by the gate and up
+    tiles (sized here for a 1-SM GPU, K 1024: one slice of 16 groups, x in chunks of 4):
+    against the oracle, and row 2 bitwise the same alone, in 16 rows and in a prompt."""
+    from smollm3_triton.kernels import qmatmul, swiglu
+    for module in (qmatmul, swiglu):
+        monkeypatch.setattr(module, "sm_count", lambda device: 1)
+    assert qmatmul.slice_groups(1024, 2, 1) == 16
+    w, wg, wu = gate_up(GGMLType.Q4_K, GGMLType.Q4_K, 96, 1024, seed=9)
+    w = prepare_tiles(w.to(DEVICE))
+    x = make_x(72, 1024, torch.bfloat16)
+    alone = run(x[2:3], w)
+    check(alone, x[2:3], wg, wu, "streamed M=1")
+    batch = run(x[:16], w)
+    check(batch, x[:16], wg, wu, "streamed M=16")
+    assert torch.equal(batch[2], alone[0])
+    assert torch.equal(run(x, w)[2], alone[0])
+
+
 def test_matches_gate_up_swiglu_torch():
     pytest.importorskip("smollm3_triton.gguf.dequant")
     w, _, _ = gate_up(GGMLType.Q4_K, GGMLType.Q6_K, 40, 256, seed=7)

@@ -116,7 +116,7 @@ void qg_pack(const qg_weight *w, const int16_t *v, const uint8_t *s, int64_t ls,
 }
 
 int64_t qg_act_bytes(int m, int cols) {      /* slots: at most cols + 4 tail chunks' padding */
-    return (int64_t)m * ((cols + 128) * 2 + 2 * qg_max_chunks(cols) * 16 * 4) + 128;
+    return (int64_t)m * ((cols + 128) + 2 * qg_max_chunks(cols) * 16 * 4) + 128;
 }
 
 void qg_act_layout(int m, int cols, void *buf, qg_act *out) {
@@ -128,13 +128,13 @@ void qg_act_layout(int m, int cols, void *buf, qg_act *out) {
     out->cols = cols;
     out->n_chunks = n;
     out->stride = last->xoff + 32 * last->steps;
-    out->xq = (int16_t *)buf;
-    out->sx = (float *)(out->xq + m * out->stride + (-(m * out->stride) & 31));
+    out->xq = (int8_t *)buf;
+    out->sx = (float *)(out->xq + m * out->stride + (-(m * out->stride) & 63));
     out->xs = out->sx + (int64_t)m * n * 16;
 }
 
-/* 32 values -> int16 at 32767 / max|x| (nearest even, as lrintf); returns the scale. */
-__attribute__((target("avx2,fma"))) static float quantize_group(const float *x, int16_t *q) {
+/* 32 values -> int8 at 127 / max|x| (nearest even, as lrintf); returns the scale. */
+__attribute__((target("avx2,fma"))) static float quantize_group(const float *x, int8_t *q) {
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 a[4];
     for (int i = 0; i < 4; i++) a[i] = _mm256_loadu_ps(x + 8 * i);
@@ -143,13 +143,13 @@ __attribute__((target("avx2,fma"))) static float quantize_group(const float *x, 
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-    __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+    __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
     __m256i v[4];
     for (int i = 0; i < 4; i++) v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(a[i], inv));
-    /* packs works per 128-bit half: 0xD8 puts the quarters back in order */
-    _mm256_storeu_si256((__m256i *)q, _mm256_permute4x64_epi64(_mm256_packs_epi32(v[0], v[1]), 0xD8));
-    _mm256_storeu_si256((__m256i *)(q + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(v[2], v[3]), 0xD8));
-    return amax / 32767.f;
+    /* packs works per 128-bit half: the dword permutation puts the eight quarters back in order */
+    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    return amax / 127.f;
 }
 
 void qg_quantize(const float *x, int64_t ldx, int i0, int i1, const qg_act *out) {
@@ -160,21 +160,23 @@ void qg_quantize(const float *x, int64_t ldx, int i0, int i1, const qg_act *out)
         const float *xr = x + i * ldx;
         for (int ci = 0; ci < n; ci++) {
             const qg_chunk *c = &chunks[ci];
-            int16_t q[256] __attribute__((aligned(32)));
+            int8_t q[256];
             float gsx[8];
             for (int g = 0; g < c->width / 32; g++) gsx[g] = quantize_group(xr + c->k0 + 32 * g, q + 32 * g);
-            /* Slots are int16 pairs: pair s of lane l (weights l * P + 2s, + 1) goes to pair
-             * column l of step s, a [16][P / 2] -> [steps][16] transpose. */
-            int per_lane = c->width / 16, pairs = per_lane / 2 > 0 ? per_lane / 2 : 1;
-            int32_t *dst = (int32_t *)(out->xq + i * out->stride + c->xoff);
-            const int32_t *src = (const int32_t *)q;
-            if (per_lane < 2 * c->steps) memset(dst, 0, 64 * c->steps);
-            for (int l = 0; l < 16; l++)
-                for (int p = 0; p < pairs; p++) dst[16 * p + l] = src[l * pairs + p];
+            /* Byte p of lane l in pair t (see qgemm.h): weight l * P + 4t + 2 (p & 1) + (p >> 1),
+             * zero past the lane's P weights (chunks of 32). */
+            int per_lane = c->width / 16;
+            int8_t *dst = out->xq + i * out->stride + c->xoff;
             float *sx = out->sx + ((int64_t)i * n + ci) * 16, *xs = out->xs + ((int64_t)i * n + ci) * 16;
             for (int l = 0; l < 16; l++) {
                 int sum = 0;
-                for (int e = 0; e < per_lane; e++) sum += q[l * per_lane + e];
+                for (int t = 0; t < c->steps / 2; t++)
+                    for (int p = 0; p < 4; p++) {
+                        int e = 4 * t + 2 * (p & 1) + (p >> 1);
+                        int8_t v = e < per_lane ? q[l * per_lane + e] : 0;
+                        dst[64 * t + 4 * l + p] = v;
+                        sum += v;
+                    }
                 sx[l] = gsx[l * per_lane / 32];
                 xs[l] = sx[l] * (float)sum;
             }

@@ -1,5 +1,5 @@
-/* qgemm.h's rows on AVX2 (+ FMA, F16C): a step's 32 slots as two 256-bit halves, lanes 0-7
- * and 8-15; vpmaddwd + vpaddd per 16 weights and activation row. */
+/* qgemm.h's rows on AVX2 (+ FMA, F16C): a pair of steps' 64 bytes as two 256-bit halves, lanes
+ * 0-7 and 8-15; vpmaddubsw + vpmaddwd + vpaddd per 32 weights and activation row. */
 #include <immintrin.h>
 
 #include "qgemm.h"
@@ -11,7 +11,7 @@
 #define MAX_R 4
 #define MAX_MB 4
 
-typedef struct { __m256i a, b; } i16x32;    /* lanes 0-7 (slots 0-15), lanes 8-15 (slots 16-31) */
+typedef struct { __m256i a, b; } i16x32;    /* lanes 0-7 (words 0-15), lanes 8-15 (words 16-31) */
 
 INLINE int bits_of(int kind) {
     return kind == QG_Q5_0 || kind == QG_Q5_1 || kind == QG_Q5_K ? 5 : kind == QG_Q6_K ? 6 : kind == QG_Q8_0 ? 8 : 4;
@@ -19,8 +19,11 @@ INLINE int bits_of(int kind) {
 
 INLINE TAVX2 float half(const uint8_t *p) { return _cvtsh_ss((unsigned short)(p[0] | p[1] << 8)); }
 
-INLINE TAVX2 __m256i widen_u8(__m256i bytes, int high) {
-    return _mm256_cvtepu8_epi16(high ? _mm256_extracti128_si256(bytes, 1) : _mm256_castsi256_si128(bytes));
+/* words 16h .. 16h + 15 of a pair of steps: byte j of `lo` in the low byte, of `hi` in the high */
+INLINE TAVX2 __m256i interleave(__m256i lo, __m256i hi, int h) {
+    __m128i l = h ? _mm256_extracti128_si256(lo, 1) : _mm256_castsi256_si128(lo);
+    __m128i u = h ? _mm256_extracti128_si256(hi, 1) : _mm256_castsi256_si128(hi);
+    return _mm256_or_si256(_mm256_cvtepu8_epi16(l), _mm256_slli_epi16(_mm256_cvtepu8_epi16(u), 8));
 }
 
 /* add where the slot's bit of `mask` is set */
@@ -34,19 +37,26 @@ INLINE TAVX2 i16x32 add_masked(i16x32 v, uint32_t mask, short add) {
     return v;
 }
 
-INLINE TAVX2 void unpack_pair(const int bits, const uint8_t *q, int steps, int t, i16x32 *lo, i16x32 *hi) {
+/* Steps 2t and 2t + 1 of a chunk as bytes, word j = slot j of each (qgemm.h); Q8_0's signed. */
+INLINE TAVX2 i16x32 unpack_pair(const int bits, const uint8_t *q, int steps, int t) {
+    i16x32 v;
+    if (bits == 8) {
+        __m256i s0 = _mm256_loadu_si256((const __m256i *)(q + 64 * t));
+        __m256i s1 = _mm256_loadu_si256((const __m256i *)(q + 64 * t + 32));
+        v.a = interleave(s0, s1, 0), v.b = interleave(s0, s1, 1);
+        return v;
+    }
     __m256i b = _mm256_loadu_si256((const __m256i *)(q + 32 * t)), m = _mm256_set1_epi8(15);
-    __m256i l = _mm256_and_si256(b, m), h = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
-    lo->a = widen_u8(l, 0), lo->b = widen_u8(l, 1);
-    hi->a = widen_u8(h, 0), hi->b = widen_u8(h, 1);
+    __m256i lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+    v.a = interleave(lo, hi, 0), v.b = interleave(lo, hi, 1);
     const uint32_t *hb = (const uint32_t *)(q + 16 * steps);
     if (bits == 5) {
-        *lo = add_masked(*lo, hb[2 * t], 16);
-        *hi = add_masked(*hi, hb[2 * t + 1], 16);
+        v = add_masked(add_masked(v, hb[2 * t], 16), hb[2 * t + 1], 16 << 8);
     } else if (bits == 6) {
-        *lo = add_masked(add_masked(*lo, hb[4 * t], 16), hb[4 * t + 1], 32);
-        *hi = add_masked(add_masked(*hi, hb[4 * t + 2], 16), hb[4 * t + 3], 32);
+        v = add_masked(add_masked(v, hb[4 * t], 16), hb[4 * t + 1], 32);
+        v = add_masked(add_masked(v, hb[4 * t + 2], 16 << 8), hb[4 * t + 3], 32 << 8);
     }
+    return v;
 }
 
 /* The chunk's lane scales as two halves (see qgemm_avx512.c's lane_scales). */
@@ -76,7 +86,7 @@ INLINE TAVX2 void lane_scales(const int kind, const uint8_t *sp, const qg_chunk 
         if (kind == QG_Q4_1 || kind == QG_Q5_1)
             b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sp + 2 * (c->width / 32))));
         else
-            b = _mm256_mul_ps(m, _mm256_set1_ps(kind == QG_Q4_0 ? -8.f : -16.f));   /* Q8_0: unused */
+            b = _mm256_mul_ps(m, _mm256_set1_ps(kind == QG_Q4_0 ? -8.f : -16.f));   /* Q8_0: unused (signed) */
     }
     for (int h = 0; h < 2; h++) {
         mul[h] = _mm256_permutevar8x32_ps(m, idx[h]);
@@ -84,8 +94,14 @@ INLINE TAVX2 void lane_scales(const int kind, const uint8_t *sp, const qg_chunk 
     }
 }
 
-INLINE TAVX2 __m256i dot(__m256i acc, __m256i w, const int16_t *x) {
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(w, _mm256_loadu_si256((const __m256i *)x)));
+/* acc + the lane sums of 4 bytes of w times x; |products| stay under 2^14 per pair for 4/5/6-bit
+ * weights (63 x 127 x 2), so vpmaddubsw does not saturate; Q8_0's signed weights go in as
+ * |w| against x with w's sign, at most 128 x 127 x 2. */
+INLINE TAVX2 __m256i dot(const int kind, __m256i acc, __m256i w, const int8_t *x) {
+    __m256i xv = _mm256_loadu_si256((const __m256i *)x);
+    __m256i p = kind == QG_Q8_0 ? _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xv, w))
+                                : _mm256_maddubs_epi16(w, xv);
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 
 INLINE TAVX2 float hsum(__m256 v) {
@@ -104,38 +120,22 @@ INLINE TAVX2 void tile(const int kind, const int R, const int MB, const qg_weigh
     for (int ci = 0; ci < w->n_chunks; ci++) {
         const qg_chunk *c = &w->chunks[ci];
         const int steps = c->steps;
-        const int16_t *xc = x->xq + m0 * xs + c->xoff;
+        const int8_t *xc = x->xq + m0 * xs + c->xoff;
         const uint8_t *row[MAX_R];
         __m256i acc[MAX_R][MAX_MB][2];
         for (int r = 0; r < R; r++) {
             row[r] = w->data + (int64_t)(r0 + r) * w->row_bytes;
             for (int m = 0; m < MB; m++) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_si256();
         }
-        if (bits == 8) {
-            for (int s = 0; s < steps; s++) {
-                __m256i wa[MAX_R], wb[MAX_R];
+        for (int t = 0; t < steps / 2; t++) {
+            i16x32 wv[MAX_R];
+            for (int r = 0; r < R; r++) wv[r] = unpack_pair(bits, row[r] + c->qoff, steps, t);
+            for (int m = 0; m < MB; m++)
                 for (int r = 0; r < R; r++) {
-                    __m256i b = _mm256_loadu_si256((const __m256i *)(row[r] + c->qoff + 32 * s));
-                    wa[r] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(b));
-                    wb[r] = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(b, 1));
+                    const int8_t *xm = xc + m * xs + 64 * t;
+                    acc[r][m][0] = dot(kind, acc[r][m][0], wv[r].a, xm);
+                    acc[r][m][1] = dot(kind, acc[r][m][1], wv[r].b, xm + 32);
                 }
-                for (int m = 0; m < MB; m++)
-                    for (int r = 0; r < R; r++) {
-                        acc[r][m][0] = dot(acc[r][m][0], wa[r], xc + m * xs + 32 * s);
-                        acc[r][m][1] = dot(acc[r][m][1], wb[r], xc + m * xs + 32 * s + 16);
-                    }
-            }
-        } else {
-            for (int t = 0; t < steps / 2; t++) {
-                i16x32 lo[MAX_R], hi[MAX_R];
-                for (int r = 0; r < R; r++) unpack_pair(bits, row[r] + c->qoff, steps, t, &lo[r], &hi[r]);
-                for (int m = 0; m < MB; m++)
-                    for (int r = 0; r < R; r++) {
-                        const int16_t *xm = xc + m * xs + 64 * t;
-                        acc[r][m][0] = dot(dot(acc[r][m][0], lo[r].a, xm), hi[r].a, xm + 32);
-                        acc[r][m][1] = dot(dot(acc[r][m][1], lo[r].b, xm + 16), hi[r].b, xm + 48);
-                    }
-            }
         }
         for (int r = 0; r < R; r++) {
             __m256 mul[2], bias[2];

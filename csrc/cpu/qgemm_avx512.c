@@ -9,6 +9,7 @@
  * instantiation, the compiler keeps every accumulator in a register. */
 #define MAX_R 4
 #define MAX_MB 4
+#define PREFETCH_BYTES 8192
 
 INLINE int bits_of(int kind) {
     return kind == QG_Q5_0 || kind == QG_Q5_1 || kind == QG_Q5_K ? 5 : kind == QG_Q6_K ? 6 : kind == QG_Q8_0 ? 8 : 4;
@@ -75,9 +76,11 @@ INLINE T512 void tile(const int kind, const int R, const int MB, const qg_weight
                       float *y, int64_t ldy, int col) {
     const int bits = bits_of(kind);
     const int64_t xs = x->stride;
-    /* Software prefetch of the next tile's rows, at the same place in each: the hardware
-     * prefetchers follow R interleaved streams too late (measured: loads stalled on L3). */
-    const int64_t ahead = R * w->row_bytes;
+    /* Software prefetch into L2 of the rows about PREFETCH_BYTES on, at the same place in each:
+     * the hardware prefetchers follow R interleaved streams too late. Measured on a 75 MB
+     * matrix, one row (M = 1), 1 thread, AVX-512 EPYC: Q4_K 4.7 -> 7.2 GB/s, Q6_K 4.7 -> 6.2,
+     * Q4_1 4.3 -> 8.3 against one tile ahead into L1 (_MM_HINT_T0), whose fill buffers run out. */
+    const int64_t ahead = (PREFETCH_BYTES / (R * w->row_bytes) + 1) * R * w->row_bytes;
     __m512 accf[MAX_R][MAX_MB];
     for (int r = 0; r < R; r++)
         for (int m = 0; m < MB; m++) accf[r][m] = _mm512_setzero_ps();
@@ -95,7 +98,7 @@ INLINE T512 void tile(const int kind, const int R, const int MB, const qg_weight
             __m512i wv[MAX_R];
             for (int r = 0; r < R; r++) {
                 wv[r] = unpack_pair(bits, row[r] + c->qoff, steps, t);
-                _mm_prefetch((const char *)(row[r] + ahead + c->qoff + 64 * t), _MM_HINT_T0);
+                _mm_prefetch((const char *)(row[r] + ahead + c->qoff + 64 * t), _MM_HINT_T1);
             }
             for (int m = 0; m < MB; m++) {
                 __m512i xv = _mm512_loadu_si512(xc + m * xs + 64 * t);

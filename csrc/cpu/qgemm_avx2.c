@@ -10,6 +10,7 @@
  * instantiation, the compiler keeps every accumulator in a register. */
 #define MAX_R 4
 #define MAX_MB 4
+#define PREFETCH_BYTES 8192       /* as in qgemm_avx512.c */
 
 typedef struct { __m256i a, b; } i16x32;    /* lanes 0-7 (words 0-15), lanes 8-15 (words 16-31) */
 
@@ -114,6 +115,7 @@ INLINE TAVX2 void tile(const int kind, const int R, const int MB, const qg_weigh
                        float *y, int64_t ldy, int col) {
     const int bits = bits_of(kind);
     const int64_t xs = x->stride;
+    const int64_t ahead = (PREFETCH_BYTES / (R * w->row_bytes) + 1) * R * w->row_bytes;
     __m256 accf[MAX_R][MAX_MB];
     for (int r = 0; r < R; r++)
         for (int m = 0; m < MB; m++) accf[r][m] = _mm256_setzero_ps();
@@ -129,7 +131,10 @@ INLINE TAVX2 void tile(const int kind, const int R, const int MB, const qg_weigh
         }
         for (int t = 0; t < steps / 2; t++) {
             i16x32 wv[MAX_R];
-            for (int r = 0; r < R; r++) wv[r] = unpack_pair(bits, row[r] + c->qoff, steps, t);
+            for (int r = 0; r < R; r++) {
+                wv[r] = unpack_pair(bits, row[r] + c->qoff, steps, t);
+                _mm_prefetch((const char *)(row[r] + ahead + c->qoff + 64 * t), _MM_HINT_T1);
+            }
             for (int m = 0; m < MB; m++)
                 for (int r = 0; r < R; r++) {
                     const int8_t *xm = xc + m * xs + 64 * t;

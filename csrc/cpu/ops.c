@@ -23,15 +23,28 @@ static void compute_rows(const qg_matrix *m, int r0, int r1, const qg_act *x, fl
 
 typedef struct {
     const qg_matrix *w;
-    qg_act x;
-    float *y;
+    qg_act x;                   /* precise: 2 m rows, each row's int8 then its residual's */
+    float *y, *parts;           /* parts (precise only): [2 m][w->rows], the two products */
     int64_t ldy;
-    int tile, rows, swiglu;
+    int tile, rows, swiglu, m;
 } matmul_job;
+
+static float silu_times(float g, float u) { return g / (1.f + expf(-g)) * u; }
 
 static void matmul_task(void *ctx, int t) {
     matmul_job *j = ctx;
-    int r0 = t * j->tile, r1 = r0 + j->tile < j->rows ? r0 + j->tile : j->rows, n = r1 - r0, m = j->x.m;
+    int r0 = t * j->tile, r1 = r0 + j->tile < j->rows ? r0 + j->tile : j->rows, n = r1 - r0, m = j->m;
+    if (j->parts) {             /* both halves of the rows (swiglu: gate and up), then their sums */
+        int64_t ld = j->w->rows;
+        compute_rows(j->w, r0, r1, &j->x, j->parts + r0, ld);
+        if (j->swiglu) compute_rows(j->w, j->rows + r0, j->rows + r1, &j->x, j->parts + j->rows + r0, ld);
+        for (int i = 0; i < m; i++) {
+            const float *a = j->parts + 2 * i * ld, *b = a + ld;
+            for (int c = r0; c < r1; c++)
+                j->y[i * j->ldy + c] = j->swiglu ? silu_times(a[c] + b[c], a[j->rows + c] + b[j->rows + c]) : a[c] + b[c];
+        }
+        return;
+    }
     if (!j->swiglu) {
         compute_rows(j->w, r0, r1, &j->x, j->y + r0, j->ldy);
         return;
@@ -42,10 +55,7 @@ static void matmul_task(void *ctx, int t) {
     compute_rows(j->w, r0, r1, &j->x, gate, j->ldy);
     compute_rows(j->w, j->rows + r0, j->rows + r1, &j->x, up, n);
     for (int i = 0; i < m; i++)
-        for (int c = 0; c < n; c++) {
-            float g = gate[i * j->ldy + c];
-            gate[i * j->ldy + c] = g / (1.f + expf(-g)) * up[i * n + c];
-        }
+        for (int c = 0; c < n; c++) gate[i * j->ldy + c] = silu_times(gate[i * j->ldy + c], up[i * n + c]);
     if (up != small) free(up);
 }
 
@@ -56,29 +66,31 @@ typedef struct {
     const float *x;
     int64_t ldx;
     const qg_act *act;
+    int m, with_residual;
 } quant_job;
 
 static void quant_task(void *ctx, int t) {
     const quant_job *q = ctx;
-    int i1 = (t + 1) * QUANT_ROWS < q->act->m ? (t + 1) * QUANT_ROWS : q->act->m;
-    qg_quantize(q->x, q->ldx, t * QUANT_ROWS, i1, q->act);
+    int i1 = (t + 1) * QUANT_ROWS < q->m ? (t + 1) * QUANT_ROWS : q->m;
+    qg_quantize(q->x, q->ldx, t * QUANT_ROWS, i1, q->act, q->with_residual);
 }
 
 int op_matmul(const qg_matrix *w, const float *x, int64_t ldx, int m, float *y, int64_t ldy, int threads,
               int swiglu) {
     if (m <= 0) return 0;
-    int64_t bytes = (qg_act_bytes(m, w->cols) + 63) & ~(int64_t)63;
-    void *buf = aligned_alloc(64, bytes);
+    int parts = w->precise ? 2 : 1;
+    int64_t bytes = (qg_act_bytes(parts * m, w->cols) + 63) & ~(int64_t)63;
+    void *buf = aligned_alloc(64, bytes + (parts > 1 ? sizeof(float) * 2 * m * w->rows : 0));
     if (!buf) return 1;
-    matmul_job j = {.w = w, .y = y, .ldy = ldy, .rows = swiglu ? w->rows / 2 : w->rows, .swiglu = swiglu};
-    qg_act_layout(m, w->cols, buf, &j.x);
-    if (m >= 2 * QUANT_ROWS) {
-        quant_job q = {x, ldx, &j.x};
+    matmul_job j = {.w = w, .y = y, .ldy = ldy, .rows = swiglu ? w->rows / 2 : w->rows, .swiglu = swiglu, .m = m};
+    qg_act_layout(parts * m, w->cols, buf, &j.x);
+    if (parts > 1) j.parts = (float *)((char *)buf + bytes);
+    quant_job q = {x, ldx, &j.x, m, parts > 1};
+    if (m >= 2 * QUANT_ROWS)
         pool_run(threads, (m + QUANT_ROWS - 1) / QUANT_ROWS, quant_task, &q);
-    } else {
-        qg_quantize(x, ldx, 0, m, &j.x);
-    }
-    int64_t per_row = (int64_t)w->cols * (m < 8 ? m : 8) * (swiglu ? 2 : 1);
+    else
+        qg_quantize(x, ldx, 0, m, &j.x, parts > 1);
+    int64_t per_row = (int64_t)w->cols * (m < 8 ? m : 8) * (swiglu ? 2 : 1) * parts;
     j.tile = (int)((TASK_MACS + per_row - 1) / per_row + 3) & ~3;
     int n_tasks = (j.rows + j.tile - 1) / j.tile;
     pool_run(threads, n_tasks, matmul_task, &j);

@@ -152,7 +152,28 @@ __attribute__((target("avx2,fma"))) static float quantize_group(const float *x, 
     return amax / 127.f;
 }
 
-void qg_quantize(const float *x, int64_t ldx, int i0, int i1, const qg_act *out) {
+/* A chunk's int8 values q (natural order) and group scales into row i of `out` (qgemm.h's order). */
+static void lay_out(const int8_t *q, const float *gsx, const qg_chunk *c, int ci, int i, const qg_act *out) {
+    /* Byte p of lane l in pair t: weight l * P + 4t + 2 (p & 1) + (p >> 1), zero past the
+     * lane's P weights (chunks of 32). */
+    int per_lane = c->width / 16, n = out->n_chunks;
+    int8_t *dst = out->xq + i * out->stride + c->xoff;
+    float *sx = out->sx + ((int64_t)i * n + ci) * 16, *xs = out->xs + ((int64_t)i * n + ci) * 16;
+    for (int l = 0; l < 16; l++) {
+        int sum = 0;
+        for (int t = 0; t < c->steps / 2; t++)
+            for (int p = 0; p < 4; p++) {
+                int e = 4 * t + 2 * (p & 1) + (p >> 1);
+                int8_t v = e < per_lane ? q[l * per_lane + e] : 0;
+                dst[64 * t + 4 * l + p] = v;
+                sum += v;
+            }
+        sx[l] = gsx[l * per_lane / 32];
+        xs[l] = sx[l] * (float)sum;
+    }
+}
+
+void qg_quantize(const float *x, int64_t ldx, int i0, int i1, const qg_act *out, int with_residual) {
     qg_chunk chunks[qg_max_chunks(out->cols)];
     int64_t row_bytes;
     int n = qg_plan(QG_Q8_0, out->cols, chunks, &row_bytes);
@@ -161,25 +182,13 @@ void qg_quantize(const float *x, int64_t ldx, int i0, int i1, const qg_act *out)
         for (int ci = 0; ci < n; ci++) {
             const qg_chunk *c = &chunks[ci];
             int8_t q[256];
-            float gsx[8];
+            float gsx[8], r[256], rsx[8];
             for (int g = 0; g < c->width / 32; g++) gsx[g] = quantize_group(xr + c->k0 + 32 * g, q + 32 * g);
-            /* Byte p of lane l in pair t (see qgemm.h): weight l * P + 4t + 2 (p & 1) + (p >> 1),
-             * zero past the lane's P weights (chunks of 32). */
-            int per_lane = c->width / 16;
-            int8_t *dst = out->xq + i * out->stride + c->xoff;
-            float *sx = out->sx + ((int64_t)i * n + ci) * 16, *xs = out->xs + ((int64_t)i * n + ci) * 16;
-            for (int l = 0; l < 16; l++) {
-                int sum = 0;
-                for (int t = 0; t < c->steps / 2; t++)
-                    for (int p = 0; p < 4; p++) {
-                        int e = 4 * t + 2 * (p & 1) + (p >> 1);
-                        int8_t v = e < per_lane ? q[l * per_lane + e] : 0;
-                        dst[64 * t + 4 * l + p] = v;
-                        sum += v;
-                    }
-                sx[l] = gsx[l * per_lane / 32];
-                xs[l] = sx[l] * (float)sum;
-            }
+            lay_out(q, gsx, c, ci, with_residual ? 2 * i : i, out);
+            if (!with_residual) continue;
+            for (int e = 0; e < c->width; e++) r[e] = xr[c->k0 + e] - (float)q[e] * gsx[e / 32];
+            for (int g = 0; g < c->width / 32; g++) rsx[g] = quantize_group(r + 32 * g, q + 32 * g);
+            lay_out(q, rsx, c, ci, 2 * i + 1, out);
         }
     }
 }

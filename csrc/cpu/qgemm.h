@@ -68,9 +68,11 @@ int qg_block_elems(int kind);
 void qg_dequant_rows(const qg_weight *w, const int64_t *rows, int n, float *out);
 
 int64_t qg_act_bytes(int m, int cols);
-/* Lay out m quantized rows of cols in buf (qg_act_bytes), then fill rows i0 .. i1 - 1 from x. */
+/* Lay out m quantized rows of cols in buf (qg_act_bytes), then fill rows i0 .. i1 - 1 from x;
+ * with_residual: row 2i of out is x's row i in int8, row 2i + 1 what that left out (x - its
+ * int8 value) in int8, so that the two products summed carry about 15 bits of each value. */
 void qg_act_layout(int m, int cols, void *buf, qg_act *out);
-void qg_quantize(const float *x, int64_t ldx, int i0, int i1, const qg_act *out);
+void qg_quantize(const float *x, int64_t ldx, int i0, int i1, const qg_act *out, int with_residual);
 
 /* y[i][r - r0] = row r of w . activation row i, for r0 <= r < r1 and i < x->m; the
  * implementation picked at start-up. */

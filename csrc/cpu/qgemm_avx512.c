@@ -141,9 +141,12 @@ INLINE T512 void rows(const int kind, const qg_weight *w, const qg_act *x, int r
             }
         }
     } else {
-        int r = r0;
-        for (; r + 4 <= r1; r += 4)
-            for (int i = 0; i < M; i++) tile(kind, 4, 1, w, x, i, r, y, ldy, r - r0);
+        int r = r0;     /* two rows (one with its residual: qg_quantize) share the weights' unpacking */
+        for (; r + 4 <= r1; r += 4) {
+            int i = 0;
+            for (; i + 2 <= M; i += 2) tile(kind, 4, 2, w, x, i, r, y, ldy, r - r0);
+            for (; i < M; i++) tile(kind, 4, 1, w, x, i, r, y, ldy, r - r0);
+        }
         for (; r < r1; r++)
             for (int i = 0; i < M; i++) tile(kind, 1, 1, w, x, i, r, y, ldy, r - r0);
     }

@@ -71,12 +71,8 @@ static PyObject *py_matrix(PyObject *self, PyObject *const *args, Py_ssize_t n) 
             return NULL;
         }
         m->rows += w->rows;
+        m->wide |= w->kind < QG_Q4_K;
     }
-    /* The 4/5/8-bit legacy types take int8 activations plus their residual: the SmolLM2 Q4_1
-     * files lost greedy agreement with int8 alone (7 of 22 prompts against 22 of 22; llama.cpp
-     * 11), the K-quant (Q4_K_M) files' GEMVs are the ones that must keep int8's speed. */
-    m->precise = 1;
-    for (int i = 0; i < m->n_seg; i++) m->precise &= m->seg[i].kind < QG_Q4_K;
     return PyCapsule_New(m, "qg_matrix", free_matrix);
 }
 

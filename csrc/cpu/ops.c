@@ -12,50 +12,48 @@
  * that a thread the OS deschedules mid-task holds up little. */
 #define TASK_MACS (1 << 16)
 
-static void compute_rows(const qg_matrix *m, int r0, int r1, const qg_act *x, float *y, int64_t ldy) {
+typedef struct {
+    const qg_matrix *w;
+    qg_act x;                   /* int8 activations, or */
+    qg_act16 x16;               /* int16 ones (w->wide) */
+    float *y;
+    int64_t ldy;
+    int tile, rows, swiglu;
+} matmul_job;
+
+static void compute_rows(const matmul_job *j, int r0, int r1, float *y, int64_t ldy) {
+    const qg_matrix *m = j->w;
     int base = 0;
     for (int s = 0; s < m->n_seg; base += m->seg[s++].rows) {
         const qg_weight *w = &m->seg[s];
         int a = r0 - base < 0 ? 0 : r0 - base, b = r1 - base > w->rows ? w->rows : r1 - base;
-        if (a < b) qg_rows(w, x, a, b, y + (base + a - r0), ldy);
+        if (a >= b) continue;
+        if (m->wide)
+            qg_rows16(w, &j->x16, a, b, y + (base + a - r0), ldy);
+        else
+            qg_rows(w, &j->x, a, b, y + (base + a - r0), ldy);
     }
 }
 
-typedef struct {
-    const qg_matrix *w;
-    qg_act x;                   /* precise: 2 m rows, each row's int8 then its residual's */
-    float *y, *parts;           /* parts (precise only): [2 m][w->rows], the two products */
-    int64_t ldy;
-    int tile, rows, swiglu, m;
-} matmul_job;
-
-static float silu_times(float g, float u) { return g / (1.f + expf(-g)) * u; }
+static int m_rows(const matmul_job *j) { return j->w->wide ? j->x16.m : j->x.m; }
 
 static void matmul_task(void *ctx, int t) {
     matmul_job *j = ctx;
-    int r0 = t * j->tile, r1 = r0 + j->tile < j->rows ? r0 + j->tile : j->rows, n = r1 - r0, m = j->m;
-    if (j->parts) {             /* both halves of the rows (swiglu: gate and up), then their sums */
-        int64_t ld = j->w->rows;
-        compute_rows(j->w, r0, r1, &j->x, j->parts + r0, ld);
-        if (j->swiglu) compute_rows(j->w, j->rows + r0, j->rows + r1, &j->x, j->parts + j->rows + r0, ld);
-        for (int i = 0; i < m; i++) {
-            const float *a = j->parts + 2 * i * ld, *b = a + ld;
-            for (int c = r0; c < r1; c++)
-                j->y[i * j->ldy + c] = j->swiglu ? silu_times(a[c] + b[c], a[j->rows + c] + b[j->rows + c]) : a[c] + b[c];
-        }
-        return;
-    }
+    int r0 = t * j->tile, r1 = r0 + j->tile < j->rows ? r0 + j->tile : j->rows, n = r1 - r0, m = m_rows(j);
     if (!j->swiglu) {
-        compute_rows(j->w, r0, r1, &j->x, j->y + r0, j->ldy);
+        compute_rows(j, r0, r1, j->y + r0, j->ldy);
         return;
     }
     float small[m * n <= 16384 ? m * n : 1];
     float *up = m * n <= 16384 ? small : malloc(sizeof(float) * m * n);
     float *gate = j->y + r0;
-    compute_rows(j->w, r0, r1, &j->x, gate, j->ldy);
-    compute_rows(j->w, j->rows + r0, j->rows + r1, &j->x, up, n);
+    compute_rows(j, r0, r1, gate, j->ldy);
+    compute_rows(j, j->rows + r0, j->rows + r1, up, n);
     for (int i = 0; i < m; i++)
-        for (int c = 0; c < n; c++) gate[i * j->ldy + c] = silu_times(gate[i * j->ldy + c], up[i * n + c]);
+        for (int c = 0; c < n; c++) {
+            float g = gate[i * j->ldy + c];
+            gate[i * j->ldy + c] = g / (1.f + expf(-g)) * up[i * n + c];
+        }
     if (up != small) free(up);
 }
 
@@ -65,32 +63,41 @@ static void matmul_task(void *ctx, int t) {
 typedef struct {
     const float *x;
     int64_t ldx;
-    const qg_act *act;
-    int m, with_residual;
+    const matmul_job *job;
+    int m;
 } quant_job;
+
+static void quantize(const matmul_job *j, const float *x, int64_t ldx, int i0, int i1) {
+    if (j->w->wide)
+        qg_quantize16(x, ldx, i0, i1, &j->x16);
+    else
+        qg_quantize(x, ldx, i0, i1, &j->x);
+}
 
 static void quant_task(void *ctx, int t) {
     const quant_job *q = ctx;
     int i1 = (t + 1) * QUANT_ROWS < q->m ? (t + 1) * QUANT_ROWS : q->m;
-    qg_quantize(q->x, q->ldx, t * QUANT_ROWS, i1, q->act, q->with_residual);
+    quantize(q->job, q->x, q->ldx, t * QUANT_ROWS, i1);
 }
 
 int op_matmul(const qg_matrix *w, const float *x, int64_t ldx, int m, float *y, int64_t ldy, int threads,
               int swiglu) {
     if (m <= 0) return 0;
-    int parts = w->precise ? 2 : 1;
-    int64_t bytes = (qg_act_bytes(parts * m, w->cols) + 63) & ~(int64_t)63;
-    void *buf = aligned_alloc(64, bytes + (parts > 1 ? sizeof(float) * 2 * m * w->rows : 0));
+    int64_t bytes = ((w->wide ? qg_act16_bytes(m, w->cols) : qg_act_bytes(m, w->cols)) + 63) & ~(int64_t)63;
+    void *buf = aligned_alloc(64, bytes);
     if (!buf) return 1;
-    matmul_job j = {.w = w, .y = y, .ldy = ldy, .rows = swiglu ? w->rows / 2 : w->rows, .swiglu = swiglu, .m = m};
-    qg_act_layout(parts * m, w->cols, buf, &j.x);
-    if (parts > 1) j.parts = (float *)((char *)buf + bytes);
-    quant_job q = {x, ldx, &j.x, m, parts > 1};
-    if (m >= 2 * QUANT_ROWS)
-        pool_run(threads, (m + QUANT_ROWS - 1) / QUANT_ROWS, quant_task, &q);
+    matmul_job j = {.w = w, .y = y, .ldy = ldy, .rows = swiglu ? w->rows / 2 : w->rows, .swiglu = swiglu};
+    if (w->wide)
+        qg_act16_layout(m, w->cols, buf, &j.x16);
     else
-        qg_quantize(x, ldx, 0, m, &j.x, parts > 1);
-    int64_t per_row = (int64_t)w->cols * (m < 8 ? m : 8) * (swiglu ? 2 : 1) * parts;
+        qg_act_layout(m, w->cols, buf, &j.x);
+    if (m >= 2 * QUANT_ROWS) {
+        quant_job q = {x, ldx, &j, m};
+        pool_run(threads, (m + QUANT_ROWS - 1) / QUANT_ROWS, quant_task, &q);
+    } else {
+        quantize(&j, x, ldx, 0, m);
+    }
+    int64_t per_row = (int64_t)w->cols * (m < 8 ? m : 8) * (swiglu ? 2 : 1);
     j.tile = (int)((TASK_MACS + per_row - 1) / per_row + 3) & ~3;
     int n_tasks = (j.rows + j.tile - 1) / j.tile;
     pool_run(threads, n_tasks, matmul_task, &j);

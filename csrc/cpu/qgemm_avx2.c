@@ -1,4 +1,5 @@
-/* qgemm.h's rows on AVX2 (+ FMA, F16C): a pair of steps' 64 bytes as two 256-bit halves, lanes
+/* qgemm.h's rows on AVX2 (+ FMA, F16C) for the K-quants on int8 activations (the legacy types:
+ * qgemm16_avx2.c): a pair of steps' 64 bytes as two 256-bit halves, lanes
  * 0-7 and 8-15; vpmaddubsw + vpmaddwd + vpaddd per 32 weights and activation row. */
 #include <immintrin.h>
 
@@ -15,7 +16,7 @@
 typedef struct { __m256i a, b; } i16x32;    /* lanes 0-7 (words 0-15), lanes 8-15 (words 16-31) */
 
 INLINE int bits_of(int kind) {
-    return kind == QG_Q5_0 || kind == QG_Q5_1 || kind == QG_Q5_K ? 5 : kind == QG_Q6_K ? 6 : kind == QG_Q8_0 ? 8 : 4;
+    return kind == QG_Q5_K ? 5 : kind == QG_Q6_K ? 6 : 4;
 }
 
 INLINE TAVX2 float half(const uint8_t *p) { return _cvtsh_ss((unsigned short)(p[0] | p[1] << 8)); }
@@ -38,15 +39,9 @@ INLINE TAVX2 i16x32 add_masked(i16x32 v, uint32_t mask, short add) {
     return v;
 }
 
-/* Steps 2t and 2t + 1 of a chunk as bytes, word j = slot j of each (qgemm.h); Q8_0's signed. */
+/* Steps 2t and 2t + 1 of a chunk as bytes, word j = slot j of each (qgemm.h). */
 INLINE TAVX2 i16x32 unpack_pair(const int bits, const uint8_t *q, int steps, int t) {
     i16x32 v;
-    if (bits == 8) {
-        __m256i s0 = _mm256_loadu_si256((const __m256i *)(q + 64 * t));
-        __m256i s1 = _mm256_loadu_si256((const __m256i *)(q + 64 * t + 32));
-        v.a = interleave(s0, s1, 0), v.b = interleave(s0, s1, 1);
-        return v;
-    }
     __m256i b = _mm256_loadu_si256((const __m256i *)(q + 32 * t)), m = _mm256_set1_epi8(15);
     __m256i lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
     v.a = interleave(lo, hi, 0), v.b = interleave(lo, hi, 1);
@@ -76,32 +71,20 @@ INLINE TAVX2 void lane_scales(const int kind, const uint8_t *sp, const qg_chunk 
     __m256i w = _mm256_set1_epi32(c->width);
     __m256i idx[2] = {_mm256_srl_epi32(_mm256_mullo_epi32(iota, w), shift),
                       _mm256_srl_epi32(_mm256_mullo_epi32(_mm256_add_epi32(iota, _mm256_set1_epi32(8)), w), shift)};
-    __m256 m, b;
-    if (kind == QG_Q4_K || kind == QG_Q5_K) {
-        m = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sp + 4)))),
-                          _mm256_set1_ps(half(sp)));
-        b = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sp + 12)))),
-                          _mm256_set1_ps(-half(sp + 2)));
-    } else {
-        m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sp));
-        if (kind == QG_Q4_1 || kind == QG_Q5_1)
-            b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sp + 2 * (c->width / 32))));
-        else
-            b = _mm256_mul_ps(m, _mm256_set1_ps(kind == QG_Q4_0 ? -8.f : -16.f));   /* Q8_0: unused (signed) */
-    }
+    __m256 m = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sp + 4)))),
+                             _mm256_set1_ps(half(sp)));          /* Q4_K, Q5_K */
+    __m256 b = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sp + 12)))),
+                             _mm256_set1_ps(-half(sp + 2)));
     for (int h = 0; h < 2; h++) {
         mul[h] = _mm256_permutevar8x32_ps(m, idx[h]);
         bias[h] = _mm256_permutevar8x32_ps(b, idx[h]);
     }
 }
 
-/* acc + the lane sums of 4 bytes of w times x; |products| stay under 2^14 per pair for 4/5/6-bit
- * weights (63 x 127 x 2), so vpmaddubsw does not saturate; Q8_0's signed weights go in as
- * |w| against x with w's sign, at most 128 x 127 x 2. */
-INLINE TAVX2 __m256i dot(const int kind, __m256i acc, __m256i w, const int8_t *x) {
-    __m256i xv = _mm256_loadu_si256((const __m256i *)x);
-    __m256i p = kind == QG_Q8_0 ? _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xv, w))
-                                : _mm256_maddubs_epi16(w, xv);
+/* acc + the lane sums of 4 bytes of w times x; |products| stay under 2^14 per pair (63 x 127 x
+ * 2), so vpmaddubsw does not saturate. */
+INLINE TAVX2 __m256i dot(__m256i acc, __m256i w, const int8_t *x) {
+    __m256i p = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)x));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 
@@ -138,8 +121,8 @@ INLINE TAVX2 void tile(const int kind, const int R, const int MB, const qg_weigh
             for (int m = 0; m < MB; m++)
                 for (int r = 0; r < R; r++) {
                     const int8_t *xm = xc + m * xs + 64 * t;
-                    acc[r][m][0] = dot(kind, acc[r][m][0], wv[r].a, xm);
-                    acc[r][m][1] = dot(kind, acc[r][m][1], wv[r].b, xm + 32);
+                    acc[r][m][0] = dot(acc[r][m][0], wv[r].a, xm);
+                    acc[r][m][1] = dot(acc[r][m][1], wv[r].b, xm + 32);
                 }
         }
         for (int r = 0; r < R; r++) {
@@ -151,8 +134,7 @@ INLINE TAVX2 void tile(const int kind, const int R, const int MB, const qg_weigh
                     __m256 sx = _mm256_loadu_ps(x->sx + at + 8 * h);
                     accf[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][m][h]), _mm256_mul_ps(mul[h], sx),
                                                  accf[r][m]);
-                    if (kind != QG_Q8_0)
-                        accf[r][m] = _mm256_fmadd_ps(bias[h], _mm256_loadu_ps(x->xs + at + 8 * h), accf[r][m]);
+                    accf[r][m] = _mm256_fmadd_ps(bias[h], _mm256_loadu_ps(x->xs + at + 8 * h), accf[r][m]);
                 }
             }
         }
@@ -179,17 +161,10 @@ INLINE TAVX2 void rows(const int kind, const qg_weight *w, const qg_act *x, int 
     static TAVX2 void rows_##K(const qg_weight *w, const qg_act *x, int r0, int r1, float *y, int64_t ldy) { \
         rows(QG_##K, w, x, r0, r1, y, ldy); \
     }
-KIND_FN(Q4_0)
-KIND_FN(Q4_1)
-KIND_FN(Q5_0)
-KIND_FN(Q5_1)
-KIND_FN(Q8_0)
 KIND_FN(Q4_K)
 KIND_FN(Q5_K)
 KIND_FN(Q6_K)
 
 void qg_rows_avx2(const qg_weight *w, const qg_act *x, int r0, int r1, float *y, int64_t ldy) {
-    static const qg_rows_fn by_kind[QG_N_KINDS] = {rows_Q4_0, rows_Q4_1, rows_Q5_0, rows_Q5_1,
-                                                   rows_Q8_0, rows_Q4_K, rows_Q5_K, rows_Q6_K};
-    by_kind[w->kind](w, x, r0, r1, y, ldy);
+    (w->kind == QG_Q6_K ? rows_Q6_K : w->kind == QG_Q5_K ? rows_Q5_K : rows_Q4_K)(w, x, r0, r1, y, ldy);
 }

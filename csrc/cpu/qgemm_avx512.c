@@ -1,4 +1,5 @@
-/* qgemm.h's rows on AVX-512 (F, BW, VL, VNNI): one vpdpbusd per 64 weights and activation row. */
+/* qgemm.h's rows on AVX-512 (F, BW, VL, VNNI) for the K-quants on int8 activations: one vpdpbusd
+ * per 64 weights and activation row. (The legacy types: qgemm16_avx512.c.) */
 #include <immintrin.h>
 
 #include "qgemm.h"
@@ -12,7 +13,7 @@
 #define PREFETCH_BYTES 8192
 
 INLINE int bits_of(int kind) {
-    return kind == QG_Q5_0 || kind == QG_Q5_1 || kind == QG_Q5_K ? 5 : kind == QG_Q6_K ? 6 : kind == QG_Q8_0 ? 8 : 4;
+    return kind == QG_Q5_K ? 5 : kind == QG_Q6_K ? 6 : 4;
 }
 
 INLINE T512 float half(const uint8_t *p) { return _cvtsh_ss((unsigned short)(p[0] | p[1] << 8)); }
@@ -22,39 +23,22 @@ INLINE T512 void lane_scales(const int kind, const uint8_t *sp, const qg_chunk *
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512i group = _mm512_srl_epi32(_mm512_mullo_epi32(iota, _mm512_set1_epi32(c->width)),
                                      _mm_cvtsi32_si128(c->gshift));
-    int g = c->width / 32;
     if (kind == QG_Q6_K) {
         __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sp + 2))));
         *mul = _mm512_mul_ps(sc, _mm512_set1_ps(half(sp)));
         *bias = _mm512_mul_ps(*mul, _mm512_set1_ps(-32.f));
-    } else if (kind == QG_Q4_K || kind == QG_Q5_K) {
+    } else {        /* Q4_K, Q5_K */
         __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sp + 4))));
         __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sp + 12))));
         sc = _mm256_mul_ps(sc, _mm256_set1_ps(half(sp)));
         mn = _mm256_mul_ps(mn, _mm256_set1_ps(-half(sp + 2)));
         *mul = _mm512_permutexvar_ps(group, _mm512_castps256_ps512(sc));
         *bias = _mm512_permutexvar_ps(group, _mm512_castps256_ps512(mn));
-    } else {
-        __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sp));
-        *mul = _mm512_permutexvar_ps(group, _mm512_castps256_ps512(d));
-        if (kind == QG_Q4_1 || kind == QG_Q5_1) {
-            __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sp + 2 * g)));
-            *bias = _mm512_permutexvar_ps(group, _mm512_castps256_ps512(m));
-        } else {
-            /* Q8_0's bytes are read as unsigned, int + 128 (see unpack_pair) */
-            float zero = kind == QG_Q4_0 ? -8.f : kind == QG_Q5_0 ? -16.f : -128.f;
-            *bias = _mm512_mul_ps(*mul, _mm512_set1_ps(zero));
-        }
     }
 }
 
 /* Steps 2t and 2t + 1 of a chunk as unsigned bytes, word j = slot j of each (qgemm.h). */
 INLINE T512 __m512i unpack_pair(const int bits, const uint8_t *q, int steps, int t) {
-    if (bits == 8) {        /* signed bytes, made unsigned by flipping the sign bit: + 128 */
-        __m512i a = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + 64 * t)));
-        __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + 64 * t + 32)));
-        return _mm512_ternarylogic_epi32(a, _mm512_slli_epi16(b, 8), _mm512_set1_epi16((short)0x8080), 0x56);
-    }
     /* byte j's low nibble to the word's low byte, its high nibble to the high byte: (v | v << 4) & 0x0f0f */
     __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + 32 * t)));
     v = _mm512_ternarylogic_epi32(v, _mm512_slli_epi16(v, 4), _mm512_set1_epi16(0x0f0f), 0xa8);
@@ -141,12 +125,9 @@ INLINE T512 void rows(const int kind, const qg_weight *w, const qg_act *x, int r
             }
         }
     } else {
-        int r = r0;     /* two rows (one with its residual: qg_quantize) share the weights' unpacking */
-        for (; r + 4 <= r1; r += 4) {
-            int i = 0;
-            for (; i + 2 <= M; i += 2) tile(kind, 4, 2, w, x, i, r, y, ldy, r - r0);
-            for (; i < M; i++) tile(kind, 4, 1, w, x, i, r, y, ldy, r - r0);
-        }
+        int r = r0;
+        for (; r + 4 <= r1; r += 4)
+            for (int i = 0; i < M; i++) tile(kind, 4, 1, w, x, i, r, y, ldy, r - r0);
         for (; r < r1; r++)
             for (int i = 0; i < M; i++) tile(kind, 1, 1, w, x, i, r, y, ldy, r - r0);
     }
@@ -156,17 +137,10 @@ INLINE T512 void rows(const int kind, const qg_weight *w, const qg_act *x, int r
     static T512 void rows_##K(const qg_weight *w, const qg_act *x, int r0, int r1, float *y, int64_t ldy) { \
         rows(QG_##K, w, x, r0, r1, y, ldy); \
     }
-KIND_FN(Q4_0)
-KIND_FN(Q4_1)
-KIND_FN(Q5_0)
-KIND_FN(Q5_1)
-KIND_FN(Q8_0)
 KIND_FN(Q4_K)
 KIND_FN(Q5_K)
 KIND_FN(Q6_K)
 
 void qg_rows_avx512(const qg_weight *w, const qg_act *x, int r0, int r1, float *y, int64_t ldy) {
-    static const qg_rows_fn by_kind[QG_N_KINDS] = {rows_Q4_0, rows_Q4_1, rows_Q5_0, rows_Q5_1,
-                                                   rows_Q8_0, rows_Q4_K, rows_Q5_K, rows_Q6_K};
-    by_kind[w->kind](w, x, r0, r1, y, ldy);
+    (w->kind == QG_Q6_K ? rows_Q6_K : w->kind == QG_Q5_K ? rows_Q5_K : rows_Q4_K)(w, x, r0, r1, y, ldy);
 }

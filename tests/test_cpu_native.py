@@ -251,6 +251,35 @@ def test_decode_step_equals_the_forward(native):
         assert torch.equal(out, ref) and torch.equal(model.cache.k, k_ref)
 
 
+def test_prompt_rows_through_the_step_equal_the_forward(native):
+    """A step of two prompts (one continuing a cached prefix, one fresh) in C: each row a
+    sequence of its own up to its position; logits and cache writes bit-equal to
+    model.forward's prompt path."""
+    from smollm3_triton.model import Batch
+    eng, model = native.engine, native.model
+    with eng.exclusive(8) as blocks, torch.inference_mode():
+        bs = eng.block_size
+        first, second = blocks[:4], blocks[4:]
+        model.forward(Batch.from_sequences([torch.tensor(list(range(200, 223)))], first, bs, "cpu"))   # cached prefix
+        a, b = list(range(300, 309)), list(range(400, 431))
+        pos_a = list(range(23, 23 + len(a)))
+        pos_b = list(range(len(b)))
+        step = Batch(token_ids=torch.tensor(a + b), positions=torch.tensor(pos_a + pos_b),
+                     slot_mapping=torch.tensor([first[p // bs] * bs + p % bs for p in pos_a] +
+                                               [second[p // bs] * bs + p % bs for p in pos_b]),
+                     query_start=torch.tensor([0, len(a), len(a) + len(b)], dtype=torch.int32),
+                     seq_lens=torch.tensor([23 + len(a), len(b)], dtype=torch.int32),
+                     block_tables=torch.tensor([first, second], dtype=torch.int32), max_query_len=len(b),
+                     logits_rows=torch.tensor([len(a) - 1, len(a) + len(b) - 1, 3]))
+        k0, v0 = model.cache.k.clone(), model.cache.v.clone()
+        ref = model.forward(step)
+        k_ref, v_ref = model.cache.k.clone(), model.cache.v.clone()
+        model.cache.k.copy_(k0)
+        model.cache.v.copy_(v0)
+        out = eng.runner.forward(step)
+        assert torch.equal(out, ref) and torch.equal(model.cache.k, k_ref) and torch.equal(model.cache.v, v_ref)
+
+
 def test_engine_tokens_and_logprobs_with_and_without_the_step(native):
     from smollm3_triton.sampling_params import SamplingParams
     params = SamplingParams(max_new_tokens=12, temperature=0, logprobs=2)

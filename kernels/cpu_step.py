@@ -26,9 +26,9 @@ def supported(model) -> bool:
 
 
 # Steps of up to this many rows run in C, prompt rows too (each a sequence of its own: K/V of
-# the whole step are written before attention reads them). A served request's prompt went
-# through model.forward op by op, ~70 ms for 20 tokens in `smollm3 serve`'s profile (13
-# decode steps); longer prompts keep the prompt attention, which reads a key once for all rows.
+# the whole step are written before attention reads them). Measured on a 19-token prompt of
+# SmolLM2-135M, 2 threads, load 3.4: 35.1 ms op by op, 32.2 ms here. Longer prompts keep the
+# prompt attention, which reads a key once for all rows.
 PROMPT_ROWS = 64
 
 

@@ -11,7 +11,7 @@ from setuptools import Extension, setup
 def cpu_kernels() -> list[Extension]:
     if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         return []
-    sources = ["module.c", "pool.c", "qgemm.c", "qgemm_avx512.c", "qgemm_avx2.c", "ops.c", "attn.c", "step.c", "gguf_blocks.c"]
+    sources = ["module.c", "pool.c", "qgemm.c", "qgemm_avx512.c", "qgemm_avx2.c", "qgemm16_avx512.c", "qgemm16_avx2.c", "ops.c", "attn.c", "step.c", "gguf_blocks.c"]
     return [Extension("smollm3_triton._cpu", sources=[f"csrc/cpu/{s}" for s in sources],
                       depends=["csrc/cpu/pool.h", "csrc/cpu/qgemm.h", "csrc/cpu/ops.h", "csrc/cpu/step.h"],
                       # Per-function target attributes pick AVX2 / AVX-512 code; the module as a

@@ -25,6 +25,13 @@ def supported(model) -> bool:
             and c.n_heads // c.n_kv_heads <= 16)
 
 
+# Steps of up to this many rows run in C, prompt rows too (each a sequence of its own: K/V of
+# the whole step are written before attention reads them). Measured on a 19-token prompt of
+# SmolLM2-135M, 2 threads, load 3.4: 35.1 ms op by op, 32.2 ms here. Longer prompts keep the
+# prompt attention, which reads a key once for all rows.
+PROMPT_ROWS = 64
+
+
 class DecodeStepRunner:
     def __init__(self, model, fallback):
         self.model, self.fallback = model, fallback
@@ -53,8 +60,8 @@ class DecodeStepRunner:
     def __call__(self, batch) -> torch.Tensor:
         n = batch.token_ids.shape[0]
         cache = self.model.cache
-        if batch.max_query_len != 1 or batch.embeds is not None or batch.seq_lens.shape[0] != n \
-                or cache.k.dtype not in KV_DTYPES or not cache.k.is_contiguous():
+        if batch.embeds is not None or n > PROMPT_ROWS or cache.k.dtype not in KV_DTYPES \
+                or not cache.k.is_contiguous():
             return self.fallback(batch)
         if cache is not self.cache:
             self._build()
@@ -64,8 +71,14 @@ class DecodeStepRunner:
             raise IndexError(f"logits rows {rows.tolist()} outside the step's {n} tokens")
         logits = torch.empty((rows.shape[0], self.model.weights.lm_head.shape[0]), dtype=torch.float32)
         positions, slots = batch.positions.to(torch.int64).contiguous(), batch.slot_mapping.to(torch.int64).contiguous()
-        tables = batch.block_tables.to(torch.int32).contiguous()
-        lens = batch.seq_lens.to(torch.int32).contiguous()
+        if batch.seq_lens.shape[0] == n:        # one token a sequence
+            tables, lens = batch.block_tables, batch.seq_lens
+        else:       # prompt rows: each one a sequence of its own, up to its position, on its blocks
+            starts = batch.query_start.to(torch.int64)
+            tables = batch.block_tables[torch.repeat_interleave(torch.arange(starts.shape[0] - 1),
+                                                                starts[1:] - starts[:-1])]
+            lens = positions + 1
+        tables, lens = tables.to(torch.int32).contiguous(), lens.to(torch.int32).contiguous()
         _cpu.decode_step(self.handle, x.data_ptr(), n, positions.data_ptr(), slots.data_ptr(), tables.data_ptr(),
                          tables.shape[1], lens.data_ptr(), rows.data_ptr(), rows.shape[0], logits.data_ptr(),
                          torch.get_num_threads())

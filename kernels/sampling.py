@@ -124,11 +124,16 @@ def penalized_logits(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torc
                      state: SamplingState) -> torch.Tensor:
     """z [S, vocab] float32: the rows' logits after the grammar mask and the penalties (only
     the masked and the penalised rows are computed: this is the CPU's sampler too)."""
-    z = logits[logits_rows].float()
+    # The engine's CPU steps compute logits for exactly the sampled rows, in order: no gather
+    # (an indexed copy of a 49k-wide row cost ~0.17 ms a token, measured in `smollm3 serve`).
+    in_order = logits.device.type == "cpu" and logits_rows.tolist() == list(range(logits.shape[0]))
+    z = logits.float() if in_order else logits[logits_rows].float()
     masked = (state.masked[rows] != 0).nonzero()[:, 0]
+    pen = (state.penalized[rows] != 0).nonzero()[:, 0]
+    if z is logits and (masked.numel() or pen.numel()):
+        z = z.clone()             # written below; the caller's logits stay as they were
     if masked.numel():
         z[masked] = z[masked].masked_fill(~allowed_tokens(state, rows[masked]), float("-inf"))
-    pen = (state.penalized[rows] != 0).nonzero()[:, 0]
     if pen.numel():
         r, zp = rows[pen], z[pen]
         rep, presence, frequency = (x[:, None] for x in state.penalties[r].unbind(1))
@@ -173,7 +178,9 @@ def sample_torch(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torch.Te
     """The reference of sample_triton: out[s] = the token row rows[s] draws from logits[logits_rows[s]]."""
     _check(logits, logits_rows, rows, state)
     z = penalized_logits(logits, logits_rows, rows, state)
-    tokens = z.argmax(-1)
+    # numpy's argmax (the first of equal maxima, NaN first, as torch's) is ~10x faster than
+    # torch's on a 49k-wide CPU row (5 against 56 us, measured)
+    tokens = torch.from_numpy(z.numpy().argmax(-1)) if z.device.type == "cpu" else z.argmax(-1)
     drawn = (state.temperature[rows] > 0).nonzero()[:, 0]
     if drawn.numel():
         r = rows[drawn]

@@ -19,6 +19,7 @@ from smollm3_triton import Runtime
 from smollm3_triton.errors import RequestError
 from smollm3_triton.gguf.constants import FLOAT_DTYPES, GGMLType
 from smollm3_triton.gguf.tensors import QuantTensor
+from smollm3_triton.kernels import cpu_native
 from smollm3_triton.kernels.attention_reference import attention_torch
 from smollm3_triton.kernels.cpu_fast import attention_cpu, prepare, qmatmul_cpu, rope_qkv_cpu
 from smollm3_triton.kernels.rope_qkv import rope_qkv_torch
@@ -33,6 +34,10 @@ EXACT_REL = 1e-5
 # An fp16 KV cache (the compiled kernels' default, as llama.cpp's): K and V each rounded to
 # 2^-11 relative, carried through the layers; observed worst 1.0e-3 on the synthetic model.
 FP16_KV_REL = 2 ** -8
+# The compiled kernels round a K-quant matmul's activations to int8 per 32 values (as llama.cpp's
+# Q8_K, without the residual the legacy types add), every matmul of every layer: observed worst
+# 3.9e-2 of max |logit| (max KLD 1.5e-3) on the synthetic Q4_K_M model.
+INT8_MODEL_REL = 2 ** -4
 ATTN_ATOL = 2e-5
 
 
@@ -147,7 +152,9 @@ def test_synthetic_model_vs_exact(ftype, tmp_path):
     fast = fast_rt.logits(TOKENS)
     err, kl = rel_err(fast, exact), float(kld(exact, fast).max())
     print(f"{ftype}: max logit error {err:.2e} of max |logit|, max KLD {kl:.2e}")
-    if ftype != "f32":
+    if ftype == "q4_k_m" and cpu_native.AVAILABLE:
+        assert err <= INT8_MODEL_REL
+    elif ftype != "f32":
         assert err <= 4 * BF16_REL
     else:
         assert err <= (FP16_KV_REL if fast_rt.model.kv_dtype == torch.float16 else EXACT_REL)

@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
 
 from smollm3_triton.engine.sampler import SamplerState, apply_repetition_penalty, load_rows, sampling_probs
 from smollm3_triton.engine.sampler import sample as sample_batch
-from smollm3_triton.kernels.sampling import SamplingState, filtered_probs, penalized_logits
+from smollm3_triton.kernels.sampling import SamplingState, filtered_probs, penalized_logits, sample_torch
 from smollm3_triton.sampling_params import SamplingParams
 
 
@@ -117,3 +117,26 @@ def test_penalties_match_their_definitions():
     counts = torch.bincount(torch.tensor(output), minlength=50).float()
     ref = ref - 0.5 * (counts > 0).float() - 0.25 * counts
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_cpu_rows_in_order_take_no_gather_and_leave_the_logits_alone():
+    """sample_torch reads logits in place when they are the sampled rows in order (the CPU
+    engine's case): penalties and masks still apply, to a copy, and the tokens are those of
+    the gathered path (the same rows given out of order)."""
+    vocab = 300
+    before = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0))
+
+    def draw(logits, logits_rows):
+        state = SamplingState.allocate(3, vocab, "cpu")
+        state.penalized[1], state.penalties[1, 0] = 1, 5.0           # row 1: repetition penalty
+        state.seen[1, before[1].argmax()] = 1                        # on its best token
+        state.masked[2], state.bitmask[2, 0] = 1, 0b100              # row 2: only token 2 allowed
+        return sample_torch(logits, logits_rows, torch.arange(3), state, torch.empty(3, dtype=torch.int64))
+
+    logits = before.clone()
+    in_order = draw(logits, torch.arange(3))
+    assert torch.equal(logits, before)
+    gathered = draw(before[[2, 0, 1]], torch.tensor([1, 2, 0]))     # rows 0, 1, 2 at 1, 2, 0
+    assert torch.equal(in_order, gathered)
+    assert int(in_order[0]) == int(before[0].argmax()) and int(in_order[2]) == 2
+    assert int(in_order[1]) != int(before[1].argmax())

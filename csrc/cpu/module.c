@@ -71,6 +71,7 @@ static PyObject *py_matrix(PyObject *self, PyObject *const *args, Py_ssize_t n) 
             return NULL;
         }
         m->rows += w->rows;
+        m->wide |= w->kind < QG_Q4_K;
     }
     return PyCapsule_New(m, "qg_matrix", free_matrix);
 }

@@ -12,35 +12,43 @@
  * that a thread the OS deschedules mid-task holds up little. */
 #define TASK_MACS (1 << 16)
 
-static void compute_rows(const qg_matrix *m, int r0, int r1, const qg_act *x, float *y, int64_t ldy) {
-    int base = 0;
-    for (int s = 0; s < m->n_seg; base += m->seg[s++].rows) {
-        const qg_weight *w = &m->seg[s];
-        int a = r0 - base < 0 ? 0 : r0 - base, b = r1 - base > w->rows ? w->rows : r1 - base;
-        if (a < b) qg_rows(w, x, a, b, y + (base + a - r0), ldy);
-    }
-}
-
 typedef struct {
     const qg_matrix *w;
-    qg_act x;
+    qg_act x;                   /* int8 activations, or */
+    qg_act16 x16;               /* int16 ones (w->wide) */
     float *y;
     int64_t ldy;
     int tile, rows, swiglu;
 } matmul_job;
 
+static void compute_rows(const matmul_job *j, int r0, int r1, float *y, int64_t ldy) {
+    const qg_matrix *m = j->w;
+    int base = 0;
+    for (int s = 0; s < m->n_seg; base += m->seg[s++].rows) {
+        const qg_weight *w = &m->seg[s];
+        int a = r0 - base < 0 ? 0 : r0 - base, b = r1 - base > w->rows ? w->rows : r1 - base;
+        if (a >= b) continue;
+        if (m->wide)
+            qg_rows16(w, &j->x16, a, b, y + (base + a - r0), ldy);
+        else
+            qg_rows(w, &j->x, a, b, y + (base + a - r0), ldy);
+    }
+}
+
+static int m_rows(const matmul_job *j) { return j->w->wide ? j->x16.m : j->x.m; }
+
 static void matmul_task(void *ctx, int t) {
     matmul_job *j = ctx;
-    int r0 = t * j->tile, r1 = r0 + j->tile < j->rows ? r0 + j->tile : j->rows, n = r1 - r0, m = j->x.m;
+    int r0 = t * j->tile, r1 = r0 + j->tile < j->rows ? r0 + j->tile : j->rows, n = r1 - r0, m = m_rows(j);
     if (!j->swiglu) {
-        compute_rows(j->w, r0, r1, &j->x, j->y + r0, j->ldy);
+        compute_rows(j, r0, r1, j->y + r0, j->ldy);
         return;
     }
     float small[m * n <= 16384 ? m * n : 1];
     float *up = m * n <= 16384 ? small : malloc(sizeof(float) * m * n);
     float *gate = j->y + r0;
-    compute_rows(j->w, r0, r1, &j->x, gate, j->ldy);
-    compute_rows(j->w, j->rows + r0, j->rows + r1, &j->x, up, n);
+    compute_rows(j, r0, r1, gate, j->ldy);
+    compute_rows(j, j->rows + r0, j->rows + r1, up, n);
     for (int i = 0; i < m; i++)
         for (int c = 0; c < n; c++) {
             float g = gate[i * j->ldy + c];
@@ -55,28 +63,39 @@ static void matmul_task(void *ctx, int t) {
 typedef struct {
     const float *x;
     int64_t ldx;
-    const qg_act *act;
+    const matmul_job *job;
+    int m;
 } quant_job;
+
+static void quantize(const matmul_job *j, const float *x, int64_t ldx, int i0, int i1) {
+    if (j->w->wide)
+        qg_quantize16(x, ldx, i0, i1, &j->x16);
+    else
+        qg_quantize(x, ldx, i0, i1, &j->x);
+}
 
 static void quant_task(void *ctx, int t) {
     const quant_job *q = ctx;
-    int i1 = (t + 1) * QUANT_ROWS < q->act->m ? (t + 1) * QUANT_ROWS : q->act->m;
-    qg_quantize(q->x, q->ldx, t * QUANT_ROWS, i1, q->act);
+    int i1 = (t + 1) * QUANT_ROWS < q->m ? (t + 1) * QUANT_ROWS : q->m;
+    quantize(q->job, q->x, q->ldx, t * QUANT_ROWS, i1);
 }
 
 int op_matmul(const qg_matrix *w, const float *x, int64_t ldx, int m, float *y, int64_t ldy, int threads,
               int swiglu) {
     if (m <= 0) return 0;
-    int64_t bytes = (qg_act_bytes(m, w->cols) + 63) & ~(int64_t)63;
+    int64_t bytes = ((w->wide ? qg_act16_bytes(m, w->cols) : qg_act_bytes(m, w->cols)) + 63) & ~(int64_t)63;
     void *buf = aligned_alloc(64, bytes);
     if (!buf) return 1;
     matmul_job j = {.w = w, .y = y, .ldy = ldy, .rows = swiglu ? w->rows / 2 : w->rows, .swiglu = swiglu};
-    qg_act_layout(m, w->cols, buf, &j.x);
+    if (w->wide)
+        qg_act16_layout(m, w->cols, buf, &j.x16);
+    else
+        qg_act_layout(m, w->cols, buf, &j.x);
     if (m >= 2 * QUANT_ROWS) {
-        quant_job q = {x, ldx, &j.x};
+        quant_job q = {x, ldx, &j, m};
         pool_run(threads, (m + QUANT_ROWS - 1) / QUANT_ROWS, quant_task, &q);
     } else {
-        qg_quantize(x, ldx, 0, m, &j.x);
+        quantize(&j, x, ldx, 0, m);
     }
     int64_t per_row = (int64_t)w->cols * (m < 8 ? m : 8) * (swiglu ? 2 : 1);
     j.tile = (int)((TASK_MACS + per_row - 1) / per_row + 3) & ~3;

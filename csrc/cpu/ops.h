@@ -10,6 +10,7 @@
 
 typedef struct {               /* row segments of one column count (a fused QKV of mixed types) */
     int n_seg, rows, cols;
+    int wide;                  /* int16 activations (a legacy type among the segments: qgemm.h) */
     qg_weight seg[QG_MAX_SEGMENTS];
 } qg_matrix;
 

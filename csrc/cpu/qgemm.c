@@ -116,10 +116,81 @@ void qg_pack(const qg_weight *w, const int16_t *v, const uint8_t *s, int64_t ls,
 }
 
 int64_t qg_act_bytes(int m, int cols) {      /* slots: at most cols + 4 tail chunks' padding */
-    return (int64_t)m * ((cols + 128) * 2 + 2 * qg_max_chunks(cols) * 16 * 4) + 128;
+    return (int64_t)m * ((cols + 128) + 2 * qg_max_chunks(cols) * 16 * 4) + 128;
 }
 
 void qg_act_layout(int m, int cols, void *buf, qg_act *out) {
+    qg_chunk chunks[qg_max_chunks(cols)];
+    int64_t row_bytes;
+    int n = qg_plan(QG_Q8_0, cols, chunks, &row_bytes);
+    const qg_chunk *last = &chunks[n - 1];
+    out->m = m;
+    out->cols = cols;
+    out->n_chunks = n;
+    out->stride = last->xoff + 32 * last->steps;
+    out->xq = (int8_t *)buf;
+    out->sx = (float *)(out->xq + m * out->stride + (-(m * out->stride) & 63));
+    out->xs = out->sx + (int64_t)m * n * 16;
+}
+
+/* 32 values -> int8 at 127 / max|x| (nearest even, as lrintf); returns the scale. */
+__attribute__((target("avx2,fma"))) static float quantize_group(const float *x, int8_t *q) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 a[4];
+    for (int i = 0; i < 4; i++) a[i] = _mm256_loadu_ps(x + 8 * i);
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(a[0], magnitude), _mm256_and_ps(a[1], magnitude)),
+                             _mm256_max_ps(_mm256_and_ps(a[2], magnitude), _mm256_and_ps(a[3], magnitude)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m256i v[4];
+    for (int i = 0; i < 4; i++) v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(a[i], inv));
+    /* packs works per 128-bit half: the dword permutation puts the eight quarters back in order */
+    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    return amax / 127.f;
+}
+
+void qg_quantize(const float *x, int64_t ldx, int i0, int i1, const qg_act *out) {
+    qg_chunk chunks[qg_max_chunks(out->cols)];
+    int64_t row_bytes;
+    int n = qg_plan(QG_Q8_0, out->cols, chunks, &row_bytes);
+    for (int i = i0; i < i1; i++) {
+        const float *xr = x + i * ldx;
+        for (int ci = 0; ci < n; ci++) {
+            const qg_chunk *c = &chunks[ci];
+            int8_t q[256];
+            float gsx[8];
+            for (int g = 0; g < c->width / 32; g++) gsx[g] = quantize_group(xr + c->k0 + 32 * g, q + 32 * g);
+            /* Byte p of lane l in pair t (see qgemm.h): weight l * P + 4t + 2 (p & 1) + (p >> 1),
+             * zero past the lane's P weights (chunks of 32). */
+            int per_lane = c->width / 16;
+            int8_t *dst = out->xq + i * out->stride + c->xoff;
+            float *sx = out->sx + ((int64_t)i * n + ci) * 16, *xs = out->xs + ((int64_t)i * n + ci) * 16;
+            for (int l = 0; l < 16; l++) {
+                int sum = 0;
+                for (int t = 0; t < c->steps / 2; t++)
+                    for (int p = 0; p < 4; p++) {
+                        int e = 4 * t + 2 * (p & 1) + (p >> 1);
+                        int8_t v = e < per_lane ? q[l * per_lane + e] : 0;
+                        dst[64 * t + 4 * l + p] = v;
+                        sum += v;
+                    }
+                sx[l] = gsx[l * per_lane / 32];
+                xs[l] = sx[l] * (float)sum;
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- int16 activations (qgemm16_*.c) */
+
+int64_t qg_act16_bytes(int m, int cols) {      /* slots: at most cols + 4 tail chunks' padding */
+    return (int64_t)m * ((cols + 128) * 2 + 2 * qg_max_chunks(cols) * 16 * 4) + 128;
+}
+
+void qg_act16_layout(int m, int cols, void *buf, qg_act16 *out) {
     qg_chunk chunks[qg_max_chunks(cols)];
     int64_t row_bytes;
     int n = qg_plan(QG_Q8_0, cols, chunks, &row_bytes);
@@ -134,7 +205,7 @@ void qg_act_layout(int m, int cols, void *buf, qg_act *out) {
 }
 
 /* 32 values -> int16 at 32767 / max|x| (nearest even, as lrintf); returns the scale. */
-__attribute__((target("avx2,fma"))) static float quantize_group(const float *x, int16_t *q) {
+__attribute__((target("avx2,fma"))) static float quantize_group16(const float *x, int16_t *q) {
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 a[4];
     for (int i = 0; i < 4; i++) a[i] = _mm256_loadu_ps(x + 8 * i);
@@ -152,7 +223,7 @@ __attribute__((target("avx2,fma"))) static float quantize_group(const float *x, 
     return amax / 32767.f;
 }
 
-void qg_quantize(const float *x, int64_t ldx, int i0, int i1, const qg_act *out) {
+void qg_quantize16(const float *x, int64_t ldx, int i0, int i1, const qg_act16 *out) {
     qg_chunk chunks[qg_max_chunks(out->cols)];
     int64_t row_bytes;
     int n = qg_plan(QG_Q8_0, out->cols, chunks, &row_bytes);
@@ -162,7 +233,7 @@ void qg_quantize(const float *x, int64_t ldx, int i0, int i1, const qg_act *out)
             const qg_chunk *c = &chunks[ci];
             int16_t q[256] __attribute__((aligned(32)));
             float gsx[8];
-            for (int g = 0; g < c->width / 32; g++) gsx[g] = quantize_group(xr + c->k0 + 32 * g, q + 32 * g);
+            for (int g = 0; g < c->width / 32; g++) gsx[g] = quantize_group16(xr + c->k0 + 32 * g, q + 32 * g);
             /* Slots are int16 pairs: pair s of lane l (weights l * P + 2s, + 1) goes to pair
              * column l of step s, a [16][P / 2] -> [steps][16] transpose. */
             int per_lane = c->width / 16, pairs = per_lane / 2 > 0 ? per_lane / 2 : 1;
@@ -183,6 +254,7 @@ void qg_quantize(const float *x, int64_t ldx, int i0, int i1, const qg_act *out)
 }
 
 qg_rows_fn qg_rows;
+qg_rows16_fn qg_rows16;
 static const char *isa_name = "none";
 
 const char *qg_isa(void) { return isa_name; }
@@ -194,8 +266,10 @@ int qg_select(const char *isa) {
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
     if (strcmp(isa, "avx512") == 0 && avx512) {
         qg_rows = qg_rows_avx512;
+        qg_rows16 = qg_rows16_avx512;
     } else if (strcmp(isa, "avx2") == 0 && avx2) {
         qg_rows = qg_rows_avx2;
+        qg_rows16 = qg_rows16_avx2;
     } else {
         return 0;
     }

@@ -1,5 +1,6 @@
-/* qgemm.h's rows on AVX2 (+ FMA, F16C): a step's 32 slots as two 256-bit halves, lanes 0-7
- * and 8-15; vpmaddwd + vpaddd per 16 weights and activation row. */
+/* qgemm.h's rows on AVX2 (+ FMA, F16C) for the K-quants on int8 activations (the legacy types:
+ * qgemm16_avx2.c): a pair of steps' 64 bytes as two 256-bit halves, lanes
+ * 0-7 and 8-15; vpmaddubsw + vpmaddwd + vpaddd per 32 weights and activation row. */
 #include <immintrin.h>
 
 #include "qgemm.h"
@@ -10,17 +11,21 @@
  * instantiation, the compiler keeps every accumulator in a register. */
 #define MAX_R 4
 #define MAX_MB 4
+#define PREFETCH_BYTES 8192       /* as in qgemm_avx512.c */
 
-typedef struct { __m256i a, b; } i16x32;    /* lanes 0-7 (slots 0-15), lanes 8-15 (slots 16-31) */
+typedef struct { __m256i a, b; } i16x32;    /* lanes 0-7 (words 0-15), lanes 8-15 (words 16-31) */
 
 INLINE int bits_of(int kind) {
-    return kind == QG_Q5_0 || kind == QG_Q5_1 || kind == QG_Q5_K ? 5 : kind == QG_Q6_K ? 6 : kind == QG_Q8_0 ? 8 : 4;
+    return kind == QG_Q5_K ? 5 : kind == QG_Q6_K ? 6 : 4;
 }
 
 INLINE TAVX2 float half(const uint8_t *p) { return _cvtsh_ss((unsigned short)(p[0] | p[1] << 8)); }
 
-INLINE TAVX2 __m256i widen_u8(__m256i bytes, int high) {
-    return _mm256_cvtepu8_epi16(high ? _mm256_extracti128_si256(bytes, 1) : _mm256_castsi256_si128(bytes));
+/* words 16h .. 16h + 15 of a pair of steps: byte j of `lo` in the low byte, of `hi` in the high */
+INLINE TAVX2 __m256i interleave(__m256i lo, __m256i hi, int h) {
+    __m128i l = h ? _mm256_extracti128_si256(lo, 1) : _mm256_castsi256_si128(lo);
+    __m128i u = h ? _mm256_extracti128_si256(hi, 1) : _mm256_castsi256_si128(hi);
+    return _mm256_or_si256(_mm256_cvtepu8_epi16(l), _mm256_slli_epi16(_mm256_cvtepu8_epi16(u), 8));
 }
 
 /* add where the slot's bit of `mask` is set */
@@ -34,19 +39,20 @@ INLINE TAVX2 i16x32 add_masked(i16x32 v, uint32_t mask, short add) {
     return v;
 }
 
-INLINE TAVX2 void unpack_pair(const int bits, const uint8_t *q, int steps, int t, i16x32 *lo, i16x32 *hi) {
+/* Steps 2t and 2t + 1 of a chunk as bytes, word j = slot j of each (qgemm.h). */
+INLINE TAVX2 i16x32 unpack_pair(const int bits, const uint8_t *q, int steps, int t) {
+    i16x32 v;
     __m256i b = _mm256_loadu_si256((const __m256i *)(q + 32 * t)), m = _mm256_set1_epi8(15);
-    __m256i l = _mm256_and_si256(b, m), h = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
-    lo->a = widen_u8(l, 0), lo->b = widen_u8(l, 1);
-    hi->a = widen_u8(h, 0), hi->b = widen_u8(h, 1);
+    __m256i lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+    v.a = interleave(lo, hi, 0), v.b = interleave(lo, hi, 1);
     const uint32_t *hb = (const uint32_t *)(q + 16 * steps);
     if (bits == 5) {
-        *lo = add_masked(*lo, hb[2 * t], 16);
-        *hi = add_masked(*hi, hb[2 * t + 1], 16);
+        v = add_masked(add_masked(v, hb[2 * t], 16), hb[2 * t + 1], 16 << 8);
     } else if (bits == 6) {
-        *lo = add_masked(add_masked(*lo, hb[4 * t], 16), hb[4 * t + 1], 32);
-        *hi = add_masked(add_masked(*hi, hb[4 * t + 2], 16), hb[4 * t + 3], 32);
+        v = add_masked(add_masked(v, hb[4 * t], 16), hb[4 * t + 1], 32);
+        v = add_masked(add_masked(v, hb[4 * t + 2], 16 << 8), hb[4 * t + 3], 32 << 8);
     }
+    return v;
 }
 
 /* The chunk's lane scales as two halves (see qgemm_avx512.c's lane_scales). */
@@ -65,27 +71,21 @@ INLINE TAVX2 void lane_scales(const int kind, const uint8_t *sp, const qg_chunk 
     __m256i w = _mm256_set1_epi32(c->width);
     __m256i idx[2] = {_mm256_srl_epi32(_mm256_mullo_epi32(iota, w), shift),
                       _mm256_srl_epi32(_mm256_mullo_epi32(_mm256_add_epi32(iota, _mm256_set1_epi32(8)), w), shift)};
-    __m256 m, b;
-    if (kind == QG_Q4_K || kind == QG_Q5_K) {
-        m = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sp + 4)))),
-                          _mm256_set1_ps(half(sp)));
-        b = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sp + 12)))),
-                          _mm256_set1_ps(-half(sp + 2)));
-    } else {
-        m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sp));
-        if (kind == QG_Q4_1 || kind == QG_Q5_1)
-            b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sp + 2 * (c->width / 32))));
-        else
-            b = _mm256_mul_ps(m, _mm256_set1_ps(kind == QG_Q4_0 ? -8.f : -16.f));   /* Q8_0: unused */
-    }
+    __m256 m = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sp + 4)))),
+                             _mm256_set1_ps(half(sp)));          /* Q4_K, Q5_K */
+    __m256 b = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sp + 12)))),
+                             _mm256_set1_ps(-half(sp + 2)));
     for (int h = 0; h < 2; h++) {
         mul[h] = _mm256_permutevar8x32_ps(m, idx[h]);
         bias[h] = _mm256_permutevar8x32_ps(b, idx[h]);
     }
 }
 
-INLINE TAVX2 __m256i dot(__m256i acc, __m256i w, const int16_t *x) {
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(w, _mm256_loadu_si256((const __m256i *)x)));
+/* acc + the lane sums of 4 bytes of w times x; |products| stay under 2^14 per pair (63 x 127 x
+ * 2), so vpmaddubsw does not saturate. */
+INLINE TAVX2 __m256i dot(__m256i acc, __m256i w, const int8_t *x) {
+    __m256i p = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)x));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 
 INLINE TAVX2 float hsum(__m256 v) {
@@ -98,44 +98,32 @@ INLINE TAVX2 void tile(const int kind, const int R, const int MB, const qg_weigh
                        float *y, int64_t ldy, int col) {
     const int bits = bits_of(kind);
     const int64_t xs = x->stride;
+    const int64_t ahead = (PREFETCH_BYTES / (R * w->row_bytes) + 1) * R * w->row_bytes;
     __m256 accf[MAX_R][MAX_MB];
     for (int r = 0; r < R; r++)
         for (int m = 0; m < MB; m++) accf[r][m] = _mm256_setzero_ps();
     for (int ci = 0; ci < w->n_chunks; ci++) {
         const qg_chunk *c = &w->chunks[ci];
         const int steps = c->steps;
-        const int16_t *xc = x->xq + m0 * xs + c->xoff;
+        const int8_t *xc = x->xq + m0 * xs + c->xoff;
         const uint8_t *row[MAX_R];
         __m256i acc[MAX_R][MAX_MB][2];
         for (int r = 0; r < R; r++) {
             row[r] = w->data + (int64_t)(r0 + r) * w->row_bytes;
             for (int m = 0; m < MB; m++) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_si256();
         }
-        if (bits == 8) {
-            for (int s = 0; s < steps; s++) {
-                __m256i wa[MAX_R], wb[MAX_R];
+        for (int t = 0; t < steps / 2; t++) {
+            i16x32 wv[MAX_R];
+            for (int r = 0; r < R; r++) {
+                wv[r] = unpack_pair(bits, row[r] + c->qoff, steps, t);
+                _mm_prefetch((const char *)(row[r] + ahead + c->qoff + 64 * t), _MM_HINT_T1);
+            }
+            for (int m = 0; m < MB; m++)
                 for (int r = 0; r < R; r++) {
-                    __m256i b = _mm256_loadu_si256((const __m256i *)(row[r] + c->qoff + 32 * s));
-                    wa[r] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(b));
-                    wb[r] = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(b, 1));
+                    const int8_t *xm = xc + m * xs + 64 * t;
+                    acc[r][m][0] = dot(acc[r][m][0], wv[r].a, xm);
+                    acc[r][m][1] = dot(acc[r][m][1], wv[r].b, xm + 32);
                 }
-                for (int m = 0; m < MB; m++)
-                    for (int r = 0; r < R; r++) {
-                        acc[r][m][0] = dot(acc[r][m][0], wa[r], xc + m * xs + 32 * s);
-                        acc[r][m][1] = dot(acc[r][m][1], wb[r], xc + m * xs + 32 * s + 16);
-                    }
-            }
-        } else {
-            for (int t = 0; t < steps / 2; t++) {
-                i16x32 lo[MAX_R], hi[MAX_R];
-                for (int r = 0; r < R; r++) unpack_pair(bits, row[r] + c->qoff, steps, t, &lo[r], &hi[r]);
-                for (int m = 0; m < MB; m++)
-                    for (int r = 0; r < R; r++) {
-                        const int16_t *xm = xc + m * xs + 64 * t;
-                        acc[r][m][0] = dot(dot(acc[r][m][0], lo[r].a, xm), hi[r].a, xm + 32);
-                        acc[r][m][1] = dot(dot(acc[r][m][1], lo[r].b, xm + 16), hi[r].b, xm + 48);
-                    }
-            }
         }
         for (int r = 0; r < R; r++) {
             __m256 mul[2], bias[2];
@@ -146,8 +134,7 @@ INLINE TAVX2 void tile(const int kind, const int R, const int MB, const qg_weigh
                     __m256 sx = _mm256_loadu_ps(x->sx + at + 8 * h);
                     accf[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][m][h]), _mm256_mul_ps(mul[h], sx),
                                                  accf[r][m]);
-                    if (kind != QG_Q8_0)
-                        accf[r][m] = _mm256_fmadd_ps(bias[h], _mm256_loadu_ps(x->xs + at + 8 * h), accf[r][m]);
+                    accf[r][m] = _mm256_fmadd_ps(bias[h], _mm256_loadu_ps(x->xs + at + 8 * h), accf[r][m]);
                 }
             }
         }
@@ -174,17 +161,10 @@ INLINE TAVX2 void rows(const int kind, const qg_weight *w, const qg_act *x, int 
     static TAVX2 void rows_##K(const qg_weight *w, const qg_act *x, int r0, int r1, float *y, int64_t ldy) { \
         rows(QG_##K, w, x, r0, r1, y, ldy); \
     }
-KIND_FN(Q4_0)
-KIND_FN(Q4_1)
-KIND_FN(Q5_0)
-KIND_FN(Q5_1)
-KIND_FN(Q8_0)
 KIND_FN(Q4_K)
 KIND_FN(Q5_K)
 KIND_FN(Q6_K)
 
 void qg_rows_avx2(const qg_weight *w, const qg_act *x, int r0, int r1, float *y, int64_t ldy) {
-    static const qg_rows_fn by_kind[QG_N_KINDS] = {rows_Q4_0, rows_Q4_1, rows_Q5_0, rows_Q5_1,
-                                                   rows_Q8_0, rows_Q4_K, rows_Q5_K, rows_Q6_K};
-    by_kind[w->kind](w, x, r0, r1, y, ldy);
+    (w->kind == QG_Q6_K ? rows_Q6_K : w->kind == QG_Q5_K ? rows_Q5_K : rows_Q4_K)(w, x, r0, r1, y, ldy);
 }

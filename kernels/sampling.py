@@ -53,16 +53,29 @@ BLOCK_V = 1024       # vocabulary entries per tile of a pass
 
 def mix32(x):
     """A bijective 32-bit hash; x is a Python int or an int64 tensor with values in [0, 2**32)."""
+    if isinstance(x, torch.Tensor):
+        return _mix32_inplace(x.clone())
     x = ((x >> 16) ^ x) * _MIX & MASK32
     x = ((x >> 16) ^ x) * _MIX & MASK32
     return (x >> 16) ^ x
 
 
+def _mix32_inplace(x: torch.Tensor) -> torch.Tensor:
+    """mix32 of an int64 tensor, written into it: the same integers without a temporary per
+    operation (at [64, vocab] the allocations cost more than the arithmetic)."""
+    shifted = torch.empty_like(x)
+    for _ in range(2):
+        torch.bitwise_right_shift(x, 16, out=shifted)
+        x.bitwise_xor_(shifted).mul_(_MIX).bitwise_and_(MASK32)
+    torch.bitwise_right_shift(x, 16, out=shifted)
+    return x.bitwise_xor_(shifted)
+
+
 def exponential_noise(hashes: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """E ~ Exp(1) [B, vocab] float32 from token hashes [.., vocab] and step keys [B, 1]."""
-    bits = mix32(hashes ^ keys) >> (32 - _U_BITS)
-    u = (bits.to(torch.float32) + 0.5) * 2.0 ** -_U_BITS
-    return -torch.log(u)
+    bits = _mix32_inplace(hashes ^ keys).bitwise_right_shift_(32 - _U_BITS)
+    u = bits.to(torch.float32).add_(0.5).mul_(2.0 ** -_U_BITS)
+    return u.log_().neg_()
 
 
 # ---------------------------------------------------------------- the state
@@ -141,7 +154,7 @@ def penalized_logits(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torc
 
 def draw_noise(token_ids: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """E [S, n] for token ids [S, n] (or [n]) of rows with keys [S, 2] at draw index steps [S]."""
-    hashes = mix32(token_ids ^ keys[:, :1])
+    hashes = _mix32_inplace(token_ids ^ keys[:, :1])
     return exponential_noise(hashes, mix32(steps[:, None] ^ keys[:, 1:]))
 
 
@@ -152,20 +165,26 @@ def filtered_probs(z: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tens
     min_p = 0 turn a filter off). Sorting whole rows: the reference, not the kernel's way."""
     vocab = z.shape[1]
     zp = ((z.double() - z.amax(-1, keepdim=True)) / temperature).float()
-    sorted_z, order = zp.sort(dim=-1, descending=True, stable=True)
+    # Equal values are interchangeable below, so the sort need not be stable: the sorted
+    # values, their probabilities and their running sums are the same in any order of ties.
+    sorted_z, order = zp.sort(dim=-1, descending=True)
     kth = sorted_z.gather(-1, top_k.clamp(max=vocab) - 1)
     zp = zp.masked_fill(zp < kth, float("-inf"))          # ties with the k-th survive
     probs = zp.softmax(-1)
     sorted_p = probs.gather(-1, order)
     before = sorted_p.cumsum(-1) - sorted_p
-    # the mass of strictly larger values: the `before` of the first of a run of equal values
-    position = torch.arange(vocab, device=zp.device).expand_as(sorted_z)
-    starts = torch.where(torch.cat([torch.ones_like(sorted_z[:, :1], dtype=torch.bool),
-                                    sorted_z[:, 1:] != sorted_z[:, :-1]], 1), position, 0)
-    before = before.gather(-1, starts.cummax(-1).values)
-    drop = torch.empty_like(order, dtype=torch.bool).scatter_(-1, order, (before >= top_p) & (top_p < 1))
-    probs = probs.masked_fill(drop, 0.0)
-    return probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
+    drop = (before >= top_p) & (top_p < 1)
+    # A token's mass above is that of strictly larger values: the `before` of the first of its
+    # run of equal values. That differs from its own `before` in outcome only where a run holds
+    # both kept and dropped tokens, so only rows with such a run are corrected.
+    tied = sorted_z[:, 1:] == sorted_z[:, :-1]
+    split = (tied & (drop[:, 1:] != drop[:, :-1])).any(-1).nonzero()[:, 0]
+    if split.numel():
+        position = torch.arange(vocab, device=zp.device).expand(split.numel(), vocab)
+        starts = torch.where(torch.cat([torch.ones_like(tied[split, :1]), ~tied[split]], 1), position, 0)
+        drop[split] = before[split].gather(-1, starts.cummax(-1).values) >= top_p[split]
+    probs.masked_fill_(torch.empty_like(drop).scatter_(-1, order, drop), 0.0)
+    return probs.masked_fill_(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
 
 
 def sample_torch(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torch.Tensor, state: SamplingState,
@@ -180,7 +199,7 @@ def sample_torch(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torch.Te
         probs = filtered_probs(z[drawn], state.temperature[r, None], state.top_k[r, None], state.top_p[r, None],
                                state.min_p[r, None])
         noise = draw_noise(torch.arange(state.vocab, device=z.device), state.keys[r], state.steps[r])
-        tokens[drawn] = (probs / noise).argmax(-1)
+        tokens[drawn] = probs.div_(noise).argmax(-1)
     _advance(state, rows, tokens)
     out.copy_(tokens)
     return out

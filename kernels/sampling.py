@@ -48,6 +48,8 @@ _MIX = 0x45D9F3B
 _U_BITS = 23
 
 CAP = 2048           # candidates a row may resolve in registers
+HISTORY_MAX_COUNT = 32767    # the output count SamplingState.history holds at most
+SATURATED = 2 * HISTORY_MAX_COUNT   # history codes from here on count no further
 BLOCK_V = 1024       # vocabulary entries per tile of a pass
 
 
@@ -88,11 +90,13 @@ class SamplingState:
     top_p: torch.Tensor         # [M] float32
     min_p: torch.Tensor         # [M] float32
     penalties: torch.Tensor     # [M, 3] float32: repetition, presence, frequency
-    penalized: torch.Tensor     # [M] int8: 1 when any penalty applies (counts and seen are read)
+    penalized: torch.Tensor     # [M] int8: 1 when any penalty applies (history is read)
     keys: torch.Tensor          # [M, 2] int64: token key, step key (32-bit values)
     steps: torch.Tensor         # [M] int64: draws so far (the noise's counter)
-    counts: torch.Tensor        # [M, vocab] int32: output token counts
-    seen: torch.Tensor          # [M, vocab] int8: 1 for the prompt's tokens
+    # [M, vocab] int16, read as uint16: 2 x the token's count in the output + 1 if the prompt
+    # holds it; the count stops at 32,767 (HISTORY_MAX_COUNT). One 2-byte read per token and
+    # pass for a penalised row (int32 counts + int8 prompt marks were 5).
+    history: torch.Tensor
     masked: torch.Tensor        # [M] int8: 1 when bitmask's row applies this step
     bitmask: torch.Tensor       # [M, ceil(vocab / 32)] int32: bit t of word t // 32 set = token t allowed
     last_token: torch.Tensor    # [M] int64: the token each row drew last
@@ -106,14 +110,14 @@ class SamplingState:
                    top_p=torch.ones(rows, device=device), min_p=zeros(rows, dtype=torch.float32),
                    penalties=torch.tensor([[1.0, 0.0, 0.0]], device=device).repeat(rows, 1),
                    penalized=zeros(rows, dtype=torch.int8), keys=zeros(rows, 2, dtype=torch.int64),
-                   steps=zeros(rows, dtype=torch.int64), counts=zeros(rows, vocab, dtype=torch.int32),
-                   seen=zeros(rows, vocab, dtype=torch.int8), masked=zeros(rows, dtype=torch.int8),
+                   steps=zeros(rows, dtype=torch.int64), history=zeros(rows, vocab, dtype=torch.int16),
+                   masked=zeros(rows, dtype=torch.int8),
                    bitmask=zeros(rows, -(-vocab // 32), dtype=torch.int32),
                    last_token=zeros(rows, dtype=torch.int64), scratch=zeros(rows, CAP, dtype=torch.int64))
 
     @property
     def vocab(self) -> int:
-        return self.counts.shape[1]
+        return self.history.shape[1]
 
 
 def _check(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torch.Tensor, state: SamplingState) -> None:
@@ -145,8 +149,8 @@ def penalized_logits(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torc
     if pen.numel():
         r, zp = rows[pen], z[pen]
         rep, presence, frequency = (x[:, None] for x in state.penalties[r].unbind(1))
-        counts = state.counts[r]
-        seen = (state.seen[r] != 0) | (counts > 0)
+        code = state.history[r].to(torch.int32) & 0xFFFF
+        counts, seen = code >> 1, code != 0
         zp = torch.where(seen, torch.where(zp > 0, zp / rep, zp * rep), zp)
         z[pen] = torch.where(counts > 0, zp - (presence + frequency * counts.float()), zp)
     return z
@@ -208,7 +212,9 @@ def sample_torch(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torch.Te
 def _advance(state: SamplingState, rows: torch.Tensor, tokens: torch.Tensor) -> None:
     state.steps[rows] += 1
     state.last_token[rows] = tokens
-    state.counts[rows, tokens] += (state.penalized[rows] != 0).to(torch.int32)
+    code = state.history[rows, tokens].to(torch.int32) & 0xFFFF
+    counting = (state.penalized[rows] != 0) & (code < SATURATED)
+    state.history[rows, tokens] = (code + 2 * counting.to(torch.int32)).to(torch.int16)
 
 
 # ---------------------------------------------------------------- the kernel
@@ -218,10 +224,11 @@ _UNDER = tl.constexpr(254)
 _IGNORE = tl.constexpr(255)
 _NEG_INF = tl.constexpr(float("-inf"))
 _MIX32 = tl.constexpr(_MIX)
+_SATURATED = tl.constexpr(SATURATED)
 
 
 @triton.jit
-def _row_z(logit_row, offs, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, rep, presence, frequency):
+def _row_z(logit_row, offs, V, r, st_history, st_bitmask, words, pen, masked, rep, presence, frequency):
     """A tile of the row's z: grammar mask, then the penalties; -inf outside the vocabulary."""
     inside = offs < V
     z = tl.load(logit_row + offs, mask=inside, other=_NEG_INF).to(tl.float32)
@@ -229,8 +236,9 @@ def _row_z(logit_row, offs, V, r, st_counts, st_seen, st_bitmask, words, pen, ma
         word = tl.load(st_bitmask + r * words + offs // 32, mask=inside, other=0)
         z = tl.where(((word >> (offs % 32)) & 1) != 0, z, _NEG_INF)
     if pen:
-        count = tl.load(st_counts + r * V + offs, mask=inside, other=0)
-        seen = (tl.load(st_seen + r * V + offs, mask=inside, other=0) != 0) | (count > 0)
+        code = tl.load(st_history + r * V + offs, mask=inside, other=0).to(tl.int32) & 0xFFFF
+        count = code >> 1
+        seen = code != 0
         z = tl.where(seen, tl.where(z > 0, z / rep, z * rep), z)
         z = tl.where(count > 0, z - (presence + frequency * count.to(tl.float32)), z)
     return tl.where(inside, z, _NEG_INF)
@@ -280,7 +288,7 @@ def _value(key):
 
 @triton.jit
 def _sample_kernel(logits_ptr, stride_l, lrows_ptr, rows_ptr, out_ptr, V, words,
-                   st_t, st_k, st_p, st_minp, st_pen, st_penalized, st_keys, st_steps, st_counts, st_seen,
+                   st_t, st_k, st_p, st_minp, st_pen, st_penalized, st_keys, st_steps, st_history,
                    st_masked, st_bitmask, st_last, st_scratch, scratch_stride,
                    CAP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr):
     s = tl.program_id(0)
@@ -306,7 +314,7 @@ def _sample_kernel(logits_ptr, stride_l, lrows_ptr, rows_ptr, out_ptr, V, words,
     hist = tl.zeros((NB,), tl.int32)
     for start in range(0, V, BLOCK):
         offs = start + lanes
-        z = _row_z(row, offs, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, rep, presence, frequency)
+        z = _row_z(row, offs, V, r, st_history, st_bitmask, words, pen, masked, rep, presence, frequency)
         tile_max = tl.max(z, 0)
         tile_arg = tl.argmax(z, 0).to(tl.int64) + start
         greedy = tl.where(tile_max > z_max, tile_arg, greedy)
@@ -353,7 +361,7 @@ def _sample_kernel(logits_ptr, stride_l, lrows_ptr, rows_ptr, out_ptr, V, words,
         scratch = st_scratch + r * scratch_stride
         for start in range(0, V, BLOCK):
             offs = start + lanes
-            z = _row_z(row, offs, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, rep, presence, frequency)
+            z = _row_z(row, offs, V, r, st_history, st_bitmask, words, pen, masked, rep, presence, frequency)
             zs = _scaled(z, z_max, temperature)
             e = tl.exp(zs)
             total += tl.sum(e, 0)
@@ -392,7 +400,7 @@ def _sample_kernel(logits_ptr, stride_l, lrows_ptr, rows_ptr, out_ptr, V, words,
             score = tl.where(keep, p / _noise(ids, token_key, draw_key), -1.0)
             token = tl.sum(tl.where(slot == tl.argmax(score, 0), ids, 0), 0)
         elif filtered:
-            token = _bisect_draw(row, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, rep, presence,
+            token = _bisect_draw(row, V, r, st_history, st_bitmask, words, pen, masked, rep, presence,
                                  frequency, z_max, temperature, top_k, topk_on, top_p, min_p, token_key, draw_key,
                                  BLOCK)
 
@@ -400,11 +408,12 @@ def _sample_kernel(logits_ptr, stride_l, lrows_ptr, rows_ptr, out_ptr, V, words,
     tl.store(st_last + r, token)
     tl.store(st_steps + r, step + 1)
     if pen:
-        tl.store(st_counts + r * V + token, tl.load(st_counts + r * V + token) + 1)
+        code = tl.load(st_history + r * V + token).to(tl.int32) & 0xFFFF
+        tl.store(st_history + r * V + token, tl.where(code < _SATURATED, code + 2, code).to(tl.int16))
 
 
 @triton.jit
-def _bisect_draw(row, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, rep, presence, frequency,
+def _bisect_draw(row, V, r, st_history, st_bitmask, words, pen, masked, rep, presence, frequency,
                  z_max, temperature, top_k, topk_on, top_p, min_p, token_key, draw_key, BLOCK: tl.constexpr):
     """The thresholds found by bisection over z''s ordered bits (32 passes each), then the draw."""
     lanes = tl.arange(0, BLOCK)
@@ -416,7 +425,7 @@ def _bisect_draw(row, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, 
             n = tl.full((), 0, tl.int32)
             for start in range(0, V, BLOCK):
                 offs = start + lanes
-                z = _row_z(row, offs, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, rep, presence,
+                z = _row_z(row, offs, V, r, st_history, st_bitmask, words, pen, masked, rep, presence,
                            frequency)
                 n += tl.sum((_key(_scaled(z, z_max, temperature)) >= mid).to(tl.int32), 0)
             big = n >= top_k
@@ -425,7 +434,7 @@ def _bisect_draw(row, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, 
     mass = tl.full((), 0.0, tl.float32)
     for start in range(0, V, BLOCK):
         offs = start + lanes
-        z = _row_z(row, offs, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, rep, presence, frequency)
+        z = _row_z(row, offs, V, r, st_history, st_bitmask, words, pen, masked, rep, presence, frequency)
         zs = _scaled(z, z_max, temperature)
         mass += tl.sum(tl.where(_key(zs) >= kth, tl.exp(zs), 0.0), 0)
     cut = kth
@@ -437,7 +446,7 @@ def _bisect_draw(row, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, 
             above = tl.full((), 0.0, tl.float32)
             for start in range(0, V, BLOCK):
                 offs = start + lanes
-                z = _row_z(row, offs, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, rep, presence,
+                z = _row_z(row, offs, V, r, st_history, st_bitmask, words, pen, masked, rep, presence,
                            frequency)
                 zs = _scaled(z, z_max, temperature)
                 k = _key(zs)
@@ -451,7 +460,7 @@ def _bisect_draw(row, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, 
     p_max = 1.0 / mass
     for start in range(0, V, BLOCK):
         offs = start + lanes
-        z = _row_z(row, offs, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, rep, presence, frequency)
+        z = _row_z(row, offs, V, r, st_history, st_bitmask, words, pen, masked, rep, presence, frequency)
         zs = _scaled(z, z_max, temperature)
         p = tl.exp(zs) / mass
         keep = (_key(zs) >= cut) & (z != _NEG_INF) & ~(p < min_p * p_max)
@@ -477,7 +486,7 @@ def sample_triton(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torch.T
         _sample_kernel[(rows.numel(),)](
             logits, logits.stride(0), logits_rows, rows, out, st.vocab, st.bitmask.shape[1],
             st.temperature, st.top_k, st.top_p, st.min_p, st.penalties, st.penalized, st.keys, st.steps,
-            st.counts, st.seen, st.masked, st.bitmask, st.last_token, st.scratch, st.scratch.stride(0),
+            st.history, st.masked, st.bitmask, st.last_token, st.scratch, st.scratch.stride(0),
             CAP=cap, BLOCK=BLOCK_V, NB=_NB, num_warps=8)
     return out
 

@@ -436,11 +436,9 @@ class StreamDecoder:
         self._cache = tokenizer._bytes_cache
 
     def push(self, token_id: int) -> str:
-        # A token already decoded once is read from the tokenizer's cache (the engine pushes
-        # a token per running sequence per step); token_bytes checks and fills the rest.
+        # The tokenizer's cache first (once per sequence per step); token_bytes checks and fills it.
         cache = self._cache
-        data = cache[token_id] if type(token_id) is int and 0 <= token_id < len(cache) and not self._skip \
-            else None
+        data = cache[token_id] if type(token_id) is int and 0 <= token_id < len(cache) and not self._skip else None
         if data is None:
             data = self._tokenizer.token_bytes(token_id, skip_special_tokens=self._skip)
         return self._utf8.decode(data)

@@ -12,7 +12,8 @@ from transformers.generation.logits_process import (
 
 from smollm3_triton.engine.sampler import SamplerState, apply_repetition_penalty, load_rows, sampling_probs
 from smollm3_triton.engine.sampler import sample as sample_batch
-from smollm3_triton.kernels.sampling import SamplingState, filtered_probs, penalized_logits
+from smollm3_triton.kernels.sampling import (HISTORY_MAX_COUNT, SamplingState, filtered_probs, penalized_logits,
+                                            sample_torch)
 from smollm3_triton.sampling_params import SamplingParams
 
 
@@ -117,3 +118,24 @@ def test_penalties_match_their_definitions():
     counts = torch.bincount(torch.tensor(output), minlength=50).float()
     ref = ref - 0.5 * (counts > 0).float() - 0.25 * counts
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_output_counts_stop_at_the_history_limit():
+    """A token repeated past HISTORY_MAX_COUNT (32,767) is penalised as if repeated that many
+    times, and further draws of it neither wrap the count nor clear its mark."""
+    vocab, limit = 16, HISTORY_MAX_COUNT
+    p = SamplingParams(temperature=0, frequency_penalty=0.01)
+    state = SamplingState.allocate(2, vocab, "cpu")
+    load_rows(state, [0, 1], [SamplerState.start(p)] * 2, [([1], [5] * (limit + 10) + [7]), ([], [5] * (limit - 1))])
+    rows = torch.arange(2)
+    logits = torch.zeros(2, vocab)
+    logits[:, 5] = 1000.0                               # drawn whatever its penalty
+    expected = logits.clone()
+    expected[:, 5] -= 0.01 * torch.tensor([limit, limit - 1]).float()
+    expected[0, 7] -= 0.01
+    torch.testing.assert_close(penalized_logits(logits, rows, rows, state), expected, rtol=0, atol=1e-4)
+    out = torch.empty(2, dtype=torch.int64)
+    for _ in range(2):                                  # row 1: limit - 1 -> limit -> limit
+        assert sample_torch(logits, rows, rows, state, out).tolist() == [5, 5]
+    expected[1, 5] = 1000.0 - 0.01 * limit
+    torch.testing.assert_close(penalized_logits(logits, rows, rows, state), expected, rtol=0, atol=1e-4)

@@ -26,7 +26,7 @@ from ..model import Batch
 from .sampler import load_rows
 from .sequence import RUNNING, Sequence
 
-# Per-row fields of SamplingState; counts and seen are moved only for penalised rows.
+# Per-row fields of SamplingState; history is moved only for penalised rows.
 _ROW_FIELDS = ("temperature", "top_k", "top_p", "min_p", "penalties", "penalized", "keys", "steps", "masked",
                "bitmask", "last_token", "scratch")
 
@@ -102,8 +102,7 @@ class InputBatch:
             pen = [(h, m) for h, m in zip(holes, movers) if self.seqs[h].sampler.penalized]
             if pen:
                 pdst, psrc = (torch.tensor(v, device=self.device) for v in zip(*pen))
-                st.counts[pdst] = st.counts[psrc]
-                st.seen[pdst] = st.seen[psrc]
+                st.history[pdst] = st.history[psrc]
         # Free rows draw greedily, unpenalised and unmasked: a CUDA graph's padding rows sample them.
         free = slice(kept, n)
         st.temperature[free] = 0

@@ -182,9 +182,11 @@ def filtered_probs(z: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tens
     # run of equal values. That differs from its own `before` in outcome only where a run holds
     # both kept and dropped tokens, so only rows with such a run are corrected.
     tied = sorted_z[:, 1:] == sorted_z[:, :-1]
-    split = (tied & (drop[:, 1:] != drop[:, :-1])).any(-1).nonzero()[:, 0]
-    if split.numel():
-        position = torch.arange(vocab, device=zp.device).expand(split.numel(), vocab)
+    split = (tied & (drop[:, 1:] != drop[:, :-1])).any(-1)
+    n_split = int(split.sum())
+    if n_split:
+        split = slice(None) if n_split == len(split) else split.nonzero()[:, 0]   # all rows: views, no copies
+        position = torch.arange(vocab, device=zp.device).expand(n_split, vocab)
         starts = torch.where(torch.cat([torch.ones_like(tied[split, :1]), ~tied[split]], 1), position, 0)
         drop[split] = before[split].gather(-1, starts.cummax(-1).values) >= top_p[split]
     probs.masked_fill_(torch.empty_like(drop).scatter_(-1, order, drop), 0.0)

@@ -180,15 +180,22 @@ def filtered_probs(z: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tens
     drop = (before >= top_p) & (top_p < 1)
     # A token's mass above is that of strictly larger values: the `before` of the first of its
     # run of equal values. That differs from its own `before` in outcome only where a run holds
-    # both kept and dropped tokens, so only rows with such a run are corrected.
+    # both kept and dropped tokens, so only rows with such a run are corrected. Where `drop`
+    # is monotone (kept, then dropped) that run is the last kept token's, and it is kept whole;
+    # other rows (a float running sum may dip by an ulp) take each run's first `before`.
     tied = sorted_z[:, 1:] == sorted_z[:, :-1]
     split = (tied & (drop[:, 1:] != drop[:, :-1])).any(-1)
-    n_split = int(split.sum())
-    if n_split:
-        split = slice(None) if n_split == len(split) else split.nonzero()[:, 0]   # all rows: views, no copies
-        position = torch.arange(vocab, device=zp.device).expand(n_split, vocab)
-        starts = torch.where(torch.cat([torch.ones_like(tied[split, :1]), ~tied[split]], 1), position, 0)
-        drop[split] = before[split].gather(-1, starts.cummax(-1).values) >= top_p[split]
+    if split.any():
+        monotone = ~(drop[:, 1:] < drop[:, :-1]).any(-1)
+        simple = (split & monotone).nonzero()[:, 0]
+        if simple.numel():
+            last_kept = drop[simple].int().argmax(-1, keepdim=True) - 1     # argmax: the first dropped
+            drop[simple] &= sorted_z[simple] != sorted_z[simple].gather(-1, last_kept)
+        other = (split & ~monotone).nonzero()[:, 0]
+        if other.numel():
+            position = torch.arange(vocab, device=zp.device).expand(other.numel(), vocab)
+            starts = torch.where(torch.cat([torch.ones_like(tied[other, :1]), ~tied[other]], 1), position, 0)
+            drop[other] = before[other].gather(-1, starts.cummax(-1).values) >= top_p[other]
     probs.masked_fill_(torch.empty_like(drop).scatter_(-1, order, drop), 0.0)
     return probs.masked_fill_(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
 

@@ -44,9 +44,14 @@ def step_ms(path: Path, batch: int, context: int, steps: int, params: SamplingPa
     """(CPU ms, wall ms) of a decode step, medians."""
     from smollm3_triton import Runtime
 
-    rt = Runtime.load(path, device="cpu", backend="torch", max_seq_len=context + steps + 8,
-                      kv_cache_tokens=batch * (context + steps + 8), max_num_seqs=batch,
-                      max_num_batched_tokens=max(512, min(batch * context, 16384)))
+    budget = max(512, min(batch * context, 16384))
+    # Prompts are prefilled with what a step's budget leaves after the sequences already
+    # decoding (one token each): every sequence must still be running once the last prompt is
+    # in (at batch 64 x 16k that takes 65 steps), and then for `steps` more.
+    prefill_steps = -(-batch * context // (budget - batch)) + 2
+    max_new = prefill_steps + steps + 8
+    rt = Runtime.load(path, device="cpu", backend="torch", max_seq_len=context + max_new,
+                      kv_cache_tokens=batch * (context + max_new), max_num_seqs=batch, max_num_batched_tokens=budget)
     engine = rt.engine
 
     zeros: dict[int, torch.Tensor] = {}
@@ -64,12 +69,16 @@ def step_ms(path: Path, batch: int, context: int, steps: int, params: SamplingPa
         else:                                     # main's engine before it: the baseline
             import smollm3_triton.engine.engine as before
             before.sample = lambda logits, states, histories: torch.zeros(len(states), dtype=torch.int64)
-    params = dataclasses.replace(params, max_new_tokens=steps + 8)
+    params = dataclasses.replace(params, max_new_tokens=max_new)
     g = torch.Generator().manual_seed(batch + context)
     for _ in range(batch):
         engine.add_request(torch.randint(100, VOCAB, (context,), generator=g).tolist(), params)
-    while engine.stats().running < batch or any(s.num_computed < context for s in engine.scheduler.running):
+    for _ in range(prefill_steps):
+        if engine.stats().running == batch and all(s.num_computed >= context for s in engine.scheduler.running):
+            break
         engine.step()
+    else:
+        raise RuntimeError(f"batch {batch} x {context}: prompts not all prefilled in {prefill_steps} steps")
     cpu, wall = [], []
     for _ in range(steps):
         c, t = time.thread_time(), time.perf_counter()

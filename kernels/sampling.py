@@ -48,21 +48,36 @@ _MIX = 0x45D9F3B
 _U_BITS = 23
 
 CAP = 2048           # candidates a row may resolve in registers
+HISTORY_MAX_COUNT = 32767    # the output count SamplingState.history holds at most
+SATURATED = 2 * HISTORY_MAX_COUNT   # history codes from here on count no further
 BLOCK_V = 1024       # vocabulary entries per tile of a pass
 
 
 def mix32(x):
     """A bijective 32-bit hash; x is a Python int or an int64 tensor with values in [0, 2**32)."""
+    if isinstance(x, torch.Tensor):
+        return _mix32_inplace(x.clone())
     x = ((x >> 16) ^ x) * _MIX & MASK32
     x = ((x >> 16) ^ x) * _MIX & MASK32
     return (x >> 16) ^ x
 
 
+def _mix32_inplace(x: torch.Tensor) -> torch.Tensor:
+    """mix32 of an int64 tensor, written into it: the same integers without a temporary per
+    operation (at [64, vocab] the allocations cost more than the arithmetic)."""
+    shifted = torch.empty_like(x)
+    for _ in range(2):
+        torch.bitwise_right_shift(x, 16, out=shifted)
+        x.bitwise_xor_(shifted).mul_(_MIX).bitwise_and_(MASK32)
+    torch.bitwise_right_shift(x, 16, out=shifted)
+    return x.bitwise_xor_(shifted)
+
+
 def exponential_noise(hashes: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """E ~ Exp(1) [B, vocab] float32 from token hashes [.., vocab] and step keys [B, 1]."""
-    bits = mix32(hashes ^ keys) >> (32 - _U_BITS)
-    u = (bits.to(torch.float32) + 0.5) * 2.0 ** -_U_BITS
-    return -torch.log(u)
+    bits = _mix32_inplace(hashes ^ keys).bitwise_right_shift_(32 - _U_BITS)
+    u = bits.to(torch.float32).add_(0.5).mul_(2.0 ** -_U_BITS)
+    return u.log_().neg_()
 
 
 # ---------------------------------------------------------------- the state
@@ -75,11 +90,13 @@ class SamplingState:
     top_p: torch.Tensor         # [M] float32
     min_p: torch.Tensor         # [M] float32
     penalties: torch.Tensor     # [M, 3] float32: repetition, presence, frequency
-    penalized: torch.Tensor     # [M] int8: 1 when any penalty applies (counts and seen are read)
+    penalized: torch.Tensor     # [M] int8: 1 when any penalty applies (history is read)
     keys: torch.Tensor          # [M, 2] int64: token key, step key (32-bit values)
     steps: torch.Tensor         # [M] int64: draws so far (the noise's counter)
-    counts: torch.Tensor        # [M, vocab] int32: output token counts
-    seen: torch.Tensor          # [M, vocab] int8: 1 for the prompt's tokens
+    # [M, vocab] int16, read as uint16: 2 x the token's count in the output + 1 if the prompt
+    # holds it; the count stops at 32,767 (HISTORY_MAX_COUNT). One 2-byte read per token and
+    # pass for a penalised row (int32 counts + int8 prompt marks were 5).
+    history: torch.Tensor
     masked: torch.Tensor        # [M] int8: 1 when bitmask's row applies this step
     bitmask: torch.Tensor       # [M, ceil(vocab / 32)] int32: bit t of word t // 32 set = token t allowed
     last_token: torch.Tensor    # [M] int64: the token each row drew last
@@ -93,14 +110,14 @@ class SamplingState:
                    top_p=torch.ones(rows, device=device), min_p=zeros(rows, dtype=torch.float32),
                    penalties=torch.tensor([[1.0, 0.0, 0.0]], device=device).repeat(rows, 1),
                    penalized=zeros(rows, dtype=torch.int8), keys=zeros(rows, 2, dtype=torch.int64),
-                   steps=zeros(rows, dtype=torch.int64), counts=zeros(rows, vocab, dtype=torch.int32),
-                   seen=zeros(rows, vocab, dtype=torch.int8), masked=zeros(rows, dtype=torch.int8),
+                   steps=zeros(rows, dtype=torch.int64), history=zeros(rows, vocab, dtype=torch.int16),
+                   masked=zeros(rows, dtype=torch.int8),
                    bitmask=zeros(rows, -(-vocab // 32), dtype=torch.int32),
                    last_token=zeros(rows, dtype=torch.int64), scratch=zeros(rows, CAP, dtype=torch.int64))
 
     @property
     def vocab(self) -> int:
-        return self.counts.shape[1]
+        return self.history.shape[1]
 
 
 def _check(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torch.Tensor, state: SamplingState) -> None:
@@ -137,8 +154,8 @@ def penalized_logits(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torc
     if pen.numel():
         r, zp = rows[pen], z[pen]
         rep, presence, frequency = (x[:, None] for x in state.penalties[r].unbind(1))
-        counts = state.counts[r]
-        seen = (state.seen[r] != 0) | (counts > 0)
+        code = state.history[r].to(torch.int32) & 0xFFFF
+        counts, seen = code >> 1, code != 0
         zp = torch.where(seen, torch.where(zp > 0, zp / rep, zp * rep), zp)
         z[pen] = torch.where(counts > 0, zp - (presence + frequency * counts.float()), zp)
     return z
@@ -146,7 +163,7 @@ def penalized_logits(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torc
 
 def draw_noise(token_ids: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """E [S, n] for token ids [S, n] (or [n]) of rows with keys [S, 2] at draw index steps [S]."""
-    hashes = mix32(token_ids ^ keys[:, :1])
+    hashes = _mix32_inplace(token_ids ^ keys[:, :1])
     return exponential_noise(hashes, mix32(steps[:, None] ^ keys[:, 1:]))
 
 
@@ -157,20 +174,35 @@ def filtered_probs(z: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tens
     min_p = 0 turn a filter off). Sorting whole rows: the reference, not the kernel's way."""
     vocab = z.shape[1]
     zp = ((z.double() - z.amax(-1, keepdim=True)) / temperature).float()
-    sorted_z, order = zp.sort(dim=-1, descending=True, stable=True)
+    # Equal values are interchangeable below, so the sort need not be stable: the sorted
+    # values, their probabilities and their running sums are the same in any order of ties.
+    sorted_z, order = zp.sort(dim=-1, descending=True)
     kth = sorted_z.gather(-1, top_k.clamp(max=vocab) - 1)
     zp = zp.masked_fill(zp < kth, float("-inf"))          # ties with the k-th survive
     probs = zp.softmax(-1)
     sorted_p = probs.gather(-1, order)
     before = sorted_p.cumsum(-1) - sorted_p
-    # the mass of strictly larger values: the `before` of the first of a run of equal values
-    position = torch.arange(vocab, device=zp.device).expand_as(sorted_z)
-    starts = torch.where(torch.cat([torch.ones_like(sorted_z[:, :1], dtype=torch.bool),
-                                    sorted_z[:, 1:] != sorted_z[:, :-1]], 1), position, 0)
-    before = before.gather(-1, starts.cummax(-1).values)
-    drop = torch.empty_like(order, dtype=torch.bool).scatter_(-1, order, (before >= top_p) & (top_p < 1))
-    probs = probs.masked_fill(drop, 0.0)
-    return probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
+    drop = (before >= top_p) & (top_p < 1)
+    # A token's mass above is that of strictly larger values: the `before` of the first of its
+    # run of equal values. That differs from its own `before` in outcome only where a run holds
+    # both kept and dropped tokens, so only rows with such a run are corrected. Where `drop`
+    # is monotone (kept, then dropped) that run is the last kept token's, and it is kept whole;
+    # other rows (a float running sum may dip by an ulp) take each run's first `before`.
+    tied = sorted_z[:, 1:] == sorted_z[:, :-1]
+    split = (tied & (drop[:, 1:] != drop[:, :-1])).any(-1)
+    if split.any():
+        monotone = ~(drop[:, 1:] < drop[:, :-1]).any(-1)
+        simple = (split & monotone).nonzero()[:, 0]
+        if simple.numel():
+            last_kept = drop[simple].int().argmax(-1, keepdim=True) - 1     # argmax: the first dropped
+            drop[simple] &= sorted_z[simple] != sorted_z[simple].gather(-1, last_kept)
+        other = (split & ~monotone).nonzero()[:, 0]
+        if other.numel():
+            position = torch.arange(vocab, device=zp.device).expand(other.numel(), vocab)
+            starts = torch.where(torch.cat([torch.ones_like(tied[other, :1]), ~tied[other]], 1), position, 0)
+            drop[other] = before[other].gather(-1, starts.cummax(-1).values) >= top_p[other]
+    probs.masked_fill_(torch.empty_like(drop).scatter_(-1, order, drop), 0.0)
+    return probs.masked_fill_(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
 
 
 def sample_torch(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torch.Tensor, state: SamplingState,
@@ -187,7 +219,7 @@ def sample_torch(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torch.Te
         probs = filtered_probs(z[drawn], state.temperature[r, None], state.top_k[r, None], state.top_p[r, None],
                                state.min_p[r, None])
         noise = draw_noise(torch.arange(state.vocab, device=z.device), state.keys[r], state.steps[r])
-        tokens[drawn] = (probs / noise).argmax(-1)
+        tokens[drawn] = probs.div_(noise).argmax(-1)
     _advance(state, rows, tokens)
     out.copy_(tokens)
     return out
@@ -196,7 +228,9 @@ def sample_torch(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torch.Te
 def _advance(state: SamplingState, rows: torch.Tensor, tokens: torch.Tensor) -> None:
     state.steps[rows] += 1
     state.last_token[rows] = tokens
-    state.counts[rows, tokens] += (state.penalized[rows] != 0).to(torch.int32)
+    code = state.history[rows, tokens].to(torch.int32) & 0xFFFF
+    counting = (state.penalized[rows] != 0) & (code < SATURATED)
+    state.history[rows, tokens] = (code + 2 * counting.to(torch.int32)).to(torch.int16)
 
 
 # ---------------------------------------------------------------- the kernel
@@ -206,10 +240,11 @@ _UNDER = tl.constexpr(254)
 _IGNORE = tl.constexpr(255)
 _NEG_INF = tl.constexpr(float("-inf"))
 _MIX32 = tl.constexpr(_MIX)
+_SATURATED = tl.constexpr(SATURATED)
 
 
 @triton.jit
-def _row_z(logit_row, offs, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, rep, presence, frequency):
+def _row_z(logit_row, offs, V, r, st_history, st_bitmask, words, pen, masked, rep, presence, frequency):
     """A tile of the row's z: grammar mask, then the penalties; -inf outside the vocabulary."""
     inside = offs < V
     z = tl.load(logit_row + offs, mask=inside, other=_NEG_INF).to(tl.float32)
@@ -217,8 +252,9 @@ def _row_z(logit_row, offs, V, r, st_counts, st_seen, st_bitmask, words, pen, ma
         word = tl.load(st_bitmask + r * words + offs // 32, mask=inside, other=0)
         z = tl.where(((word >> (offs % 32)) & 1) != 0, z, _NEG_INF)
     if pen:
-        count = tl.load(st_counts + r * V + offs, mask=inside, other=0)
-        seen = (tl.load(st_seen + r * V + offs, mask=inside, other=0) != 0) | (count > 0)
+        code = tl.load(st_history + r * V + offs, mask=inside, other=0).to(tl.int32) & 0xFFFF
+        count = code >> 1
+        seen = code != 0
         z = tl.where(seen, tl.where(z > 0, z / rep, z * rep), z)
         z = tl.where(count > 0, z - (presence + frequency * count.to(tl.float32)), z)
     return tl.where(inside, z, _NEG_INF)
@@ -268,7 +304,7 @@ def _value(key):
 
 @triton.jit
 def _sample_kernel(logits_ptr, stride_l, lrows_ptr, rows_ptr, out_ptr, V, words,
-                   st_t, st_k, st_p, st_minp, st_pen, st_penalized, st_keys, st_steps, st_counts, st_seen,
+                   st_t, st_k, st_p, st_minp, st_pen, st_penalized, st_keys, st_steps, st_history,
                    st_masked, st_bitmask, st_last, st_scratch, scratch_stride,
                    CAP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr):
     s = tl.program_id(0)
@@ -294,7 +330,7 @@ def _sample_kernel(logits_ptr, stride_l, lrows_ptr, rows_ptr, out_ptr, V, words,
     hist = tl.zeros((NB,), tl.int32)
     for start in range(0, V, BLOCK):
         offs = start + lanes
-        z = _row_z(row, offs, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, rep, presence, frequency)
+        z = _row_z(row, offs, V, r, st_history, st_bitmask, words, pen, masked, rep, presence, frequency)
         tile_max = tl.max(z, 0)
         tile_arg = tl.argmax(z, 0).to(tl.int64) + start
         greedy = tl.where(tile_max > z_max, tile_arg, greedy)
@@ -341,7 +377,7 @@ def _sample_kernel(logits_ptr, stride_l, lrows_ptr, rows_ptr, out_ptr, V, words,
         scratch = st_scratch + r * scratch_stride
         for start in range(0, V, BLOCK):
             offs = start + lanes
-            z = _row_z(row, offs, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, rep, presence, frequency)
+            z = _row_z(row, offs, V, r, st_history, st_bitmask, words, pen, masked, rep, presence, frequency)
             zs = _scaled(z, z_max, temperature)
             e = tl.exp(zs)
             total += tl.sum(e, 0)
@@ -380,7 +416,7 @@ def _sample_kernel(logits_ptr, stride_l, lrows_ptr, rows_ptr, out_ptr, V, words,
             score = tl.where(keep, p / _noise(ids, token_key, draw_key), -1.0)
             token = tl.sum(tl.where(slot == tl.argmax(score, 0), ids, 0), 0)
         elif filtered:
-            token = _bisect_draw(row, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, rep, presence,
+            token = _bisect_draw(row, V, r, st_history, st_bitmask, words, pen, masked, rep, presence,
                                  frequency, z_max, temperature, top_k, topk_on, top_p, min_p, token_key, draw_key,
                                  BLOCK)
 
@@ -388,11 +424,12 @@ def _sample_kernel(logits_ptr, stride_l, lrows_ptr, rows_ptr, out_ptr, V, words,
     tl.store(st_last + r, token)
     tl.store(st_steps + r, step + 1)
     if pen:
-        tl.store(st_counts + r * V + token, tl.load(st_counts + r * V + token) + 1)
+        code = tl.load(st_history + r * V + token).to(tl.int32) & 0xFFFF
+        tl.store(st_history + r * V + token, tl.where(code < _SATURATED, code + 2, code).to(tl.int16))
 
 
 @triton.jit
-def _bisect_draw(row, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, rep, presence, frequency,
+def _bisect_draw(row, V, r, st_history, st_bitmask, words, pen, masked, rep, presence, frequency,
                  z_max, temperature, top_k, topk_on, top_p, min_p, token_key, draw_key, BLOCK: tl.constexpr):
     """The thresholds found by bisection over z''s ordered bits (32 passes each), then the draw."""
     lanes = tl.arange(0, BLOCK)
@@ -404,7 +441,7 @@ def _bisect_draw(row, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, 
             n = tl.full((), 0, tl.int32)
             for start in range(0, V, BLOCK):
                 offs = start + lanes
-                z = _row_z(row, offs, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, rep, presence,
+                z = _row_z(row, offs, V, r, st_history, st_bitmask, words, pen, masked, rep, presence,
                            frequency)
                 n += tl.sum((_key(_scaled(z, z_max, temperature)) >= mid).to(tl.int32), 0)
             big = n >= top_k
@@ -413,7 +450,7 @@ def _bisect_draw(row, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, 
     mass = tl.full((), 0.0, tl.float32)
     for start in range(0, V, BLOCK):
         offs = start + lanes
-        z = _row_z(row, offs, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, rep, presence, frequency)
+        z = _row_z(row, offs, V, r, st_history, st_bitmask, words, pen, masked, rep, presence, frequency)
         zs = _scaled(z, z_max, temperature)
         mass += tl.sum(tl.where(_key(zs) >= kth, tl.exp(zs), 0.0), 0)
     cut = kth
@@ -425,7 +462,7 @@ def _bisect_draw(row, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, 
             above = tl.full((), 0.0, tl.float32)
             for start in range(0, V, BLOCK):
                 offs = start + lanes
-                z = _row_z(row, offs, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, rep, presence,
+                z = _row_z(row, offs, V, r, st_history, st_bitmask, words, pen, masked, rep, presence,
                            frequency)
                 zs = _scaled(z, z_max, temperature)
                 k = _key(zs)
@@ -439,7 +476,7 @@ def _bisect_draw(row, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, 
     p_max = 1.0 / mass
     for start in range(0, V, BLOCK):
         offs = start + lanes
-        z = _row_z(row, offs, V, r, st_counts, st_seen, st_bitmask, words, pen, masked, rep, presence, frequency)
+        z = _row_z(row, offs, V, r, st_history, st_bitmask, words, pen, masked, rep, presence, frequency)
         zs = _scaled(z, z_max, temperature)
         p = tl.exp(zs) / mass
         keep = (_key(zs) >= cut) & (z != _NEG_INF) & ~(p < min_p * p_max)
@@ -465,7 +502,7 @@ def sample_triton(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torch.T
         _sample_kernel[(rows.numel(),)](
             logits, logits.stride(0), logits_rows, rows, out, st.vocab, st.bitmask.shape[1],
             st.temperature, st.top_k, st.top_p, st.min_p, st.penalties, st.penalized, st.keys, st.steps,
-            st.counts, st.seen, st.masked, st.bitmask, st.last_token, st.scratch, st.scratch.stride(0),
+            st.history, st.masked, st.bitmask, st.last_token, st.scratch, st.scratch.stride(0),
             CAP=cap, BLOCK=BLOCK_V, NB=_NB, num_warps=8)
     return out
 

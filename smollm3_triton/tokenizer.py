@@ -433,9 +433,15 @@ class StreamDecoder:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._cache = tokenizer._bytes_cache
 
     def push(self, token_id: int) -> str:
-        return self._utf8.decode(self._tokenizer.token_bytes(token_id, skip_special_tokens=self._skip))
+        # The tokenizer's cache first (once per sequence per step); token_bytes checks and fills it.
+        cache = self._cache
+        data = cache[token_id] if type(token_id) is int and 0 <= token_id < len(cache) and not self._skip else None
+        if data is None:
+            data = self._tokenizer.token_bytes(token_id, skip_special_tokens=self._skip)
+        return self._utf8.decode(data)
 
     def flush(self) -> str:
         text = self._utf8.decode(b"", final=True)

@@ -24,7 +24,7 @@ PTXAS = [p for p in (Path(triton.__file__).parent / "backends" / "nvidia" / "bin
 MAX_SHARED_SM90 = 232448        # H100/H200: 227 KiB of dynamic shared memory per block
 POINTERS = dict(logits_ptr="fp32", lrows_ptr="i64", rows_ptr="i64", out_ptr="i64", st_t="fp64", st_k="i64",
                 st_p="fp32", st_minp="fp32", st_pen="fp32", st_penalized="i8", st_keys="i64", st_steps="i64",
-                st_counts="i32", st_seen="i8", st_masked="i8", st_bitmask="i32", st_last="i64", st_scratch="i64")
+                st_history="i16", st_masked="i8", st_bitmask="i32", st_last="i64", st_scratch="i64")
 
 
 def compile_sm90() -> dict:

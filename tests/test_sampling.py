@@ -12,7 +12,8 @@ from transformers.generation.logits_process import (
 
 from smollm3_triton.engine.sampler import SamplerState, apply_repetition_penalty, load_rows, sampling_probs
 from smollm3_triton.engine.sampler import sample as sample_batch
-from smollm3_triton.kernels.sampling import SamplingState, filtered_probs, penalized_logits, sample_torch
+from smollm3_triton.kernels.sampling import (HISTORY_MAX_COUNT, SamplingState, filtered_probs, penalized_logits,
+                                             sample_torch)
 from smollm3_triton.sampling_params import SamplingParams
 
 
@@ -129,7 +130,7 @@ def test_cpu_rows_in_order_take_no_gather_and_leave_the_logits_alone():
     def draw(logits, logits_rows):
         state = SamplingState.allocate(3, vocab, "cpu")
         state.penalized[1], state.penalties[1, 0] = 1, 5.0           # row 1: repetition penalty
-        state.seen[1, before[1].argmax()] = 1                        # on its best token
+        state.history[1, before[1].argmax()] = 1                     # on its best token (a prompt token)
         state.masked[2], state.bitmask[2, 0] = 1, 0b100              # row 2: only token 2 allowed
         return sample_torch(logits, logits_rows, torch.arange(3), state, torch.empty(3, dtype=torch.int64))
 
@@ -140,3 +141,24 @@ def test_cpu_rows_in_order_take_no_gather_and_leave_the_logits_alone():
     assert torch.equal(in_order, gathered)
     assert int(in_order[0]) == int(before[0].argmax()) and int(in_order[2]) == 2
     assert int(in_order[1]) != int(before[1].argmax())
+
+
+def test_output_counts_stop_at_the_history_limit():
+    """A token repeated past HISTORY_MAX_COUNT (32,767) is penalised as if repeated that many
+    times, and further draws of it neither wrap the count nor clear its mark."""
+    vocab, limit = 16, HISTORY_MAX_COUNT
+    p = SamplingParams(temperature=0, frequency_penalty=0.01)
+    state = SamplingState.allocate(2, vocab, "cpu")
+    load_rows(state, [0, 1], [SamplerState.start(p)] * 2, [([1], [5] * (limit + 10) + [7]), ([], [5] * (limit - 1))])
+    rows = torch.arange(2)
+    logits = torch.zeros(2, vocab)
+    logits[:, 5] = 1000.0                               # drawn whatever its penalty
+    expected = logits.clone()
+    expected[:, 5] -= 0.01 * torch.tensor([limit, limit - 1]).float()
+    expected[0, 7] -= 0.01
+    torch.testing.assert_close(penalized_logits(logits, rows, rows, state), expected, rtol=0, atol=1e-4)
+    out = torch.empty(2, dtype=torch.int64)
+    for _ in range(2):                                  # row 1: limit - 1 -> limit -> limit
+        assert sample_torch(logits, rows, rows, state, out).tolist() == [5, 5]
+    expected[1, 5] = 1000.0 - 0.01 * limit
+    torch.testing.assert_close(penalized_logits(logits, rows, rows, state), expected, rtol=0, atol=1e-4)

@@ -2,7 +2,7 @@
 against its torch reference sample_torch, whose filters tests/test_sampling.py checks
 against transformers' warpers. The same tokens for every row kind (greedy, grammar
 mask, penalties, temperature with top-k / top-p / min-p and their mixes, ties), the same
-state afterwards (draw counters, last tokens, penalty counts), through both of the
+state afterwards (draw counters, last tokens, penalty history), through both of the
 kernel's paths (candidates compacted, and bisection when they exceed the cap), and a
 seeded row draws the same tokens alone or in a batch. Small vocabularies, and mostly a
 cap of 256 candidates (the default 2048 costs ~5 s per row in the interpreter's sort): the
@@ -74,7 +74,7 @@ def _both(logits, logits_rows, rows, state, steps, **kw):
     for _ in range(steps):
         ref.append(sample_torch(logits, logits_rows, rows, ref_state, _out(len(rows))).tolist())
         ker.append(sample_triton(logits, logits_rows, rows, ker_state, _out(len(rows)), **kw).tolist())
-    for name in ("steps", "last_token", "counts"):
+    for name in ("steps", "last_token", "history"):
         assert torch.equal(getattr(ref_state, name), getattr(ker_state, name)), name
     return ref, ker
 

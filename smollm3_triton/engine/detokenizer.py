@@ -16,6 +16,8 @@ class TextStream:
 
     def push(self, token: int) -> tuple[str, str | None]:
         """-> (text now safe to show, the stop string that ended it, or None)."""
+        if not self.stop:                 # nothing held back: the decoded characters are safe
+            return self.decoder.push(token), None
         self.pending += self.decoder.push(token)
         return self._emit(final=False)
 

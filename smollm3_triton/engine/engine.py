@@ -220,6 +220,7 @@ class Engine:
         # depends on this step's token.
         constrained = []
         for s in inputs.samples:
+            s.num_inflight += 1
             if s.constraint is not None and (s.constraint.active or s.thinking is None):
                 constrained.append((s.row, s.constraint))
             elif s.thinking is not None:
@@ -228,10 +229,10 @@ class Engine:
             fill_bitmasks(self.runner.batch.sampling, constrained)
             inputs.constrained = True
         for seq, hi in inputs.computed:
-            self.prompt_tokens += max(0, min(hi, len(seq.prompt_ids)) - seq.num_computed)
+            n_prompt = len(seq.prompt_ids)
+            if seq.num_computed < n_prompt:
+                self.prompt_tokens += min(hi, n_prompt) - seq.num_computed
             seq.num_computed = hi
-        for seq in inputs.samples:
-            seq.num_inflight += 1
         return inputs
 
     def _read(self, launched: LaunchedStep) -> list[RequestOutput]:
@@ -239,8 +240,9 @@ class Engine:
         token taken by its sequence (dropped if the sequence ended meanwhile)."""
         inputs = launched.inputs
         tokens = launched.read()
+        bs = self.block_size
         for seq, hi in inputs.computed:
-            if seq.status == RUNNING:
+            if hi // bs > len(seq.keys) and seq.status == RUNNING:
                 self.scheduler.register_full_blocks(seq, hi)
         for seq, lo, end, lps in launched.prompt_logprobs:
             if seq.status != FINISHED:
@@ -252,26 +254,28 @@ class Engine:
                 lp.top = lp.top[:inputs.samples[i].params.logprobs]
                 token_lps[i] = lp
         outputs = []
+        eos_ids, max_seq_len, token_bytes = self.eos_ids, self.max_seq_len, self.tokenizer.token_bytes
         for i, (seq, token) in enumerate(zip(inputs.samples, tokens)):
             seq.num_inflight -= 1
             if seq.status == FINISHED:        # aborted, or ended by the token before this one
                 continue
-            seq.output_ids.append(token)
+            output_ids = seq.output_ids
+            output_ids.append(token)
             self.generated_tokens += 1
             p = seq.params
             if seq.thinking is not None:
-                seq.thinking.advance(token, self.tokenizer.token_bytes)
-            eos = token in self.eos_ids and not p.ignore_eos
+                seq.thinking.advance(token, token_bytes)
+            eos = token in eos_ids and not p.ignore_eos
             ended = eos or token in p.stop_token_ids
             text, stopped = ("", None) if ended else seq.text.push(token)
             # The grammar is complete (its stop token taken, or no stop token to wait for), or
             # refused the token (a masked row never samples one it refuses).
             complete = seq.constraint is not None and (
-                not seq.constraint.advance(token, self.tokenizer.token_bytes) or seq.constraint.terminated)
+                not seq.constraint.advance(token, token_bytes) or seq.constraint.terminated)
             reason = None
             if ended or stopped or complete:
                 reason = "stop"
-            elif len(seq.output_ids) >= p.max_new_tokens or seq.num_known >= self.max_seq_len:
+            elif len(output_ids) >= p.max_new_tokens or len(seq.prompt_ids) + len(output_ids) >= max_seq_len:
                 reason = "length"
             if reason is not None:
                 if not stopped:
@@ -295,10 +299,9 @@ class Engine:
 
     def _output(self, seq: Sequence, tokens: list[int], text: str, reason: str | None,
                 token_lp: TokenLogprob | None = None) -> RequestOutput:
-        out = RequestOutput(request_id=seq.request_id, token_ids=tokens, text=text, finished=reason is not None,
-                            finish_reason=reason, num_prompt_tokens=len(seq.prompt_ids),
-                            num_cached_tokens=seq.num_cached_tokens,
-                            logprobs=[token_lp] if token_lp is not None else
+        # Positional: half the cost of keywords, once per sequence per step.
+        out = RequestOutput(seq.request_id, tokens, text, reason is not None, reason, len(seq.prompt_ids),
+                            seq.num_cached_tokens, [token_lp] if token_lp is not None else
                             ([] if seq.params.logprobs is not None else None))
         if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent and seq.output_ids:
             out.prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.sampling import MASK32, SamplingState, exponential_noise, mix32, sample_torch, sample_triton
+from ..kernels.sampling import (HISTORY_MAX_COUNT, MASK32, SamplingState, exponential_noise, mix32, sample_torch,
+                                sample_triton)
 from ..sampling_params import SamplingParams
 
 __all__ = ["MASK32", "mix32", "exponential_noise", "seed_keys", "random_seed", "SamplerState", "load_rows",
@@ -81,10 +82,10 @@ def load_rows(state: SamplingState, rows: list[int], samplers: list[SamplerState
     put(state.masked, [0] * len(rows), torch.int8)
     for row, s, (prompt, output) in zip(rows, samplers, histories):
         if s.penalized:
-            state.seen[row].zero_()
-            state.seen[row, torch.tensor(prompt, dtype=torch.long, device=device)] = 1
-            state.counts[row] = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab).to(
-                device, torch.int32)
+            counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab)
+            code = 2 * counts.clamp(max=HISTORY_MAX_COUNT)
+            code[torch.tensor(prompt, dtype=torch.long)] += 1
+            state.history[row] = code.to(torch.int16).to(device)
 
 
 def sampler_for(device: torch.device):

@@ -108,21 +108,26 @@ class Scheduler:
         work: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        bs, pool, running = self.block_size, self.pool, self.running
+        while i < len(running) and budget > 0:
+            seq = running[i]
             if seq.num_inflight and self._ends_in_flight(seq):
                 i += 1
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            while self.pool.num_free < self._blocks_needed(seq, n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
+            lo = seq.num_computed
+            n = min(seq.num_tokens - lo, budget)
+            # A decode needs a new block once per block_size tokens: the test, inlined, is
+            # most of this loop's work at batch 64.
+            if (lo + n + bs - 1) // bs > len(seq.blocks):
+                while pool.num_free < self._blocks_needed(seq, n):
+                    victim = running[-1]
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if victim is seq:
+                        break
+                if seq.status != RUNNING:
                     break
-            if seq.status != RUNNING:
-                break
-            self._grow(seq, n)
+                self._grow(seq, n)
             work.append((seq, n))
             budget -= n
             i += 1

@@ -1,12 +1,6 @@
-"""Causal grouped-query attention on Triton: `attention_triton`, the contract of
-`attention_torch` (kernels/attention_reference.py, which states it).
-
-Sequence b owns query rows query_start[b]:query_start[b+1] (q_len_b rows); its
-context is seq_lens[b] tokens, whose K/V sit in the blocks block_tables[b] lists
-(block j holds positions j*block_size .. (j+1)*block_size - 1). Query i of
-sequence b is at position seq_lens[b] - q_len_b + i and sees positions 0..that
-one. Query head h reads KV head h // (n_heads // n_kv_heads). Softmax in fp32.
-A sequence with seq_len 0 (padding) gets zeros.
+"""Causal grouped-query attention on Triton: `attention_triton`, which keeps the contract
+`attention_torch` states (kernels/attention_reference.py: rows, positions, the paged cache,
+grouped heads, padding).
 """
 from __future__ import annotations
 

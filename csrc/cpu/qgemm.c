@@ -133,16 +133,21 @@ void qg_act_layout(int m, int cols, void *buf, qg_act *out) {
     out->xs = out->sx + (int64_t)m * n * 16;
 }
 
-/* 32 values -> int8 at 127 / max|x| (nearest even, as lrintf); returns the scale. */
-__attribute__((target("avx2,fma"))) static float quantize_group(const float *x, int8_t *q) {
+/* Loads a group of 32 values into a[4]; returns their largest magnitude. */
+__attribute__((target("avx2,fma"))) static inline float load_group(const float *x, __m256 a[4]) {
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 a[4];
     for (int i = 0; i < 4; i++) a[i] = _mm256_loadu_ps(x + 8 * i);
     __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(a[0], magnitude), _mm256_and_ps(a[1], magnitude)),
                              _mm256_max_ps(_mm256_and_ps(a[2], magnitude), _mm256_and_ps(a[3], magnitude)));
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
+/* 32 values -> int8 at 127 / max|x| (nearest even, as lrintf); returns the scale. */
+__attribute__((target("avx2,fma"))) static float quantize_group(const float *x, int8_t *q) {
+    __m256 a[4];
+    float amax = load_group(x, a);
     __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
     __m256i v[4];
     for (int i = 0; i < 4; i++) v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(a[i], inv));
@@ -206,14 +211,8 @@ void qg_act16_layout(int m, int cols, void *buf, qg_act16 *out) {
 
 /* 32 values -> int16 at 32767 / max|x| (nearest even, as lrintf); returns the scale. */
 __attribute__((target("avx2,fma"))) static float quantize_group16(const float *x, int16_t *q) {
-    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 a[4];
-    for (int i = 0; i < 4; i++) a[i] = _mm256_loadu_ps(x + 8 * i);
-    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(a[0], magnitude), _mm256_and_ps(a[1], magnitude)),
-                             _mm256_max_ps(_mm256_and_ps(a[2], magnitude), _mm256_and_ps(a[3], magnitude)));
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    float amax = load_group(x, a);
     __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
     __m256i v[4];
     for (int i = 0; i < 4; i++) v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(a[i], inv));

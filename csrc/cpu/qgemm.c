@@ -119,18 +119,22 @@ int64_t qg_act_bytes(int m, int cols) {      /* slots: at most cols + 4 tail chu
     return (int64_t)m * ((cols + 128) + 2 * qg_max_chunks(cols) * 16 * 4) + 128;
 }
 
-void qg_act_layout(int m, int cols, void *buf, qg_act *out) {
+/* An activation row's chunk count and slots per row (the same plan for int8 and int16 rows). */
+static int act_plan(int cols, int64_t *stride) {
     qg_chunk chunks[qg_max_chunks(cols)];
     int64_t row_bytes;
     int n = qg_plan(QG_Q8_0, cols, chunks, &row_bytes);
-    const qg_chunk *last = &chunks[n - 1];
+    *stride = chunks[n - 1].xoff + 32 * chunks[n - 1].steps;
+    return n;
+}
+
+void qg_act_layout(int m, int cols, void *buf, qg_act *out) {
     out->m = m;
     out->cols = cols;
-    out->n_chunks = n;
-    out->stride = last->xoff + 32 * last->steps;
+    out->n_chunks = act_plan(cols, &out->stride);
     out->xq = (int8_t *)buf;
     out->sx = (float *)(out->xq + m * out->stride + (-(m * out->stride) & 63));
-    out->xs = out->sx + (int64_t)m * n * 16;
+    out->xs = out->sx + (int64_t)m * out->n_chunks * 16;
 }
 
 /* Loads a group of 32 values into a[4]; returns their largest magnitude. */
@@ -196,17 +200,12 @@ int64_t qg_act16_bytes(int m, int cols) {      /* slots: at most cols + 4 tail c
 }
 
 void qg_act16_layout(int m, int cols, void *buf, qg_act16 *out) {
-    qg_chunk chunks[qg_max_chunks(cols)];
-    int64_t row_bytes;
-    int n = qg_plan(QG_Q8_0, cols, chunks, &row_bytes);
-    const qg_chunk *last = &chunks[n - 1];
     out->m = m;
     out->cols = cols;
-    out->n_chunks = n;
-    out->stride = last->xoff + 32 * last->steps;
+    out->n_chunks = act_plan(cols, &out->stride);
     out->xq = (int16_t *)buf;
     out->sx = (float *)(out->xq + m * out->stride + (-(m * out->stride) & 31));
-    out->xs = out->sx + (int64_t)m * n * 16;
+    out->xs = out->sx + (int64_t)m * out->n_chunks * 16;
 }
 
 /* 32 values -> int16 at 32767 / max|x| (nearest even, as lrintf); returns the scale. */

@@ -5,7 +5,8 @@ the GPU's ~0.4-1 ms step at 2,000+ tok/s.
     python -m bench.host_step [--batches 1,16,64] [--contexts 192,1024,4096,16384] [--steps 50]
 
 A tiny random SmolLM3-shaped model (1 layer: the KV pool stays small) with the real
-SmolLM2 vocabulary size; its forward is replaced by one that returns zero logits (one
+SmolLM2 vocabulary size; `batch` prompts of about `context` tokens (lengths staggered over a
+KV block, see step_ms); its forward is replaced by one that returns zero logits (one
 buffer per row count, allocated once), so only the engine's own work is timed. Three runs:
 "host" (greedy, and the sampler replaced by a no-op too: the Python side alone, what must
 fit inside a GPU step), "greedy" and "sampled" (temperature 0.7, top-p 0.9) with the
@@ -71,10 +72,18 @@ def step_ms(path: Path, batch: int, context: int, steps: int, params: SamplingPa
             before.sample = lambda logits, states, histories: torch.zeros(len(states), dtype=torch.int64)
     params = dataclasses.replace(params, max_new_tokens=max_new)
     g = torch.Generator().manual_seed(batch + context)
-    for _ in range(batch):
-        engine.add_request(torch.randint(100, VOCAB, (context,), generator=g).tolist(), params)
+    # Prompts of context - (i mod block_size) tokens: the sequences take their next KV block
+    # at different steps, as in real traffic. With equal lengths every sequence's block work
+    # (a block allocated, its table entry written, the filled block keyed) falls in the same
+    # step, one in block_size, which the median step misses when the prompts went in
+    # together (192 tokens: one prefill step) and not when the prefill staggered them (4k
+    # on): the figures then rose with context while the work per token did not.
+    for i in range(batch):
+        engine.add_request(torch.randint(100, VOCAB, (context - i % engine.block_size,), generator=g).tolist(),
+                           params)
     for _ in range(prefill_steps):
-        if engine.stats().running == batch and all(s.num_computed >= context for s in engine.scheduler.running):
+        if engine.stats().running == batch and all(s.num_computed >= len(s.prompt_ids)
+                                                   for s in engine.scheduler.running):
             break
         engine.step()
     else:

@@ -1,4 +1,4 @@
-"""The CPU's sampler alone (kernels/sampling.sample_torch, what a CPU engine step draws with):
+"""The CPU's sampler alone (sample_torch in kernels/sampling_reference.py, what a CPU step draws with):
 CPU ms per call at batch 64, temperature 0.7, top-p 0.9, seeded rows, on zero logits (every
 token tied: the top-p threshold falls inside one run of equal values in every row) and on
 random bf16-rounded logits (ties only where bf16 rounding makes them). Prints a digest of the

@@ -30,10 +30,7 @@ RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 # Modules allowed past MAX_LINES, each with the reason it stays whole.
 MAX_LINES = 450
-LONG_MODULES: dict[str, str] = {
-    "smollm3_triton.kernels.sampling": "one op per kernel file: the sampler's state, torch reference and its "
-                                       "kernel's two paths (compacted candidates, bisection) belong together",
-}
+LONG_MODULES: dict[str, str] = {}
 
 
 def module_name(path: Path) -> str:

@@ -15,6 +15,7 @@ least-recently-used order: a later request can still hit it, and it is evicted
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict
 
 
@@ -26,7 +27,9 @@ def block_key(parent: bytes | None, tokens, extra: bytes = b"") -> bytes:
     h.update(parent or b"\0" * 16)
     h.update(len(extra).to_bytes(4, "little"))
     h.update(extra)
-    h.update(b"".join(int(t).to_bytes(4, "little") for t in tokens))
+    # One pack of the ids as little-endian uint32: half the time of a to_bytes per token, and
+    # a block is keyed at every block_size-th token of every sequence.
+    h.update(struct.pack(f"<{len(tokens)}I", *tokens))
     return h.digest()
 
 

@@ -164,7 +164,7 @@ class GraphRunner:
         B = len(inputs.rows)
         return (inputs.max_query_len == 1 and not inputs.embeds and not inputs.prompt_rows
                 and 1 <= B <= self.max_num_seqs and inputs.rows[-1] == B - 1 and len(inputs.samples) == B
-                and len(inputs.updates) <= B)
+                and len(inputs.table_at) <= B)
 
     def replay(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """The engine's decode step: one staging copy, one replay -> (logits [B, vocab], tokens [B])."""
@@ -175,8 +175,7 @@ class GraphRunner:
         flight = [-1] * B
         for at, row in zip(inputs.in_flight, inputs.flight_rows):
             flight[at] = row
-        at = [u[0] for u in inputs.updates]
-        value = [u[1] for u in inputs.updates]
+        at, value = inputs.table_at, inputs.table_blocks
         staged = (inputs.tokens + [0] * pad + flight + [-1] * pad + inputs.positions + [0] * pad
                   + inputs.slots + [-1] * pad + inputs.lens + [0] * pad
                   + at + [spare] * (bucket - len(at)) + value + [0] * (bucket - len(at)))

@@ -45,7 +45,8 @@ class StepInputs:
     logits_rows: list[int]                  # flat token rows whose logits the forward returns
     in_flight: list[int]                    # flat token rows whose id is the row's last drawn token
     flight_rows: list[int]                  # ... and that state row
-    updates: list[tuple[int, int]]          # (offset in the flattened tables, block id): new table entries
+    table_at: list[int]                     # new table entries: offsets in the flattened tables ...
+    table_blocks: list[int]                 # ... and their block ids
     samples: list[Sequence]                 # the sequences that draw a token, in sample order
     sample_logits: list[int]                # each sample's logits row
     prompt_rows: list[tuple[Sequence, int, int, int]]   # (sequence, first logits row, lo, hi): prompt logprobs
@@ -63,6 +64,7 @@ class InputBatch:
         self.table_len = [0] * max_rows           # table entries written per row
         # row max_rows: a spare that a CUDA graph's padding table updates write
         self.tables = torch.zeros((max_rows + 1, max_blocks), dtype=torch.int32, device=device)
+        self._tables_flat = self.tables.view(-1)
         self.sampling = SamplingState.allocate(max_rows, vocab, device)
         self.pinned = device.type == "cuda"
 
@@ -117,8 +119,8 @@ class InputBatch:
         work = sorted(work, key=lambda w: w[0].row)
         bs, width = self.block_size, self.max_blocks
         x = StepInputs(rows=[], max_query_len=max(n for _, n in work), tokens=[], positions=[], slots=[],
-                       starts=[0], lens=[], logits_rows=[], in_flight=[], flight_rows=[], updates=[], samples=[],
-                       sample_logits=[], prompt_rows=[], computed=[])
+                       starts=[0], lens=[], logits_rows=[], in_flight=[], flight_rows=[], table_at=[],
+                       table_blocks=[], samples=[], sample_logits=[], prompt_rows=[], computed=[])
         tokens, logits_rows, samples, positions, slots = x.tokens, x.logits_rows, x.samples, x.positions, x.slots
         rows, starts, lens, computed, table_len = x.rows, x.starts, x.lens, x.computed, self.table_len
         for seq, n in work:
@@ -127,7 +129,8 @@ class InputBatch:
             lo = seq.num_computed
             hi = lo + n
             if table_len[r] < len(blocks):
-                x.updates += [(r * width + j, blocks[j]) for j in range(table_len[r], len(blocks))]
+                x.table_at += range(r * width + table_len[r], r * width + len(blocks))
+                x.table_blocks += blocks[table_len[r]:]
                 table_len[r] = len(blocks)
             n_prompt = len(seq.prompt_ids)
             if n == 1 and lo >= n_prompt and hi == seq.num_tokens:
@@ -186,11 +189,10 @@ class InputBatch:
         """The step's Batch, its samples' state rows and logits rows, on the device: every
         integer in one host tensor and one copy, the batch's tensors views of it; the new
         table entries written; the tables a view when the rows are 0..B-1."""
-        N, B, R, S, F, U = (len(v) for v in (x.tokens, x.lens, x.logits_rows, x.samples, x.in_flight, x.updates))
+        N, B, R, S, F, U = (len(v) for v in (x.tokens, x.lens, x.logits_rows, x.samples, x.in_flight, x.table_at))
         flat = array("q", x.tokens)          # array.array: a third of torch.tensor(list)'s time
         for part in (x.positions, x.slots, x.starts, x.lens, x.logits_rows, [s.row for s in x.samples],
-                     x.sample_logits, x.in_flight, x.flight_rows, [u[0] for u in x.updates],
-                     [u[1] for u in x.updates]):
+                     x.sample_logits, x.in_flight, x.flight_rows, x.table_at, x.table_blocks):
             flat.extend(part)
         host = torch.frombuffer(flat, dtype=torch.int64)
         dev = host.pin_memory().to(self.device, non_blocking=True) if self.pinned else host
@@ -199,7 +201,7 @@ class InputBatch:
         if F:
             token_ids[fl_at] = self.sampling.last_token[fl_rows]
         if U:
-            self.tables.view(-1)[u_at] = u_val.to(torch.int32)
+            self._tables_flat.index_put_((u_at,), u_val.to(torch.int32))
         if x.rows[-1] == B - 1:
             tables = self.tables[:B]
         else:

@@ -1,9 +1,9 @@
 """Each sequence's sampling: its parameters and seed, loaded into the rows of the kernel's
 SamplingState when it starts running, and the one-row reference of the distribution.
 
-The draw itself is kernels/sampling.py (sample_triton on a GPU, its torch reference
-sample_torch on the CPU): one call per step for the whole batch, reading only rows. The
-randomness is a counter-hash exponential race: token = argmax p_i / E_i with E_i ~ Exp(1)
+The draw itself is kernels/sampling.py (sample_triton on a GPU; on the CPU its torch
+reference sample_torch, kernels/sampling_reference.py): one call per step for the whole
+batch, reading only rows. The randomness is a counter-hash exponential race: token = argmax p_i / E_i with E_i ~ Exp(1)
 a hash of (seed, draw index, token id), so a seeded request gives the same tokens alone, in
 a batch, after a preemption, on any device.
 

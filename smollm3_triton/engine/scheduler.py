@@ -117,9 +117,10 @@ class Scheduler:
             lo = seq.num_computed
             n = min(seq.num_tokens - lo, budget)
             # A decode needs a new block once per block_size tokens: the test, inlined, is
-            # most of this loop's work at batch 64.
-            if (lo + n + bs - 1) // bs > len(seq.blocks):
-                while pool.num_free < self._blocks_needed(seq, n):
+            # most of this loop's work at batch 64. Preempting others leaves `need` as it is.
+            need = (lo + n + bs - 1) // bs - len(seq.blocks)
+            if need > 0:
+                while pool.num_free < need:
                     victim = running[-1]
                     self._preempt(victim)
                     preempted.append(victim)
@@ -127,7 +128,9 @@ class Scheduler:
                         break
                 if seq.status != RUNNING:
                     break
-                self._grow(seq, n)
+                blocks = seq.blocks
+                for _ in range(need):
+                    blocks.append(pool.allocate())
             work.append((seq, n))
             budget -= n
             i += 1

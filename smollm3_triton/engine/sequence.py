@@ -110,6 +110,8 @@ class Sequence:
 
     def block_extra(self, j: int, block_size: int) -> bytes:
         """Content of block j beyond its token ids: the hashes of images it overlaps."""
+        if not self.mm_embeds:           # text only: keyed at every block_size-th token
+            return b""
         lo, hi = j * block_size, (j + 1) * block_size
         return b"".join(h + off.to_bytes(8, "little") for off, e, h in self.mm_embeds
                         if off < hi and off + e.shape[0] > lo)

@@ -69,7 +69,8 @@ def _matmul(launch) -> tuple[int, int, int]:
     if launch.name == "_qmv_kernel":
         tiles = 1 if c["EPILOGUE"] == 1 else c["UNIT_TILES"]
         if c["GROUPS"] == c["SUB"]:
-            trips = a["units_per_program"] * tiles          # the loop over units, the slice's x loaded once
+            # the loop over units, the slice's x loaded once: units / programs per slice on average
+            trips = tiles * a["units"] / triton.cdiv(a["units"], a["units_per_program"])
         else:
             # the loop over the slice's x chunks (one unit per program), averaged over the slices
             trips = tiles * groups_k / (triton.cdiv(groups_k, c["GROUPS"]) * c["SUB"])

@@ -322,9 +322,10 @@ def launch(x: torch.Tensor, a: TiledTensor, b: TiledTensor | None, groups: int, 
               BATCH=batch,
               num_warps=4, num_stages=2 if decode else 1, **(consts or {}))
     if decode:
-        # Units per program: about 4 programs per SM at M = 1, one where a slice is streamed
-        # (the result does not depend on it).
-        per_program = 1 if sub < groups else max(1, (S * units) // (4 * sm_count(x.device)))
+        # Units per program: as many as still leave two programs per SM (each program loads its
+        # slice of x and runs the counters' code once, whatever its unit count); one where a
+        # slice is streamed. The result does not depend on it.
+        per_program = 1 if sub < groups else max(1, (S * units) // (2 * sm_count(x.device)))
         part = torch.empty((S, n_a + n_b, M), dtype=torch.float32, device=x.device)
         _qmv_kernel[(S, triton.cdiv(units, per_program))](x, x.stride(0), M, K, norm, part_a, part_b, part, count,
                                                           units, per_program, epi, **kw)

@@ -71,6 +71,7 @@ def qmatmul_torch(x: torch.Tensor, w: Weight) -> torch.Tensor:
 DECODE_ROWS = 64       # up to this many rows of x: the split-K decode kernel
 BLOCK_N = 64           # weight rows per tile
 PREFILL_BATCH = 2      # 8-row tiles of x per prefill program
+PAIRED_STREAM_ROWS = 32     # past it, two tiles of 64 rows of x would spill (80 B at 64 rows, sm_90)
 
 
 @triton.jit
@@ -368,11 +369,15 @@ def qmatmul_triton(x: torch.Tensor, w: Weight | Tiled, *, out_dtype: torch.dtype
     x, w, groups = prepared(x, w, "qmatmul")
     M, N = x.shape[0], w.shape[0]
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    # A streamed slice's program takes two tiles up to PAIRED_STREAM_ROWS rows of x, each chunk
+    # of x loaded once for both (the same sums per tile: the bits do not depend on it).
+    streamed = groups > x_chunk_groups(x.shape[1], groups)
+    unit_tiles = 2 if streamed and M <= PAIRED_STREAM_ROWS else 1
     if M:
-        for row, a, b in two_parts(w):
+        for row, a, b in two_parts(w, unit_tiles):
             rows = a.shape[0] + (b.shape[0] if b is not None else 0)
             out = y[:, row:row + rows]
-            launch(x, a, b, groups, STORE, (out, out.stride(0)), norm=norm)
+            launch(x, a, b, groups, STORE, (out, out.stride(0)), norm=norm, unit_tiles=unit_tiles)
     return y
 
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..errors import KernelInputError
-from .qdecode import BF16, F16, F32, chunks, round_to, scales, super_scales
+from .qdecode import BF16, F16, F32, chunks, round_to, scales
 from .qtiles import TiledTensor, tiled
 
 TOKENS = 8             # tokens per program
@@ -44,8 +44,7 @@ def _embedding_kernel(ids_ptr, T, h_ptr, stride_h, inv_ptr, eps, planes, K,
         if IS_FLOAT:
             v0, v1, v2, v3 = c0, c1, c2, c3
         else:
-            d, dmin = super_scales(sd, s_sd, row, t_ok, g, QTYPE)
-            mul0, mul1, mul2, mul3, bias_a, bias_b = scales(sc, sm, s_sc, s_sm, row, t_ok, g, d, dmin, QTYPE)
+            mul0, mul1, mul2, mul3, bias_a, bias_b = scales(sc, sm, sd, s_sc, s_sm, s_sd, row, t_ok, g, QTYPE)
             v0 = c0 * mul0[:, None] + bias_a[:, None]
             v1 = c1 * mul1[:, None] + bias_a[:, None]
             v2 = c2 * mul2[:, None] + bias_b[:, None]

@@ -195,32 +195,22 @@ def _half(word, upper: tl.constexpr):
 
 
 @triton.jit
-def super_scales(sd_ptr, stride_sd, n, n_ok, g, QTYPE: tl.constexpr):
-    """(d, dmin) fp32 [R] of the 256-column super-block holding group g of rows n (Q4_K / Q5_K;
-    Q6_K: dmin 0); zeros for the other types, whose scales are all in `sc`. Zero where not n_ok."""
-    if (QTYPE == Q4_K) or (QTYPE == Q5_K) or (QTYPE == Q6_K):
-        dd = tl.load(sd_ptr + n.to(tl.int64) * stride_sd + g // 4, mask=n_ok, other=0)
-        out = (_half(dd, False), _half(dd, True))
-    else:
-        zero = tl.zeros(n.shape, tl.float32)
-        out = (zero, zero)
-    return out
-
-
-@triton.jit
-def scales(sc_ptr, sm_ptr, stride_sc, stride_sm, n, n_ok, g, d, dmin, QTYPE: tl.constexpr):
+def scales(sc_ptr, sm_ptr, sd_ptr, stride_sc, stride_sm, stride_sd, n, n_ok, g, QTYPE: tl.constexpr):
     """Group g's per-chunk multipliers and sub-block biases of rows n (fp32 [R] each):
     (mul0, mul1, mul2, mul3, bias_a, bias_b); chunks 0, 1 form sub-block A and 2, 3 B
-    (Q6_K: four sub-blocks, no bias). (d, dmin): the group's `super_scales`. Zero where
-    not n_ok."""
+    (Q6_K: four sub-blocks, no bias). Zero where not n_ok."""
     rows = n.to(tl.int64)
     w = tl.load(sc_ptr + rows * stride_sc + g, mask=n_ok, other=0)
     if (QTYPE == Q4_K) or (QTYPE == Q5_K):
+        dd = tl.load(sd_ptr + rows * stride_sd + g // 4, mask=n_ok, other=0)
+        d = _half(dd, False)
+        dmin = _half(dd, True)
         mul_a = d * (w & 255).to(tl.float32)
         mul_b = d * ((w >> 8) & 255).to(tl.float32)
         out = (mul_a, mul_a, mul_b, mul_b, -dmin * ((w >> 16) & 255).to(tl.float32),
                -dmin * ((w >> 24) & 255).to(tl.float32))
     elif QTYPE == Q6_K:
+        d = _half(tl.load(sd_ptr + rows * stride_sd + g // 4, mask=n_ok, other=0), False)
         s0 = ((w << 24) >> 24).to(tl.float32)
         s1 = ((w << 16) >> 24).to(tl.float32)
         s2 = ((w << 8) >> 24).to(tl.float32)
@@ -283,16 +273,12 @@ def tile_products(accs, xs, qw_ptr, qh_ptr, sc_ptr, sm_ptr, sd_ptr, s_qw, s_qh, 
     (the same additions in the same order)."""
     IS_FLOAT: tl.constexpr = (QTYPE == F32) or (QTYPE == F16) or (QTYPE == BF16)
     HAS_BIAS: tl.constexpr = (QTYPE == Q4_K) or (QTYPE == Q5_K) or (QTYPE == Q4_1) or (QTYPE == Q5_1)
-    # GROUPS divides 4 and g0 is a multiple of it (kernels/qmatmul.py): the groups lie in one
-    # 256-column super-block, whose (d, dmin) are loaded once for them.
-    tl.static_assert(4 % GROUPS == 0)
-    if not IS_FLOAT:
-        d, dmin = super_scales(sd_ptr, s_sd, n, n_ok, g0, QTYPE)
     for i in tl.static_range(GROUPS):
         g = g0 + i
         c0, c1, c2, c3 = chunks(qw_ptr, qh_ptr, s_qw, s_qh, n, n_ok, g, K, QTYPE, DTYPE)
         if not IS_FLOAT:
-            mul0, mul1, mul2, mul3, bias_a, bias_b = scales(sc_ptr, sm_ptr, s_sc, s_sm, n, n_ok, g, d, dmin, QTYPE)
+            mul0, mul1, mul2, mul3, bias_a, bias_b = scales(sc_ptr, sm_ptr, sd_ptr, s_sc, s_sm, s_sd, n, n_ok, g,
+                                                            QTYPE)
         if HAS_BIAS:
             if BATCH == 1:
                 # The sum-of-x dots do not depend on the tile: computed once per program.

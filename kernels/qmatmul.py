@@ -13,7 +13,8 @@ One arithmetic for every row, whatever the batch:
   any batch and in a prompt: the same instructions in the same order compute it, and MMA
   outputs do not mix columns.
 - Decode (M <= DECODE_ROWS), `_qmv_kernel`: program (slice s, range of row tiles) loads its
-  slice of x once (every row of x; a wide slice SUB groups at a time, for one unit),
+  slice of x once (every row of x; a wide slice SUB groups at a time, for one unit of
+  one or two tiles),
   decodes each weight tile once for all 8-row tiles of x, and stores fp32 partials; the
   last program to finish a tile (an atomic counter per tile) sums the slices' partials in
   slice order and writes y. One launch, bandwidth-bound by construction: enough programs

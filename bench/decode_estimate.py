@@ -69,10 +69,12 @@ def _matmul(launch) -> tuple[int, int, int]:
     if launch.name == "_qmv_kernel":
         tiles = 1 if c["EPILOGUE"] == 1 else c["UNIT_TILES"]
         if c["GROUPS"] == c["SUB"]:
-            trips = a["units_per_program"] * tiles          # the loop over units, the slice's x loaded once
+            # the loop over units, the slice's x loaded once: units / programs per slice on average
+            trips = tiles * a["units"] / triton.cdiv(a["units"], a["units_per_program"])
         else:
-            # the loop over the slice's x chunks (one unit per program), averaged over the slices
-            trips = tiles * groups_k / (triton.cdiv(groups_k, c["GROUPS"]) * c["SUB"])
+            # the loop over the slice's x chunks (one unit per program, all its tiles in each
+            # iteration), averaged over the slices
+            trips = groups_k / (triton.cdiv(groups_k, c["GROUPS"]) * c["SUB"])
     else:
         trips = triton.cdiv(groups_k, c["GROUPS"] if c["GROUPS"] == c["SUB"] else c["SUB"])
     return weights, other, trips

@@ -13,7 +13,8 @@ One arithmetic for every row, whatever the batch:
   any batch and in a prompt: the same instructions in the same order compute it, and MMA
   outputs do not mix columns.
 - Decode (M <= DECODE_ROWS), `_qmv_kernel`: program (slice s, range of row tiles) loads its
-  slice of x once (every row of x; a wide slice SUB groups at a time, for one unit),
+  slice of x once (every row of x; a wide slice SUB groups at a time, for one unit of
+  one or two tiles),
   decodes each weight tile once for all 8-row tiles of x, and stores fp32 partials; the
   last program to finish a tile (an atomic counter per tile) sums the slices' partials in
   slice order and writes y. One launch, bandwidth-bound by construction: enough programs
@@ -71,6 +72,7 @@ def qmatmul_torch(x: torch.Tensor, w: Weight) -> torch.Tensor:
 DECODE_ROWS = 64       # up to this many rows of x: the split-K decode kernel
 BLOCK_N = 64           # weight rows per tile
 PREFILL_BATCH = 2      # 8-row tiles of x per prefill program
+PAIRED_STREAM_ROWS = 32     # past it, two tiles of 64 rows of x would spill (80 B at 64 rows, sm_90)
 
 
 @triton.jit
@@ -322,9 +324,10 @@ def launch(x: torch.Tensor, a: TiledTensor, b: TiledTensor | None, groups: int, 
               BATCH=batch,
               num_warps=4, num_stages=2 if decode else 1, **(consts or {}))
     if decode:
-        # Units per program: about 4 programs per SM at M = 1, one where a slice is streamed
-        # (the result does not depend on it).
-        per_program = 1 if sub < groups else max(1, (S * units) // (4 * sm_count(x.device)))
+        # Units per program: as many as still leave two programs per SM (each program loads its
+        # slice of x and runs the counters' code once, whatever its unit count); one where a
+        # slice is streamed. The result does not depend on it.
+        per_program = 1 if sub < groups else max(1, (S * units) // (2 * sm_count(x.device)))
         part = torch.empty((S, n_a + n_b, M), dtype=torch.float32, device=x.device)
         _qmv_kernel[(S, triton.cdiv(units, per_program))](x, x.stride(0), M, K, norm, part_a, part_b, part, count,
                                                           units, per_program, epi, **kw)
@@ -367,11 +370,15 @@ def qmatmul_triton(x: torch.Tensor, w: Weight | Tiled, *, out_dtype: torch.dtype
     x, w, groups = prepared(x, w, "qmatmul")
     M, N = x.shape[0], w.shape[0]
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    # A streamed slice's program takes two tiles up to PAIRED_STREAM_ROWS rows of x, each chunk
+    # of x loaded once for both (the same sums per tile: the bits do not depend on it).
+    streamed = groups > x_chunk_groups(x.shape[1], groups)
+    unit_tiles = 2 if streamed and M <= PAIRED_STREAM_ROWS else 1
     if M:
-        for row, a, b in two_parts(w):
+        for row, a, b in two_parts(w, unit_tiles):
             rows = a.shape[0] + (b.shape[0] if b is not None else 0)
             out = y[:, row:row + rows]
-            launch(x, a, b, groups, STORE, (out, out.stride(0)), norm=norm)
+            launch(x, a, b, groups, STORE, (out, out.stride(0)), norm=norm, unit_tiles=unit_tiles)
     return y
 
 

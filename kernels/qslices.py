@@ -95,8 +95,8 @@ def sum_parts(part_ptr, col, ok, m, M, N_TOTAL, S):
 def streamed_unit(u, s, x_args, A, B, part_ptr, N_A, N_TOTAL, tiles_a, g_begin, g_end, QTYPE_A: tl.constexpr,
                   QTYPE_B: tl.constexpr, EPILOGUE: tl.constexpr, UNIT_TILES: tl.constexpr, SUB: tl.constexpr,
                   BATCH: tl.constexpr, DTYPE: tl.constexpr, NORM: tl.constexpr):
-    """Slice s of unit u's tiles over groups g_begin .. g_end - 1 -> partials; SWIGLU: gate and up
-    tile u share each chunk of x."""
+    """Slice s of unit u's tiles over groups g_begin .. g_end - 1 -> partials, each chunk of x
+    loaded once for all of them (SWIGLU: gate and up tile u)."""
     if EPILOGUE == SWIGLU:
         x_ptr, stride_xm, M, K, row0, norm = x_args
         n, ok = tile_rows(A, u)
@@ -109,15 +109,31 @@ def streamed_unit(u, s, x_args, A, B, part_ptr, N_A, N_TOTAL, tiles_a, g_begin, 
         store_part(part_ptr, gate, s, n, ok, N_TOTAL, 0, M, BATCH)
         store_part(part_ptr, up, s, N_A + n, ok, N_TOTAL, 0, M, BATCH)
     else:
-        M = x_args[2]
-        for j in tl.static_range(UNIT_TILES):
-            t = u * UNIT_TILES + j
-            if t < tiles_a:
-                n, ok = tile_rows(A, t)
-                accs = streamed(zero_tiles(BATCH), x_args, A, t, g_begin, g_end, QTYPE_A, SUB, BATCH, DTYPE, NORM)
-                store_part(part_ptr, accs, s, n, ok, N_TOTAL, 0, M, BATCH)
-            elif QTYPE_B is not None:
-                n, ok = tile_rows(B, t - tiles_a)
-                accs = streamed(zero_tiles(BATCH), x_args, B, t - tiles_a, g_begin, g_end, QTYPE_B, SUB, BATCH, DTYPE,
-                                     NORM)
-                store_part(part_ptr, accs, s, N_A + n, ok, N_TOTAL, 0, M, BATCH)
+        t0 = u * UNIT_TILES
+        if t0 < tiles_a:       # a unit's tiles lie in one part (kernels/qmatmul.py two_parts)
+            _streamed_tiles(x_args, A, t0, 0, s, part_ptr, N_TOTAL, g_begin, g_end, QTYPE_A, UNIT_TILES, SUB,
+                            BATCH, DTYPE, NORM)
+        elif QTYPE_B is not None:
+            _streamed_tiles(x_args, B, t0 - tiles_a, N_A, s, part_ptr, N_TOTAL, g_begin, g_end, QTYPE_B, UNIT_TILES,
+                            SUB, BATCH, DTYPE, NORM)
+
+
+@triton.jit
+def _streamed_tiles(x_args, part, t0, col0, s, part_ptr, N_TOTAL, g_begin, g_end, QTYPE: tl.constexpr,
+                    TILES: tl.constexpr, SUB: tl.constexpr, BATCH: tl.constexpr, DTYPE: tl.constexpr,
+                    NORM: tl.constexpr):
+    """Slice s of tiles t0 .. t0 + TILES - 1 of a part (output rows from col0) -> partials, each
+    chunk of x loaded once for all the tiles; each tile's additions are `streamed`'s."""
+    x_ptr, stride_xm, M, K, row0, norm = x_args
+    accs = ()
+    for j in tl.static_range(TILES):
+        accs = accs + (zero_tiles(BATCH),)
+    for g in range(g_begin, g_end, SUB):
+        xs = x_slice(x_ptr, stride_xm, M, K, row0, g, NORM, norm, SUB, BATCH, DTYPE)
+        updated = ()
+        for j in tl.static_range(TILES):
+            updated = updated + (products(accs[j], xs, part, t0 + j, g, K, QTYPE, SUB, BATCH, DTYPE),)
+        accs = updated
+    for j in tl.static_range(TILES):
+        n, ok = tile_rows(part, t0 + j)
+        store_part(part_ptr, accs[j], s, col0 + n, ok, N_TOTAL, 0, M, BATCH)

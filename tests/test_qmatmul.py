@@ -29,7 +29,7 @@ from smollm3_triton.kernels import qmatmul as qm  # noqa: E402
 from smollm3_triton.kernels.fusions import counters  # noqa: E402
 from smollm3_triton.kernels.qmatmul import qmatmul_torch, qmatmul_triton  # noqa: E402
 from smollm3_triton.kernels.qtiles import TiledTensor, TiledWeight, prepare_tiles, tiled  # noqa: E402
-from tests.helpers.matmul_check import FP32_REL, check, worst  # noqa: E402
+from tests.helpers.matmul_check import FP32_REL, RecordGrids, check, worst  # noqa: E402
 from tests.helpers.quant_samples import ALL_TYPES, FLOAT_TYPES, QUANT_TYPES, oracle_matrix, random_weight  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -133,6 +133,32 @@ def test_streamed_slices(qtype, k, dtype, monkeypatch):
         assert torch.equal(y[at], alone[0]), f"streamed slices: the row at {at} of a {m}-row batch"
         if m == 64:
             check(y, batch.cpu(), oracle, f"{qtype.name} streamed M=64")
+
+
+@pytest.mark.parametrize("qtype, dtype", [(GGMLType.Q4_K, torch.bfloat16), (GGMLType.Q6_K, torch.float32)],
+                         ids=lambda v: getattr(v, "name", str(v)[6:]))
+def test_programs_of_several_units(qtype, dtype, monkeypatch):
+    """Decode programs that loop over several 64-row units of one K-slice (SmolLM3-3B's gate+up
+    and down on 132 SMs take 5 each), made here by sizing for a 2-SM GPU: 3 units x 8 slices of
+    4 groups, 2 programs per SM -> each program takes all 3 units. Against the oracle at 1 and
+    64 rows, and a row bitwise the same alone and in batches of 5 and 64."""
+    monkeypatch.setattr(qm, "sm_count", lambda device: 2)
+    assert qm.slice_groups(2048, 3, 2) == 4
+    grids = RecordGrids(qm._qmv_kernel)
+    monkeypatch.setattr(qm, "_qmv_kernel", grids)
+    w = random_weight(qtype, 192, 2048, seed=40)
+    tw, oracle = prepare_tiles(w.to(DEVICE)), oracle_matrix(w)
+    x = make_x(1, 2048, dtype, seed=41).to(DEVICE)
+    alone = qmatmul_triton(x, tw)
+    assert grids.grids == [(8, 1)], "the case must give one program per slice, looping over the 3 units"
+    check(alone, x.cpu(), oracle, f"{qtype.name} 3 units per program, M=1")
+    others = make_x(64, 2048, dtype, seed=42).to(DEVICE)
+    for m, at in ((5, 2), (64, 37)):
+        batch = others[:m].clone()
+        batch[at] = x[0]
+        y = qmatmul_triton(batch, tw)
+        assert torch.equal(y[at], alone[0]), f"several units per program: the row at {at} of a {m}-row batch"
+    check(y, batch.cpu(), oracle, f"{qtype.name} 3 units per program, M=64")
 
 
 def test_streamed_slices_of_a_two_type_weight(monkeypatch):

@@ -27,6 +27,7 @@ from smollm3_triton.gguf.constants import GGMLType  # noqa: E402
 from smollm3_triton.gguf.tensors import SegmentedTensor, concat_rows  # noqa: E402
 from smollm3_triton.kernels.qtiles import prepare_tiles, tiled  # noqa: E402
 from smollm3_triton.kernels.swiglu import gate_up_swiglu_torch, gate_up_swiglu_triton  # noqa: E402
+from tests.helpers.matmul_check import RecordGrids  # noqa: E402
 from tests.helpers.quant_samples import oracle_matrix, random_weight  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -139,6 +140,27 @@ def test_streamed_slices(monkeypatch):
     check(batch, x[:16], wg, wu, "streamed M=16")
     assert torch.equal(batch[2], alone[0])
     assert torch.equal(run(x, w)[2], alone[0])
+
+
+def test_programs_of_several_units(monkeypatch):
+    """Gate+up programs looping over several units of one K-slice (SmolLM3-3B's take 5 on 132
+    SMs), sized here for a 2-SM GPU: 3 gate/up tile pairs x 8 slices of 4 groups -> every
+    program takes all 3. Against the oracle at 1 and 16 rows, row 2 bitwise the same in both."""
+    from smollm3_triton.kernels import qmatmul, swiglu
+    for module in (qmatmul, swiglu):
+        monkeypatch.setattr(module, "sm_count", lambda device: 2)
+    assert qmatmul.slice_groups(2048, 3, 2) == 4 and qmatmul.x_chunk_groups(2048, 4) == 4
+    grids = RecordGrids(qmatmul._qmv_kernel)
+    monkeypatch.setattr(qmatmul, "_qmv_kernel", grids)
+    w, wg, wu = gate_up(GGMLType.Q4_K, GGMLType.Q4_K, 192, 2048, seed=12)
+    w = prepare_tiles(w.to(DEVICE))
+    x = make_x(16, 2048, torch.bfloat16)
+    alone = run(x[2:3], w)
+    assert grids.grids == [(8, 1)], "the case must give one program per slice, looping over the 3 units"
+    check(alone, x[2:3], wg, wu, "3 units per program, M=1")
+    batch = run(x, w)
+    check(batch, x, wg, wu, "3 units per program, M=16")
+    assert torch.equal(batch[2], alone[0])
 
 
 def test_matches_gate_up_swiglu_torch():

@@ -49,3 +49,14 @@ def check(y: torch.Tensor, x: torch.Tensor, w64: torch.Tensor, label: str, *, re
     assert ratio_max <= LOW_PRECISION_RATIO and ratio_rms <= LOW_PRECISION_RATIO, (
         f"{label}: error max {err.max():.3e} rms {err.pow(2).mean().sqrt():.3e}; plain torch {x.dtype} "
         f"max {plain_err.max():.3e} rms {plain_err.pow(2).mean().sqrt():.3e}")
+
+
+class RecordGrids:
+    """Stands in for a kernel: records each launch's grid, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]

@@ -133,18 +133,32 @@ def test_float_weights_and_other_dtypes_take_the_torch_ops():
     assert torch.equal(cpu_native.qmatmul(x, cw), cpu_fast.qmatmul_cpu(x, cw))
 
 
-def test_threads_do_not_change_results():
-    w = cpu_native.prepare(random_weight(GGMLType.Q4_1, 3072, 576, seed=1))
+@pytest.mark.parametrize("spin_us", [0, 50])
+def test_threads_do_not_change_results(spin_us):
+    """Every task of a job runs once whatever the threads: more threads than cores, and workers
+    that sleep between jobs (spin 0) and so start late, leave their shares to be taken from
+    the back by the others (csrc/cpu/pool.c)."""
+    legacy = cpu_native.prepare(random_weight(GGMLType.Q4_1, 3072, 576, seed=1))
+    kq = random_weight(GGMLType.Q4_K, 1030, 512, seed=2)
+    kq_packed = cpu_native.prepare(kq)
     x = torch.randn(7, 576)
-    before = torch.get_num_threads()
+    xk = torch.randn(1, 512, generator=torch.Generator().manual_seed(3))
+    before, spin = torch.get_num_threads(), _cpu.spin_us()
+    runs = {}
     try:
-        torch.set_num_threads(1)
-        one = cpu_native.qmatmul(x, w), cpu_native.gate_up_swiglu(x, w)
-        torch.set_num_threads(2)
-        two = cpu_native.qmatmul(x, w), cpu_native.gate_up_swiglu(x, w)
+        _cpu.spin_us(spin_us)
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(threads)
+            for _ in range(20):
+                got = (cpu_native.qmatmul(x, legacy), cpu_native.gate_up_swiglu(x, legacy),
+                       cpu_native.qmatmul(xk, kq_packed))
+                runs.setdefault(threads, got)
+                assert all(torch.equal(a, b) for a, b in zip(runs[threads], got)), threads
     finally:
         torch.set_num_threads(before)
-    assert all(torch.equal(a, b) for a, b in zip(one, two))
+        _cpu.spin_us(spin)
+    check_int8(runs[1][2], xk, oracle_matrix(kq))
+    assert all(torch.equal(a, b) for t in (2, 3, 5) for a, b in zip(runs[1], runs[t]))
 
 
 def test_rms_norm_vs_reference():

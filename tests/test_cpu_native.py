@@ -114,6 +114,12 @@ def test_mixed_type_fused_weight_and_gate_up_swiglu(isa):
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(5))
     check_int8(cpu_native.qmatmul(x, cpu_native.prepare(concat_rows(parts))), x,
                torch.cat([oracle_matrix(p) for p in parts]))
+    # a legacy segment (llama.cpp's Q8_0 fallback) sends the whole matrix to the int16 kernels,
+    # which read the K-quants' high bits too
+    wide = [random_weight(GGMLType.Q8_0, 16, 512, seed=8), random_weight(GGMLType.Q6_K, 40, 512, seed=9),
+            random_weight(GGMLType.Q5_K, 24, 512, seed=10)]
+    check_int8(cpu_native.qmatmul(x, cpu_native.prepare(concat_rows(wide))), x,
+               torch.cat([oracle_matrix(p) for p in wide]), int16=True)
     gate, up = random_weight(GGMLType.Q4_K, 48, 512, seed=6), random_weight(GGMLType.Q6_K, 48, 512, seed=7)
     g, u = x.double() @ oracle_matrix(gate).T, x.double() @ oracle_matrix(up).T
     eg, eu = int8_bound(x, oracle_matrix(gate)), int8_bound(x, oracle_matrix(up))

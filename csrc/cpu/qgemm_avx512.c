@@ -46,15 +46,14 @@ INLINE T512 __m512i unpack_pair(const int bits, const uint8_t *q, int t) {
     /* byte j's low nibble to the word's low byte, its high nibble to the high byte: (v | v << 4) & 0x0f0f */
     __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + 32 * t)));
     v = _mm512_ternarylogic_epi32(v, _mm512_slli_epi16(v, 4), _mm512_set1_epi16(0x0f0f), 0xa8);
-    const uint32_t *hb = (const uint32_t *)(q + 16 * STEPS);
+    const uint8_t *hb = q + 16 * STEPS;
     if (bits == 5) {
-        v = _mm512_mask_add_epi16(v, hb[2 * t], v, _mm512_set1_epi16(16));
-        v = _mm512_mask_add_epi16(v, hb[2 * t + 1], v, _mm512_set1_epi16(16 << 8));
-    } else if (bits == 6) {
-        v = _mm512_mask_add_epi16(v, hb[4 * t], v, _mm512_set1_epi16(16));
-        v = _mm512_mask_add_epi16(v, hb[4 * t + 1], v, _mm512_set1_epi16(32));
-        v = _mm512_mask_add_epi16(v, hb[4 * t + 2], v, _mm512_set1_epi16(16 << 8));
-        v = _mm512_mask_add_epi16(v, hb[4 * t + 3], v, _mm512_set1_epi16(32 << 8));
+        const uint32_t *h5 = (const uint32_t *)hb;
+        v = _mm512_mask_add_epi16(v, h5[2 * t], v, _mm512_set1_epi16(16));
+        v = _mm512_mask_add_epi16(v, h5[2 * t + 1], v, _mm512_set1_epi16(16 << 8));
+    } else if (bits == 6) {     /* the high bits are byte masks of the pair: one add each */
+        v = _mm512_mask_add_epi8(v, qg_pair_bit(hb, t, 0), v, _mm512_set1_epi8(16));
+        v = _mm512_mask_add_epi8(v, qg_pair_bit(hb, t, 1), v, _mm512_set1_epi8(32));
     }
     return v;
 }

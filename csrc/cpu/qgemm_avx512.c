@@ -18,22 +18,21 @@ INLINE int bits_of(int kind) {
 
 INLINE T512 float half(const uint8_t *p) { return _cvtsh_ss((unsigned short)(p[0] | p[1] << 8)); }
 
-/* The chunk's per-lane weight scale (mul) and offset (bias): element = int * mul + bias. A
- * K-quant chunk is a whole 256-weight block (qg_plan), so lane l (16 weights) lies in Q4_K /
- * Q5_K's 32-weight group l / 2 and in Q6_K's 16-weight group l. */
+/* The chunk's per-lane weight scale (mul) and offset (element = int * mul - bias). A K-quant
+ * chunk is a whole 256-weight block (qg_plan), so lane l (16 weights) lies in Q4_K / Q5_K's
+ * 32-weight group l / 2 and in Q6_K's 16-weight group l. */
 INLINE T512 void lane_scales(const int kind, const uint8_t *sp, __m512 *mul, __m512 *bias) {
-    const __m512i group = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
     if (kind == QG_Q6_K) {
         __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sp + 2))));
         *mul = _mm512_mul_ps(sc, _mm512_set1_ps(half(sp)));
-        *bias = _mm512_mul_ps(*mul, _mm512_set1_ps(-32.f));
-    } else {        /* Q4_K, Q5_K */
-        __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sp + 4))));
-        __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sp + 12))));
-        sc = _mm256_mul_ps(sc, _mm256_set1_ps(half(sp)));
-        mn = _mm256_mul_ps(mn, _mm256_set1_ps(-half(sp + 2)));
-        *mul = _mm512_permutexvar_ps(group, _mm512_castps256_ps512(sc));
-        *bias = _mm512_permutexvar_ps(group, _mm512_castps256_ps512(mn));
+        *bias = _mm512_mul_ps(*mul, _mm512_set1_ps(32.f));
+    } else {        /* Q4_K, Q5_K: fp16 d, dmin, then sc[8], mn[8]: one vector of sc * d | mn * dmin */
+        const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        const __m512i group = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+        __m512 d = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadu_si32(sp))));
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sp + 4)))), d);
+        *mul = _mm512_permutexvar_ps(group, v);
+        *bias = _mm512_permutexvar_ps(_mm512_add_epi32(group, _mm512_set1_epi32(8)), v);
     }
 }
 
@@ -98,7 +97,7 @@ INLINE T512 void tile(const int kind, const int R, const int MB, const qg_weight
             __m512 sx = _mm512_loadu_ps(x->sx + at), xsum = _mm512_loadu_ps(x->xs + at);
             for (int r = 0; r < R; r++) {
                 accf[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][m]), _mm512_mul_ps(mul[r], sx), accf[r][m]);
-                accf[r][m] = _mm512_fmadd_ps(bias[r], xsum, accf[r][m]);
+                accf[r][m] = _mm512_fnmadd_ps(bias[r], xsum, accf[r][m]);
             }
         }
     }

@@ -131,6 +131,39 @@ def test_mixed_type_fused_weight_and_gate_up_swiglu(isa):
     assert bool(((h.double() - silu * u).abs() <= bound).all())
 
 
+def anon_huge_kb(address: int) -> int:
+    """AnonHugePages of the mapping holding `address`, as the kernel reports it (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_packed_weights_on_huge_pages():
+    """A packed matrix of 2 MB or more starts on a 2 MB boundary, its whole 2 MB pages given to
+    transparent huge pages; where THP is on, the kernel backs them so once written."""
+    w = random_weight(GGMLType.Q4_K, 4096, 1024, seed=11)          # 2.4 MB packed
+    nw = cpu_native.prepare(w)
+    assert nw.packed[0].data_ptr() % cpu_native.HUGE_PAGE == 0
+    x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(12))
+    check_int8(cpu_native.qmatmul(x, nw), x, oracle_matrix(w))
+    small = cpu_native.huge_page_buffer(1000)                        # under 2 MB: a plain buffer
+    assert small.numel() == 1000
+    buf = cpu_native.huge_page_buffer(3 * cpu_native.HUGE_PAGE + 100)
+    assert buf.numel() == 3 * cpu_native.HUGE_PAGE + 100 and buf.data_ptr() % cpu_native.HUGE_PAGE == 0
+    buf.fill_(1)
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        thp = f.read()
+    if "[never]" not in thp:        # THP off: madvise is a no-op, and the buffer is still correct
+        assert anon_huge_kb(buf.data_ptr()) >= 2048, thp
+
+
 def test_float_weights_and_other_dtypes_take_the_torch_ops():
     w = random_weight(GGMLType.F32, 16, 64, seed=1)
     cw = cpu_native.prepare(w)

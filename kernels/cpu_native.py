@@ -63,10 +63,28 @@ class NativeWeight:
         return self.dequantize_rows(None, dtype)
 
 
+HUGE_PAGE = 2 << 20
+
+
+def huge_page_buffer(nbytes: int) -> torch.Tensor:
+    """An uninitialised uint8 buffer that starts on a 2 MB boundary, its whole 2 MB pages given to
+    the kernel's transparent huge pages (madvise; a buffer under 2 MB, or THP off: 4 KB pages).
+    A decode step streams every weight once: on 4 KB pages the hardware prefetchers stop at
+    each page's end and the TLB misses every 4 KB. Measured on the 3B-shaped file's gate/up
+    (8 layers, 208 MB, M = 1, 1 thread, load 3.8-3.9): 12.3-13.6 -> 21.9-22.3 GB per CPU second."""
+    if nbytes < HUGE_PAGE:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    base = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    skip = -base.data_ptr() % HUGE_PAGE
+    out = base[skip:skip + nbytes]            # a view: keeps `base` alive
+    _cpu.advise_huge(out.data_ptr(), nbytes)
+    return out
+
+
 def _pack(w: QuantTensor) -> torch.Tensor:
     """w's GGUF blocks in the kernels' layout (csrc/cpu/qgemm.h), decoded in C."""
     kind, (n, k) = KINDS[w.qtype], w.shape
-    out = torch.empty(n * _cpu.plan(kind, k) + 64, dtype=torch.uint8)    # + 64: vector loads overrun
+    out = huge_page_buffer(n * _cpu.plan(kind, k) + 64)     # + 64: vector loads overrun
     data = w.data.contiguous()
     _cpu.pack_gguf(kind, n, k, data.data_ptr(), data.shape[1], out.data_ptr())
     return out

@@ -114,6 +114,12 @@ def test_mixed_type_fused_weight_and_gate_up_swiglu(isa):
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(5))
     check_int8(cpu_native.qmatmul(x, cpu_native.prepare(concat_rows(parts))), x,
                torch.cat([oracle_matrix(p) for p in parts]))
+    # a legacy segment (llama.cpp's Q8_0 fallback) sends the whole matrix to the int16 kernels,
+    # which read the K-quants' high bits too
+    wide = [random_weight(GGMLType.Q8_0, 16, 512, seed=8), random_weight(GGMLType.Q6_K, 40, 512, seed=9),
+            random_weight(GGMLType.Q5_K, 24, 512, seed=10)]
+    check_int8(cpu_native.qmatmul(x, cpu_native.prepare(concat_rows(wide))), x,
+               torch.cat([oracle_matrix(p) for p in wide]), int16=True)
     gate, up = random_weight(GGMLType.Q4_K, 48, 512, seed=6), random_weight(GGMLType.Q6_K, 48, 512, seed=7)
     g, u = x.double() @ oracle_matrix(gate).T, x.double() @ oracle_matrix(up).T
     eg, eu = int8_bound(x, oracle_matrix(gate)), int8_bound(x, oracle_matrix(up))
@@ -125,6 +131,39 @@ def test_mixed_type_fused_weight_and_gate_up_swiglu(isa):
     assert bool(((h.double() - silu * u).abs() <= bound).all())
 
 
+def anon_huge_kb(address: int) -> int:
+    """AnonHugePages of the mapping holding `address`, as the kernel reports it (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_packed_weights_on_huge_pages():
+    """A packed matrix of 2 MB or more starts on a 2 MB boundary, its whole 2 MB pages given to
+    transparent huge pages; where THP is on, the kernel backs them so once written."""
+    w = random_weight(GGMLType.Q4_K, 4096, 1024, seed=11)          # 2.4 MB packed
+    nw = cpu_native.prepare(w)
+    assert nw.packed[0].data_ptr() % cpu_native.HUGE_PAGE == 0
+    x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(12))
+    check_int8(cpu_native.qmatmul(x, nw), x, oracle_matrix(w))
+    small = cpu_native.huge_page_buffer(1000)                        # under 2 MB: a plain buffer
+    assert small.numel() == 1000
+    buf = cpu_native.huge_page_buffer(3 * cpu_native.HUGE_PAGE + 100)
+    assert buf.numel() == 3 * cpu_native.HUGE_PAGE + 100 and buf.data_ptr() % cpu_native.HUGE_PAGE == 0
+    buf.fill_(1)
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        thp = f.read()
+    if "[never]" not in thp:        # THP off: madvise is a no-op, and the buffer is still correct
+        assert anon_huge_kb(buf.data_ptr()) >= 2048, thp
+
+
 def test_float_weights_and_other_dtypes_take_the_torch_ops():
     w = random_weight(GGMLType.F32, 16, 64, seed=1)
     cw = cpu_native.prepare(w)
@@ -133,18 +172,32 @@ def test_float_weights_and_other_dtypes_take_the_torch_ops():
     assert torch.equal(cpu_native.qmatmul(x, cw), cpu_fast.qmatmul_cpu(x, cw))
 
 
-def test_threads_do_not_change_results():
-    w = cpu_native.prepare(random_weight(GGMLType.Q4_1, 3072, 576, seed=1))
+@pytest.mark.parametrize("spin_us", [0, 50])
+def test_threads_do_not_change_results(spin_us):
+    """Every task of a job runs once whatever the threads: more threads than cores, and workers
+    that sleep between jobs (spin 0) and so start late, leave their shares to be taken from
+    the back by the others (csrc/cpu/pool.c)."""
+    legacy = cpu_native.prepare(random_weight(GGMLType.Q4_1, 3072, 576, seed=1))
+    kq = random_weight(GGMLType.Q4_K, 1030, 512, seed=2)
+    kq_packed = cpu_native.prepare(kq)
     x = torch.randn(7, 576)
-    before = torch.get_num_threads()
+    xk = torch.randn(1, 512, generator=torch.Generator().manual_seed(3))
+    before, spin = torch.get_num_threads(), _cpu.spin_us()
+    runs = {}
     try:
-        torch.set_num_threads(1)
-        one = cpu_native.qmatmul(x, w), cpu_native.gate_up_swiglu(x, w)
-        torch.set_num_threads(2)
-        two = cpu_native.qmatmul(x, w), cpu_native.gate_up_swiglu(x, w)
+        _cpu.spin_us(spin_us)
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(threads)
+            for _ in range(20):
+                got = (cpu_native.qmatmul(x, legacy), cpu_native.gate_up_swiglu(x, legacy),
+                       cpu_native.qmatmul(xk, kq_packed))
+                runs.setdefault(threads, got)
+                assert all(torch.equal(a, b) for a, b in zip(runs[threads], got)), threads
     finally:
         torch.set_num_threads(before)
-    assert all(torch.equal(a, b) for a, b in zip(one, two))
+        _cpu.spin_us(spin)
+    check_int8(runs[1][2], xk, oracle_matrix(kq))
+    assert all(torch.equal(a, b) for t in (2, 3, 5) for a, b in zip(runs[1], runs[t]))
 
 
 def test_rms_norm_vs_reference():

@@ -172,7 +172,8 @@ void qg_dequant_rows(const qg_weight *w, const int64_t *rows, int n, float *out)
                     } else {
                         val = (q[32 * (st / 2) + j] >> (4 * (st & 1))) & 15;
                         if (bits == 5) val |= ((hb[st] >> j) & 1) << 4;
-                        if (bits == 6) val |= ((hb[2 * st] >> j) & 1) << 4 | ((hb[2 * st + 1] >> j) & 1) << 5;
+                        for (int k = 0; k < 2 && bits == 6; k++)
+                            val |= (int)((qg_pair_bit((const uint8_t *)hb, st / 2, k) >> (2 * j + (st & 1))) & 1) << (4 + k);
                     }
                     float mul, bias;
                     group_scales(w->kind, row + c->soff, at / gs, c->width / 32, &mul, &bias);

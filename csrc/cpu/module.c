@@ -5,6 +5,7 @@
 #include <Python.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "ops.h"
 #include "pool.h"
@@ -118,6 +119,20 @@ static PyObject *py_pack_gguf(PyObject *self, PyObject *const *args, Py_ssize_t 
     free(w.chunks);
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+#define HUGE_PAGE ((uintptr_t)2 << 20)
+
+/* advise_huge(ptr, nbytes) -> the bytes of the whole 2 MB pages inside [ptr, ptr + nbytes) that
+ * the kernel was asked to back with transparent huge pages (madvise), 0 where it refuses (THP
+ * off). Call it before the memory is first written: pages already there stay 4 KB. */
+static PyObject *py_advise_huge(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[2];
+    if (!ints(args, n, 2, a, "advise_huge")) return NULL;
+    uintptr_t start = ((uintptr_t)a[0] + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+    uintptr_t end = ((uintptr_t)a[0] + (uintptr_t)a[1]) & ~(HUGE_PAGE - 1);
+    if (a[1] <= 0 || end <= start || madvise((void *)start, end - start, MADV_HUGEPAGE) != 0) return PyLong_FromLong(0);
+    return PyLong_FromUnsignedLongLong((unsigned long long)(end - start));
 }
 
 /* dequant_rows(matrix, rows (int64), n, out [n, cols] fp32); rows must be < the matrix's rows */
@@ -323,6 +338,7 @@ static PyMethodDef methods[] = {
     {"matrix", (PyCFunction)(void (*)(void))py_matrix, METH_FASTCALL, "a packed matrix's handle"},
     {"pack", (PyCFunction)(void (*)(void))py_pack, METH_FASTCALL, "pack integer values and scales"},
     {"pack_gguf", (PyCFunction)(void (*)(void))py_pack_gguf, METH_FASTCALL, "pack rows of GGUF blocks"},
+    {"advise_huge", (PyCFunction)(void (*)(void))py_advise_huge, METH_FASTCALL, "madvise(MADV_HUGEPAGE)"},
     {"dequant_rows", (PyCFunction)(void (*)(void))py_dequant_rows, METH_FASTCALL, "packed rows back to fp32"},
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "y = x @ W^T"},
     {"gate_up_swiglu", (PyCFunction)(void (*)(void))py_gate_up, METH_FASTCALL, "silu(x @ gate^T) * (x @ up^T)"},

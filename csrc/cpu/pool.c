@@ -12,14 +12,25 @@
 #include <unistd.h>
 
 static _Atomic uint32_t job_gen;      /* bumped once per job; the workers' futex word */
-static _Atomic uint64_t job_next;     /* (generation << 32) | next unclaimed task */
 static _Atomic uint32_t job_done;     /* tasks finished; the caller's futex word */
 static _Atomic int sleepers;          /* workers asleep on job_gen */
 static _Atomic int caller_sleeping;
 static pool_task_fn job_fn;
 static void *job_ctx;
 static uint32_t job_tasks;
-static int job_threads;               /* workers 1 .. job_threads - 1 take part */
+static _Atomic int job_threads;       /* workers 1 .. job_threads - 1 take part */
+
+/* Each thread's share of a job: a contiguous run of tasks, the word (front << 32) | back of
+ * what is left unclaimed, one cache line each. Its thread claims from the front, so the tasks
+ * a thread runs are neighbours (a matmul's rows in order: its prefetch ahead lands in rows it
+ * will read itself, where tasks dealt round-robin sent the rows past each task's end into the
+ * other core's cache); a thread out of work takes from the back of the others' shares, so a
+ * descheduled thread's share is still done. The caller writes the words only after job_fn and
+ * job_ctx, and a claim succeeds only on the current word, so whatever a thread claims belongs
+ * to the job in flight; a finished job leaves every word empty (front == back). */
+static struct {
+    _Alignas(64) _Atomic uint64_t word;
+} shares[POOL_MAX_THREADS];
 static _Atomic int spin_ns = 50000;
 static int n_started;                 /* worker threads running (ids 1 .. n_started) */
 static pthread_mutex_t busy = PTHREAD_MUTEX_INITIALIZER;
@@ -62,20 +73,29 @@ static int spin_while_equal(_Atomic uint32_t *word, uint32_t seen) {
     }
 }
 
-/* Claim and run tasks of job `gen` until none is left. A successful claim proves the job
- * is still current: the caller publishes the next job only after every task is done. */
-static int run_tasks(uint32_t gen) {
-    for (int ran = 0;; ran++) {
-        uint64_t cur = atomic_load(&job_next);
-        if ((uint32_t)(cur >> 32) != gen || (uint32_t)cur >= job_tasks) return ran;
-        if (!atomic_compare_exchange_weak(&job_next, &cur, cur + 1)) {
-            ran--;
-            continue;
-        }
-        job_fn(job_ctx, (int)(uint32_t)cur);
-        if (atomic_fetch_add(&job_done, 1) + 1 == job_tasks && atomic_load(&caller_sleeping))
-            futex(&job_done, FUTEX_WAKE_PRIVATE, 1);
+/* Claims one task of share i: from its front (the owner) or its back (a thread helping). */
+static int claim(int i, int from_back) {
+    uint64_t cur = atomic_load(&shares[i].word);
+    for (;;) {
+        uint32_t front = (uint32_t)(cur >> 32), back = (uint32_t)cur;
+        if (front >= back) return -1;
+        if (atomic_compare_exchange_weak(&shares[i].word, &cur, from_back ? cur - 1 : cur + ((uint64_t)1 << 32)))
+            return (int)(from_back ? back - 1 : front);
     }
+}
+
+/* Runs the tasks of thread `self`'s share, then helps with the others'; returns how many. */
+static int run_tasks(int self) {
+    int ran = 0, n = atomic_load(&job_threads);
+    for (int k = 0; k < n; k++) {
+        int i = (self + k) % n;
+        for (int t; (t = claim(i, k > 0)) >= 0; ran++) {
+            job_fn(job_ctx, t);
+            if (atomic_fetch_add(&job_done, 1) + 1 == job_tasks && atomic_load(&caller_sleeping))
+                futex(&job_done, FUTEX_WAKE_PRIVATE, 1);
+        }
+    }
+    return ran;
 }
 
 static void *worker(void *arg) {
@@ -88,7 +108,7 @@ static void *worker(void *arg) {
             atomic_fetch_sub(&sleepers, 1);
         }
         seen = atomic_load(&job_gen);
-        if (id < job_threads) run_tasks(seen);   /* a stale job_threads only sends it back to wait */
+        if (id < atomic_load(&job_threads)) run_tasks(id);
     }
     return NULL;
 }
@@ -134,17 +154,19 @@ void pool_run(int n_threads, int n_tasks, pool_task_fn fn, void *ctx) {
     }
     stats.parallel_jobs++;
     start_workers(n_threads - 1);
+    if (n_threads > n_started + 1) n_threads = n_started + 1;     /* a share per thread that runs */
     job_fn = fn;
     job_ctx = ctx;
     job_tasks = (uint32_t)n_tasks;
-    job_threads = n_threads;
+    atomic_store(&job_threads, n_threads);
     atomic_store(&job_done, 0);
-    uint32_t gen = atomic_load(&job_gen) + 1;
-    atomic_store(&job_next, (uint64_t)gen << 32);
-    atomic_store(&job_gen, gen);
+    for (int i = 0; i < n_threads; i++)     /* even shares: tasks [i n / T, (i + 1) n / T) */
+        atomic_store(&shares[i].word, (uint64_t)((int64_t)n_tasks * i / n_threads) << 32 |
+                                          (uint64_t)((int64_t)n_tasks * (i + 1) / n_threads));
+    atomic_store(&job_gen, atomic_load(&job_gen) + 1);
     if (atomic_load(&sleepers) > 0) futex(&job_gen, FUTEX_WAKE_PRIVATE, INT_MAX);
     uint64_t start = now_ns();
-    int ran = run_tasks(gen);
+    int ran = run_tasks(0);
     uint64_t own_done = now_ns();
     /* Wait for tasks other threads hold: spin while they progress, sleep once the budget
      * passes with none finishing (the last one to finish wakes the caller). */

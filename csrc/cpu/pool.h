@@ -1,12 +1,13 @@
-/* A small thread pool for the CPU kernels: one job at a time, tasks claimed one by one.
+/* A small thread pool for the CPU kernels: one job at a time; each thread claims the tasks of its
+ * own contiguous share one by one, then helps with the others' from their ends (pool.c).
  *
  * Why not OpenMP: libgomp's workers spin ~300k iterations after every parallel region
  * (its default wait), so on a machine whose cores other processes hold, dozens of short
  * regions per decoded token each stall on a descheduled thread. Here the caller runs
- * tasks too, tasks are claimed dynamically (a thread that starts late finds nothing left
- * and costs nothing), idle threads spin a bounded time and then sleep on a futex, and the
- * caller sleeps too when it has waited past the bound (so a preempted worker can be moved
- * to its core). A job that waited milliseconds on a descheduled thread sends the next ones
+ * tasks too, tasks are claimed dynamically (a thread that starts late finds its share
+ * taken by the others and costs nothing), idle threads spin a bounded time and then sleep
+ * on a futex, and the caller sleeps too when it has waited past the bound (so a preempted
+ * worker can be moved to its core). A job that waited milliseconds on a descheduled thread sends the next ones
  * to the caller alone for a while (pool.c: the stall back-off). */
 #ifndef SMOLLM3_CPU_POOL_H
 #define SMOLLM3_CPU_POOL_H

@@ -80,15 +80,17 @@ void qg_pack(const qg_weight *w, const int16_t *v, const uint8_t *s, int64_t ls,
                 for (int t = 0; t < steps / 2; t++)
                     for (int j = 0; j < 32; j++)
                         q[32 * t + j] = (uint8_t)((sl[64 * t + j] & 15) | (sl[64 * t + 32 + j] & 15) << 4);
-                uint32_t *hb = (uint32_t *)(q + 16 * steps);
-                for (int st = 0; st < steps && bits > 4; st++) {
-                    uint32_t m4 = 0, m5 = 0;
-                    for (int j = 0; j < 32; j++) {
-                        m4 |= (uint32_t)((sl[32 * st + j] >> 4) & 1) << j;
-                        m5 |= (uint32_t)((sl[32 * st + j] >> 5) & 1) << j;
-                    }
-                    if (bits == 5) hb[st] = m4;
-                    else hb[2 * st] = m4, hb[2 * st + 1] = m5;
+                uint8_t *hb = q + 16 * steps;
+                for (int st = 0; st < steps && bits == 5; st++) {
+                    uint32_t m4 = 0;
+                    for (int j = 0; j < 32; j++) m4 |= (uint32_t)((sl[32 * st + j] >> 4) & 1) << j;
+                    memcpy(hb + 4 * st, &m4, 4);
+                }
+                for (int t = 0; t < steps / 2 && bits == 6; t++) {
+                    uint64_t m[2] = {0, 0};     /* bit 4, bit 5; bit 2j + h: slot j of step 2t + h */
+                    for (int b = 0; b < 64; b++)
+                        for (int k = 0; k < 2; k++) m[k] |= (uint64_t)((sl[32 * (2 * t + (b & 1)) + (b >> 1)] >> (4 + k)) & 1) << b;
+                    memcpy(hb + 16 * t, m, 16);
                 }
             }
             uint8_t *sc = o + c->soff;

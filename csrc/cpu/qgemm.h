@@ -16,7 +16,9 @@
  * Quant bytes of a chunk, then its scales:
  *   4-bit: steps / 2 x 32 bytes, byte j = (step 2t slot j) | (step 2t + 1 slot j) << 4;
  *   5-bit: the same, then one uint32 per step: bit j = fifth bit of slot j;
- *   6-bit: the same nibbles, then two uint32 per step: bit 4, bit 5 of each slot;
+ *   6-bit: the same nibbles, then two uint64 per pair of steps: bit 4, bit 5 of each weight, bit
+ *          2j + h for slot j of step 2t + h (the byte order of the pair unpacked: one mask
+ *          register each on AVX-512, qg_pair_bit);
  *   8-bit: 32 int8 per step.
  * Scales per chunk of G = W/32 groups (W/16 for Q6_K): Q4_0/Q5_0/Q8_0 fp16 d[G];
  * Q4_1/Q5_1 fp16 d[G], m[G]; Q4_K/Q5_K (W = 256) fp16 d, dmin, uint8 sc[8], mn[8];
@@ -26,6 +28,7 @@
 #define SMOLLM3_CPU_QGEMM_H
 
 #include <stdint.h>
+#include <string.h>
 
 enum qg_kind { QG_Q4_0, QG_Q4_1, QG_Q5_0, QG_Q5_1, QG_Q8_0, QG_Q4_K, QG_Q5_K, QG_Q6_K, QG_N_KINDS };
 
@@ -54,6 +57,22 @@ typedef struct {                    /* M activation rows, quantized */
 int qg_plan(int kind, int cols, qg_chunk *chunks, int64_t *row_bytes);
 int qg_max_chunks(int cols);
 int qg_bits(int kind);
+
+/* The 6-bit types' high bits of pair t (qg_pair_bit's `bit`: 0 for bit 4, 1 for bit 5) as a
+ * mask of the pair's 64 bytes; qg_step_bits takes one step's 32 slots (h = 0: step 2t) out of it. */
+static inline uint64_t qg_pair_bit(const uint8_t *high_bits, int t, int bit) {
+    uint64_t m;
+    memcpy(&m, high_bits + 16 * t + 8 * bit, 8);
+    return m;
+}
+static inline uint32_t qg_step_bits(uint64_t m, int h) {
+    m = (m >> h) & 0x5555555555555555ull;
+    m = (m | m >> 1) & 0x3333333333333333ull;
+    m = (m | m >> 2) & 0x0f0f0f0f0f0f0f0full;
+    m = (m | m >> 4) & 0x00ff00ff00ff00ffull;
+    m = (m | m >> 8) & 0x0000ffff0000ffffull;
+    return (uint32_t)(m | m >> 16);
+}
 
 /* Pack rows: v[rows][cols] the integer of each element (int16: 0..2^bits-1, Q8_0 signed),
  * s, f the repacked planes (kernels/repack.py: s sub-block scales, f fp16 fields), row-major

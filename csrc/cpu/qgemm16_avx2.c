@@ -45,8 +45,9 @@ INLINE TAVX2 void unpack_pair(const int bits, const uint8_t *q, int steps, int t
         *lo = add_masked(*lo, hb[2 * t], 16);
         *hi = add_masked(*hi, hb[2 * t + 1], 16);
     } else if (bits == 6) {
-        *lo = add_masked(add_masked(*lo, hb[4 * t], 16), hb[4 * t + 1], 32);
-        *hi = add_masked(add_masked(*hi, hb[4 * t + 2], 16), hb[4 * t + 3], 32);
+        uint64_t m4 = qg_pair_bit((const uint8_t *)hb, t, 0), m5 = qg_pair_bit((const uint8_t *)hb, t, 1);
+        *lo = add_masked(add_masked(*lo, qg_step_bits(m4, 0), 16), qg_step_bits(m5, 0), 32);
+        *hi = add_masked(add_masked(*hi, qg_step_bits(m4, 1), 16), qg_step_bits(m5, 1), 32);
     }
 }
 

@@ -57,10 +57,11 @@ INLINE T512 void unpack_pair(const int bits, const uint8_t *q, int steps, int t,
         *lo = _mm512_mask_add_epi16(*lo, hb[2 * t], *lo, _mm512_set1_epi16(16));
         *hi = _mm512_mask_add_epi16(*hi, hb[2 * t + 1], *hi, _mm512_set1_epi16(16));
     } else if (bits == 6) {
-        *lo = _mm512_mask_add_epi16(*lo, hb[4 * t], *lo, _mm512_set1_epi16(16));
-        *lo = _mm512_mask_add_epi16(*lo, hb[4 * t + 1], *lo, _mm512_set1_epi16(32));
-        *hi = _mm512_mask_add_epi16(*hi, hb[4 * t + 2], *hi, _mm512_set1_epi16(16));
-        *hi = _mm512_mask_add_epi16(*hi, hb[4 * t + 3], *hi, _mm512_set1_epi16(32));
+        uint64_t m4 = qg_pair_bit((const uint8_t *)hb, t, 0), m5 = qg_pair_bit((const uint8_t *)hb, t, 1);
+        *lo = _mm512_mask_add_epi16(*lo, qg_step_bits(m4, 0), *lo, _mm512_set1_epi16(16));
+        *lo = _mm512_mask_add_epi16(*lo, qg_step_bits(m5, 0), *lo, _mm512_set1_epi16(32));
+        *hi = _mm512_mask_add_epi16(*hi, qg_step_bits(m4, 1), *hi, _mm512_set1_epi16(16));
+        *hi = _mm512_mask_add_epi16(*hi, qg_step_bits(m5, 1), *hi, _mm512_set1_epi16(32));
     }
 }
 

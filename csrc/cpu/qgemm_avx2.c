@@ -39,6 +39,21 @@ INLINE TAVX2 i16x32 add_masked(i16x32 v, uint32_t mask, short add) {
     return v;
 }
 
+/* add to byte B of the pair (word B / 2's low or high byte) where bit B of mask is set */
+INLINE TAVX2 i16x32 add_bytes_masked(i16x32 v, uint64_t mask, char add) {
+    /* byte k of a half takes mask byte k / 8 (vpshufb within each 128-bit lane: dword broadcast) */
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    __m256i a = _mm256_shuffle_epi8(_mm256_set1_epi32((int)(uint32_t)mask), spread);
+    __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)(uint32_t)(mask >> 32)), spread);
+    a = _mm256_cmpeq_epi8(_mm256_and_si256(a, bit), bit);
+    b = _mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit);
+    v.a = _mm256_add_epi8(v.a, _mm256_and_si256(a, _mm256_set1_epi8(add)));
+    v.b = _mm256_add_epi8(v.b, _mm256_and_si256(b, _mm256_set1_epi8(add)));
+    return v;
+}
+
 /* Steps 2t and 2t + 1 of a chunk as bytes, word j = slot j of each (qgemm.h). */
 INLINE TAVX2 i16x32 unpack_pair(const int bits, const uint8_t *q, int steps, int t) {
     i16x32 v;
@@ -48,9 +63,9 @@ INLINE TAVX2 i16x32 unpack_pair(const int bits, const uint8_t *q, int steps, int
     const uint32_t *hb = (const uint32_t *)(q + 16 * steps);
     if (bits == 5) {
         v = add_masked(add_masked(v, hb[2 * t], 16), hb[2 * t + 1], 16 << 8);
-    } else if (bits == 6) {
-        v = add_masked(add_masked(v, hb[4 * t], 16), hb[4 * t + 1], 32);
-        v = add_masked(add_masked(v, hb[4 * t + 2], 16 << 8), hb[4 * t + 3], 32 << 8);
+    } else if (bits == 6) {     /* the high bits are byte masks of the pair */
+        v = add_bytes_masked(v, qg_pair_bit((const uint8_t *)hb, t, 0), 16);
+        v = add_bytes_masked(v, qg_pair_bit((const uint8_t *)hb, t, 1), 32);
     }
     return v;
 }

@@ -18,39 +18,41 @@ INLINE int bits_of(int kind) {
 
 INLINE T512 float half(const uint8_t *p) { return _cvtsh_ss((unsigned short)(p[0] | p[1] << 8)); }
 
-/* The chunk's per-lane weight scale (mul) and offset (bias): element = int * mul + bias. */
-INLINE T512 void lane_scales(const int kind, const uint8_t *sp, const qg_chunk *c, __m512 *mul, __m512 *bias) {
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512i group = _mm512_srl_epi32(_mm512_mullo_epi32(iota, _mm512_set1_epi32(c->width)),
-                                     _mm_cvtsi32_si128(c->gshift));
+/* The chunk's per-lane weight scale (mul) and offset (element = int * mul - bias). A K-quant
+ * chunk is a whole 256-weight block (qg_plan), so lane l (16 weights) lies in Q4_K / Q5_K's
+ * 32-weight group l / 2 and in Q6_K's 16-weight group l. */
+INLINE T512 void lane_scales(const int kind, const uint8_t *sp, __m512 *mul, __m512 *bias) {
     if (kind == QG_Q6_K) {
         __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sp + 2))));
         *mul = _mm512_mul_ps(sc, _mm512_set1_ps(half(sp)));
-        *bias = _mm512_mul_ps(*mul, _mm512_set1_ps(-32.f));
-    } else {        /* Q4_K, Q5_K */
-        __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sp + 4))));
-        __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sp + 12))));
-        sc = _mm256_mul_ps(sc, _mm256_set1_ps(half(sp)));
-        mn = _mm256_mul_ps(mn, _mm256_set1_ps(-half(sp + 2)));
-        *mul = _mm512_permutexvar_ps(group, _mm512_castps256_ps512(sc));
-        *bias = _mm512_permutexvar_ps(group, _mm512_castps256_ps512(mn));
+        *bias = _mm512_mul_ps(*mul, _mm512_set1_ps(32.f));
+    } else {        /* Q4_K, Q5_K: fp16 d, dmin, then sc[8], mn[8]: one vector of sc * d | mn * dmin */
+        const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        const __m512i group = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+        __m512 d = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadu_si32(sp))));
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sp + 4)))), d);
+        *mul = _mm512_permutexvar_ps(group, v);
+        *bias = _mm512_permutexvar_ps(_mm512_add_epi32(group, _mm512_set1_epi32(8)), v);
     }
 }
 
+/* A K-quant chunk's steps (256 weights, 32 a step): a constant, so that the loop over its pairs
+ * unrolls and its accumulators stay in registers. */
+#define STEPS 8
+
 /* Steps 2t and 2t + 1 of a chunk as unsigned bytes, word j = slot j of each (qgemm.h). */
-INLINE T512 __m512i unpack_pair(const int bits, const uint8_t *q, int steps, int t) {
+INLINE T512 __m512i unpack_pair(const int bits, const uint8_t *q, int t) {
     /* byte j's low nibble to the word's low byte, its high nibble to the high byte: (v | v << 4) & 0x0f0f */
     __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + 32 * t)));
     v = _mm512_ternarylogic_epi32(v, _mm512_slli_epi16(v, 4), _mm512_set1_epi16(0x0f0f), 0xa8);
-    const uint32_t *hb = (const uint32_t *)(q + 16 * steps);
+    const uint8_t *hb = q + 16 * STEPS;
     if (bits == 5) {
-        v = _mm512_mask_add_epi16(v, hb[2 * t], v, _mm512_set1_epi16(16));
-        v = _mm512_mask_add_epi16(v, hb[2 * t + 1], v, _mm512_set1_epi16(16 << 8));
-    } else if (bits == 6) {
-        v = _mm512_mask_add_epi16(v, hb[4 * t], v, _mm512_set1_epi16(16));
-        v = _mm512_mask_add_epi16(v, hb[4 * t + 1], v, _mm512_set1_epi16(32));
-        v = _mm512_mask_add_epi16(v, hb[4 * t + 2], v, _mm512_set1_epi16(16 << 8));
-        v = _mm512_mask_add_epi16(v, hb[4 * t + 3], v, _mm512_set1_epi16(32 << 8));
+        const uint32_t *h5 = (const uint32_t *)hb;
+        v = _mm512_mask_add_epi16(v, h5[2 * t], v, _mm512_set1_epi16(16));
+        v = _mm512_mask_add_epi16(v, h5[2 * t + 1], v, _mm512_set1_epi16(16 << 8));
+    } else if (bits == 6) {     /* the high bits are byte masks of the pair: one add each */
+        v = _mm512_mask_add_epi8(v, qg_pair_bit(hb, t, 0), v, _mm512_set1_epi8(16));
+        v = _mm512_mask_add_epi8(v, qg_pair_bit(hb, t, 1), v, _mm512_set1_epi8(32));
     }
     return v;
 }
@@ -70,7 +72,6 @@ INLINE T512 void tile(const int kind, const int R, const int MB, const qg_weight
         for (int m = 0; m < MB; m++) accf[r][m] = _mm512_setzero_ps();
     for (int ci = 0; ci < w->n_chunks; ci++) {
         const qg_chunk *c = &w->chunks[ci];
-        const int steps = c->steps;
         const int8_t *xc = x->xq + m0 * xs + c->xoff;
         const uint8_t *row[MAX_R];
         __m512i acc[MAX_R][MAX_MB];
@@ -78,10 +79,10 @@ INLINE T512 void tile(const int kind, const int R, const int MB, const qg_weight
             row[r] = w->data + (int64_t)(r0 + r) * w->row_bytes;
             for (int m = 0; m < MB; m++) acc[r][m] = _mm512_setzero_si512();
         }
-        for (int t = 0; t < steps / 2; t++) {
+        for (int t = 0; t < STEPS / 2; t++) {
             __m512i wv[MAX_R];
             for (int r = 0; r < R; r++) {
-                wv[r] = unpack_pair(bits, row[r] + c->qoff, steps, t);
+                wv[r] = unpack_pair(bits, row[r] + c->qoff, t);
                 _mm_prefetch((const char *)(row[r] + ahead + c->qoff + 64 * t), _MM_HINT_T1);
             }
             for (int m = 0; m < MB; m++) {
@@ -90,13 +91,13 @@ INLINE T512 void tile(const int kind, const int R, const int MB, const qg_weight
             }
         }
         __m512 mul[MAX_R], bias[MAX_R];
-        for (int r = 0; r < R; r++) lane_scales(kind, row[r] + c->soff, c, &mul[r], &bias[r]);
+        for (int r = 0; r < R; r++) lane_scales(kind, row[r] + c->soff, &mul[r], &bias[r]);
         for (int m = 0; m < MB; m++) {
             int64_t at = ((int64_t)(m0 + m) * x->n_chunks + ci) * 16;
             __m512 sx = _mm512_loadu_ps(x->sx + at), xsum = _mm512_loadu_ps(x->xs + at);
             for (int r = 0; r < R; r++) {
                 accf[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][m]), _mm512_mul_ps(mul[r], sx), accf[r][m]);
-                accf[r][m] = _mm512_fmadd_ps(bias[r], xsum, accf[r][m]);
+                accf[r][m] = _mm512_fnmadd_ps(bias[r], xsum, accf[r][m]);
             }
         }
     }

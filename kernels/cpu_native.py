@@ -22,6 +22,7 @@ error ~1e-5, where cpu_fast's bf16 inputs give ~3e-3 (tests/test_cpu_native.py).
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +75,12 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     (8 layers, 208 MB, M = 1, 1 thread, load 3.8-3.9): 12.3-13.6 -> 21.9-22.3 GB per CPU second."""
     if nbytes < HUGE_PAGE:
         return torch.empty(nbytes, dtype=torch.uint8)
-    base = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    # A fresh private anonymous mapping, not torch.empty: malloc may hand back heap memory already
+    # written (4 KB pages stay 4 KB), as it did in a long test session once glibc had raised its
+    # mmap threshold; and mmap's default MAP_SHARED is shmem, which THP skips. The tensor holds
+    # the mapping; it is unmapped when the last view goes.
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = torch.frombuffer(region, dtype=torch.uint8)
     skip = -base.data_ptr() % HUGE_PAGE
     out = base[skip:skip + nbytes]            # a view: keeps `base` alive
     _cpu.advise_huge(out.data_ptr(), nbytes)

@@ -154,6 +154,12 @@ def test_packed_weights_on_huge_pages():
     x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(12))
     check_int8(cpu_native.qmatmul(x, nw), x, oracle_matrix(w))
     small = cpu_native.huge_page_buffer(1000)                        # under 2 MB: a plain buffer
+    # A long session's heap (how CI's full run met it): after a large free glibc raises its mmap
+    # threshold, and a later buffer of this size would come from heap memory already written.
+    scratch = torch.empty(20 << 20, dtype=torch.uint8)
+    del scratch
+    scratch = torch.ones(16 << 20, dtype=torch.uint8)
+    del scratch
     assert small.numel() == 1000
     buf = cpu_native.huge_page_buffer(3 * cpu_native.HUGE_PAGE + 100)
     assert buf.numel() == 3 * cpu_native.HUGE_PAGE + 100 and buf.data_ptr() % cpu_native.HUGE_PAGE == 0

@@ -116,10 +116,25 @@ def prepare(w: QuantTensor | SegmentedTensor):
 def qmatmul(x: torch.Tensor, w) -> torch.Tensor:
     if not isinstance(w, NativeWeight):
         return cpu_fast.qmatmul_cpu(x, w)
+    return _matmul(x, w, None)
+
+
+def add_matmul(x: torch.Tensor, w, h: torch.Tensor, eps: float) -> tuple[torch.Tensor, None]:
+    """(h + x @ w.T, no stats): the residual add inside the matmul's tasks. A torch add of a
+    prompt's rows would be an OpenMP region of torch's own threads, which on a busy machine
+    waits for a descheduled thread and, at libgomp's default spin (torch imported before
+    us), spins beside our pool's threads through the next matmul."""
+    if not isinstance(w, NativeWeight) or h.dtype != torch.float32 or h.shape != (x.shape[0], w.shape[0]):
+        return h + qmatmul(x, w), None
+    return _matmul(x, w, h.contiguous()), None
+
+
+def _matmul(x: torch.Tensor, w: NativeWeight, residual: torch.Tensor | None) -> torch.Tensor:
     x = x.contiguous()
     m, n = x.shape[0], w.shape[0]
     y = torch.empty((m, n), dtype=torch.float32)
-    _cpu.matmul(w.handle, x.data_ptr(), x.shape[1], m, y.data_ptr(), n, torch.get_num_threads())
+    _cpu.matmul(w.handle, x.data_ptr(), x.shape[1], m, y.data_ptr(), n, 0 if residual is None else residual.data_ptr(),
+                torch.get_num_threads())
     return y
 
 

@@ -52,17 +52,22 @@ class Ops:
 
 
 def composed_ops(qmatmul: Callable, gate_up_swiglu: Callable, rope_qkv: Callable, attention: Callable,
-                 rms_norm: Callable = rms_norm_torch) -> Ops:
+                 rms_norm: Callable = rms_norm_torch, add_matmul: Callable | None = None) -> Ops:
     """The op table of per-step kernels: every norm computed on its own (`rms_norm`, with
-    rms_norm_torch's contract), the residual add in torch; no stats."""
+    rms_norm_torch's contract), the residual add in torch unless `add_matmul` (Ops' contract)
+    does it; no stats."""
     def normed(h, norm_w, eps):
         return rms_norm(h, norm_w, eps)[0]
+
+    if add_matmul is None:
+        def add_matmul(x, w, h, eps):
+            return h + qmatmul(x, w), None
 
     return Ops(embed=lambda ids, embed, dtype, eps: (embed.dequantize_rows(ids, dtype), None),
                row_stats=lambda h, eps: None,
                norm_rope_qkv=lambda h, stats, norm_w, eps, w, *rest: rope_qkv(normed(h, norm_w, eps), w, *rest),
                attention=attention,
-               add_matmul=lambda x, w, h, eps: (h + qmatmul(x, w), None),
+               add_matmul=add_matmul,
                norm_gate_up_swiglu=lambda h, stats, norm_w, eps, w: gate_up_swiglu(normed(h, norm_w, eps), w),
                norm_logits=lambda h, stats, norm_w, eps, w: qmatmul(normed(h, norm_w, eps), w).float())
 
@@ -106,7 +111,7 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
         from .kernels import cpu_native
         if cpu_native.AVAILABLE and dtype == torch.float32:
             ops = composed_ops(cpu_native.qmatmul, cpu_native.gate_up_swiglu, cpu_native.rope_qkv,
-                               cpu_native.attention, rms_norm=cpu_native.rms_norm)
+                               cpu_native.attention, rms_norm=cpu_native.rms_norm, add_matmul=cpu_native.add_matmul)
             # An fp16 cache, as llama.cpp's default: half the bytes a long context's decode
             # reads, 2^-11 relative rounding of K and V (fp32 attention math).
             return Backend(name, ops, cpu_native.prepare, cuda_graphs=False, step_runner=_cpu_step_runner,

@@ -13,6 +13,7 @@ kernels/cpu_step.py) against independent oracles.
 - the decode step in one call: logits bit-equal to model.forward op by op; the engine's
   tokens and logprobs the same with and without it.
 - threads: results bit-equal on 1 and 2 threads; rows independent of the batch.
+- the residual add inside a matmul: bit-equal to torch's add of the product.
 - without the extension (or for a non-fp32 model) the cpu backend is cpu_fast's torch ops.
 """
 from __future__ import annotations
@@ -129,6 +130,29 @@ def test_mixed_type_fused_weight_and_gate_up_swiglu(isa):
     silu = torch.nn.functional.silu(g)
     bound = 1.1 * eg * (u.abs() + eu) + silu.abs() * eu + 1e-6 * (silu * u).abs()
     assert bool(((h.double() - silu * u).abs() <= bound).all())
+
+
+def test_add_matmul_adds_the_residual_in_its_tasks():
+    """h + x @ W^T with the add inside the matmul's tasks: bit-equal to torch's fp32 add of the
+    product (one rounding either way; the product itself is checked against gguf-py above), on
+    int8 and int16 kernels, one task and many, 1 and 2 threads; a float weight takes the torch ops."""
+    before = torch.get_num_threads()
+    try:
+        for qtype, rows, cols in ((GGMLType.Q4_K, 1030, 512), (GGMLType.Q4_1, 300, 576)):
+            w = random_weight(qtype, rows, cols, seed=int(qtype))
+            nw = cpu_native.prepare(w)
+            for m in (1, 5, 70):
+                g = torch.Generator().manual_seed(m)
+                x, h = torch.randn(m, cols, generator=g), torch.randn(m, rows, generator=g)
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    got, stats = cpu_native.add_matmul(x, nw, h, 1e-6)
+                    assert stats is None and torch.equal(got, h + cpu_native.qmatmul(x, nw)), (qtype, m, threads)
+    finally:
+        torch.set_num_threads(before)
+    dense = cpu_native.prepare(random_weight(GGMLType.F32, 16, 64, seed=1))
+    x, h = torch.randn(3, 64), torch.randn(3, 16)
+    assert torch.equal(cpu_native.add_matmul(x, dense, h, 1e-6)[0], h + cpu_fast.qmatmul_cpu(x, dense))
 
 
 def anon_huge_kb(address: int) -> int:

@@ -155,15 +155,17 @@ static PyObject *py_dequant_rows(PyObject *self, PyObject *const *args, Py_ssize
     Py_RETURN_NONE;
 }
 
-/* matmul(matrix, x, ldx, m, y, ldy, threads): y[m, rows] = x[m, cols] @ W^T (fp32) */
+/* matmul(matrix, x, ldx, m, y, ldy, residual, threads): y[m, rows] = x[m, cols] @ W^T (fp32)
+ * + residual[m, rows] (stride ldy, not y itself; 0: none) */
 static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t n) {
-    long long a[6];
-    if (n != 7) return PyErr_Format(PyExc_TypeError, "matmul takes 7 arguments, got %zd", n);
+    long long a[7];
+    if (n != 8) return PyErr_Format(PyExc_TypeError, "matmul takes 8 arguments, got %zd", n);
     const qg_matrix *mat = get_matrix(args[0]);
-    if (!mat || !ints(args + 1, 6, 6, a, "matmul")) return NULL;
+    if (!mat || !ints(args + 1, 7, 7, a, "matmul")) return NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = op_matmul(mat, (const float *)(intptr_t)a[0], a[1], (int)a[2], (float *)(intptr_t)a[3], a[4], (int)a[5], 0);
+    rc = op_matmul(mat, (const float *)(intptr_t)a[0], a[1], (int)a[2], (float *)(intptr_t)a[3], a[4],
+                   (const float *)(intptr_t)a[5], (int)a[6], 0);
     Py_END_ALLOW_THREADS
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -178,7 +180,8 @@ static PyObject *py_gate_up(PyObject *self, PyObject *const *args, Py_ssize_t n)
     if (!mat || !ints(args + 1, 6, 6, a, "gate_up_swiglu")) return NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = op_matmul(mat, (const float *)(intptr_t)a[0], a[1], (int)a[2], (float *)(intptr_t)a[3], a[4], (int)a[5], 1);
+    rc = op_matmul(mat, (const float *)(intptr_t)a[0], a[1], (int)a[2], (float *)(intptr_t)a[3], a[4], NULL,
+                   (int)a[5], 1);
     Py_END_ALLOW_THREADS
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;

@@ -17,6 +17,7 @@ typedef struct {
     qg_act x;                   /* int8 activations, or */
     qg_act16 x16;               /* int16 ones (w->wide) */
     float *y;
+    const float *residual;      /* added to y's tile while it is in cache (NULL: none) */
     int64_t ldy;
     int tile, rows, swiglu;
 } matmul_job;
@@ -42,6 +43,12 @@ static void matmul_task(void *ctx, int t) {
     int r0 = t * j->tile, r1 = r0 + j->tile < j->rows ? r0 + j->tile : j->rows, n = r1 - r0, m = m_rows(j);
     if (!j->swiglu) {
         compute_rows(j, r0, r1, j->y + r0, j->ldy);
+        if (j->residual)
+            for (int i = 0; i < m; i++) {
+                float *y = j->y + i * j->ldy + r0;
+                const float *res = j->residual + i * j->ldy + r0;
+                for (int c = 0; c < n; c++) y[c] += res[c];
+            }
         return;
     }
     float small[m * n <= 16384 ? m * n : 1];
@@ -80,13 +87,14 @@ static void quant_task(void *ctx, int t) {
     quantize(q->job, q->x, q->ldx, t * QUANT_ROWS, i1);
 }
 
-int op_matmul(const qg_matrix *w, const float *x, int64_t ldx, int m, float *y, int64_t ldy, int threads,
-              int swiglu) {
+int op_matmul(const qg_matrix *w, const float *x, int64_t ldx, int m, float *y, int64_t ldy,
+              const float *residual, int threads, int swiglu) {
     if (m <= 0) return 0;
     int64_t bytes = ((w->wide ? qg_act16_bytes(m, w->cols) : qg_act_bytes(m, w->cols)) + 63) & ~(int64_t)63;
     void *buf = aligned_alloc(64, bytes);
     if (!buf) return 1;
-    matmul_job j = {.w = w, .y = y, .ldy = ldy, .rows = swiglu ? w->rows / 2 : w->rows, .swiglu = swiglu};
+    matmul_job j = {.w = w, .y = y, .residual = residual, .ldy = ldy, .rows = swiglu ? w->rows / 2 : w->rows,
+                    .swiglu = swiglu};
     if (w->wide)
         qg_act16_layout(m, w->cols, buf, &j.x16);
     else

@@ -14,10 +14,11 @@ typedef struct {               /* row segments of one column count (a fused QKV 
     qg_weight seg[QG_MAX_SEGMENTS];
 } qg_matrix;
 
-/* y[M, rows] = x[M, cols] @ W^T; swiglu: y[M, rows / 2] = silu(gate) * up, W's rows being
- * gate then up. Returns nonzero when out of memory. */
-int op_matmul(const qg_matrix *w, const float *x, int64_t ldx, int m, float *y, int64_t ldy, int threads,
-              int swiglu);
+/* y[M, rows] = x[M, cols] @ W^T, + residual[M, rows] (stride ldy; not y itself) unless NULL;
+ * swiglu: y[M, rows / 2] = silu(gate) * up, W's rows being gate then up (no residual).
+ * Returns nonzero when out of memory. */
+int op_matmul(const qg_matrix *w, const float *x, int64_t ldx, int m, float *y, int64_t ldy,
+              const float *residual, int threads, int swiglu);
 
 enum { KV_F32, KV_F16, KV_BF16 };
 

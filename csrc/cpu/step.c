@@ -32,7 +32,7 @@ int step_decode(const step_model *m, float *x, int B, const int64_t *positions, 
         op_rms_norm(x, i ? res : NULL, l->attn_norm, m->eps, B, H, y, res);
         if (i == 0)     /* the first norm has no residual: the stream starts as the embeddings */
             for (int64_t e = 0; e < (int64_t)B * H; e++) res[e] = x[e];
-        if ((rc = op_matmul(l->qkv, y, H, B, qkv, qkv_w, threads, 0))) break;
+        if ((rc = op_matmul(l->qkv, y, H, B, qkv, qkv_w, NULL, threads, 0))) break;
         if (op_rope_kv(qkv, B, positions, slots, m->cos, m->sin, m->n_pos, m->n_heads, m->n_kv_heads, D, l->use_rope,
                        l->k_cache, l->v_cache, m->kv_dtype, m->n_slots, m->block_size, q) >= 0) {
             rc = 3;
@@ -41,13 +41,13 @@ int step_decode(const step_model *m, float *x, int B, const int64_t *positions, 
         at.k_cache = l->k_cache;
         at.v_cache = l->v_cache;
         if ((rc = op_attention(&at, threads))) break;
-        if ((rc = op_matmul(l->o, attn, m->n_heads * D, B, x, H, threads, 0))) break;
+        if ((rc = op_matmul(l->o, attn, m->n_heads * D, B, x, H, NULL, threads, 0))) break;
         op_rms_norm(x, res, l->ffn_norm, m->eps, B, H, y, h);
         float *t = res;         /* h (= x + res) is the new stream */
         res = h;
         h = t;
-        if ((rc = op_matmul(l->gate_up, y, H, B, gu, m->inter, threads, 1))) break;
-        if ((rc = op_matmul(l->down, gu, m->inter, B, x, H, threads, 0))) break;
+        if ((rc = op_matmul(l->gate_up, y, H, B, gu, m->inter, NULL, threads, 1))) break;
+        if ((rc = op_matmul(l->down, gu, m->inter, B, x, H, NULL, threads, 0))) break;
     }
     if (rc == 0) {
         for (int r = 0; r < R; r++)
@@ -56,7 +56,7 @@ int step_decode(const step_model *m, float *x, int B, const int64_t *positions, 
                 last_h[(int64_t)r * H + c] = res[logit_rows[r] * H + c];
             }
         op_rms_norm(last, last_h, m->final_norm, m->eps, R, H, y, last_h);
-        rc = op_matmul(m->lm_head, y, H, R, logits, m->vocab, threads, 0);
+        rc = op_matmul(m->lm_head, y, H, R, logits, m->vocab, NULL, threads, 0);
     }
     free(buf);
     free(rows);

@@ -20,6 +20,11 @@ busy-looping processes started for those rounds, one pinned on each core in turn
 stopped after them (a machine others use). Every round runs every setting, ours then
 llama.cpp, so all see the same neighbours; the load average is printed per measurement.
 --exact adds the exact fp32 path (backend "torch") as a third column.
+Memory roofline: every round also times a read of 1 GiB (torch's sum, the setting's threads
+and neighbours, best of 3); a decode step reads every weight once (the GGUF's tensors but the
+embedding table, which counts only where it is also the LM head), so read GB/s / those bytes
+bounds decode tokens/s. A 2-core VM's DRAM share is ~27 GB/s: the 3B-shaped file's 2-thread
+decode meets it, and no engine gets past it there.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from pathlib import Path
 import torch
 
 from smollm3_triton import Runtime, hub
+from smollm3_triton.gguf.reader import GGUFFile
 from smollm3_triton.model import Batch
 from smollm3_triton.sampling_params import SamplingParams
 from tests.helpers.perplexity_data import english_text
@@ -118,6 +124,25 @@ class LlamaCpp:
         return len(ids) / (time.perf_counter() - start)
 
 
+def decode_bytes(path: Path) -> int:
+    """Bytes of weights a decode step reads: every tensor but the embedding table, which the
+    step reads a row of, unless it is the (tied) LM head too."""
+    with GGUFFile(path) as f:
+        tied = "output.weight" not in f.tensors
+        return sum(t.nbytes for name, t in f.tensors.items() if tied or name != "token_embd.weight")
+
+
+def read_bandwidth(buffer: torch.Tensor, threads: int) -> float:
+    """GB/s of a sum over `buffer` on `threads` threads, best of 3."""
+    torch.set_num_threads(threads)
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        buffer.sum()
+        best = max(best, buffer.numel() * buffer.element_size() / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 @contextlib.contextmanager
 def busy(n: int):
     """n processes spinning in Python, process i pinned to core i mod cores, for the block."""
@@ -165,9 +190,12 @@ def main(argv=None) -> int:
             e.prefill(chat, t)
             e.decode(text[:args.context], t)
     rates = {(s, c, e.name): [] for s in settings for c in cases for e in engines}
+    bandwidth = {s: [] for s in settings}
+    stream = torch.ones(1 << 28)                                  # 1 GiB of fp32
     for r in range(args.rounds):
         for threads, n_busy in settings:
             with busy(n_busy):
+                bandwidth[threads, n_busy].append(read_bandwidth(stream, threads))
                 for case, (kind, ids) in cases.items():
                     for e in engines:
                         rate = getattr(e, kind)(ids, threads)
@@ -181,6 +209,15 @@ def main(argv=None) -> int:
         for case in cases:
             med = [statistics.median(rates[s, case, e.name]) for e in engines]
             print(f"| {s[0]} | {s[1]} | {case} | " + " | ".join(f"{m:.1f}" for m in med) + f" | {med[0] / med[1]:.2f}x |")
+    step_gb = decode_bytes(path) / 1e9
+    print(f"\nmemory roofline: a decode step reads {step_gb:.2f} GB of weights")
+    names = " | ".join(e.name for e in engines)
+    print(f"| threads | busy processes | read GB/s | roofline tok/s | decode short: {names} |")
+    print("| --- " * (len(engines) + 4) + "|")
+    for s in settings:
+        gbs = statistics.median(bandwidth[s])
+        shares = [statistics.median(rates[s, "decode short", e.name]) * step_gb / gbs for e in engines]
+        print(f"| {s[0]} | {s[1]} | {gbs:.1f} | {gbs / step_gb:.1f} | " + " | ".join(f"{x:.0%}" for x in shares) + " |")
     print(f"load average at the end (1/5/15 min): {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 

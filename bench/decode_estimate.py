@@ -32,8 +32,12 @@ ASSUMPTIONS = [
     "output; attention: the live context's K and V rows and the live splits' partials; the embedding: its rows; "
     "torch ops: twice the bytes they write",
     "issue: loop instructions x trips from the SASS of the sm_90 cubin (static count: predicated-off "
-    "instructions are counted as issued; a program's code outside the loop, the last program's epilogue "
-    "included, counted once per program); attention: only the splits the live context wakes",
+    "instructions are counted as issued; a program's code outside the loop counted once per program); "
+    "attention: only the splits the live context wakes",
+    "a split-K matmul's finishing epilogue (the SASS its counter atomic's branch skips) counted once per "
+    "unit, for the one program that finishes it, each loop inside it as S iterations (an upper bound: the "
+    "slice loop is unrolled, the inverse-RMS loop runs once per launch); spread evenly over the SMs like "
+    "the rest",
 ]
 
 def _nbytes(t) -> int:
@@ -53,7 +57,7 @@ def _type_names(launch) -> str:
     return "/".join(dict.fromkeys(type_name(int(t)) for t in codes))
 
 
-def _matmul(launch) -> tuple[int, int, int]:
+def _matmul(launch) -> tuple[int, int, float]:
     """(weight bytes, other bytes moved, loop trips per CTA) of a matmul launch (kernels/qmatmul.py)."""
     a = launch.args
     A, B = a["A"], a["B"]
@@ -133,6 +137,12 @@ def estimate_launch(launch, stats: dict, model, context: int) -> dict:
         if weight_bytes:
             bpi = weight_bytes / (ctas * launch.num_warps * per_warp)
     warp_instr = ctas * launch.num_warps * per_warp
+    if stats.get("finish"):
+        # The finishing epilogue runs once per unit (in the last of its S slices' programs),
+        # not in every program; each loop inside it counted as S iterations (an upper bound).
+        finish, in_loops = stats["finish"]
+        slices = launch.grid[0]
+        warp_instr += launch.num_warps * (launch.args["units"] * (finish + in_loops * (slices - 1)) - ctas * finish)
     bw_s = moved / (spec["bw_bytes_s"] * min(1.0, ctas / spec["sms"]))
     issue_s = warp_instr / (spec["issue_per_cycle"] * spec["clock_hz"] * min(ctas, spec["sms"]))
     return dict(bytes=moved, bw_s=bw_s, issue_s=issue_s, launch_s=spec["launch_s"],

@@ -51,6 +51,7 @@ def compile_stats(launch, arch: int) -> dict:
     stats.update(shared=k.metadata.shared, occupancy=kernel_compile.occupancy(stats["regs"], k.metadata.shared,
                                                                            launch.num_warps, arch))
     stats["kernel_instructions"] = kernel_compile.whole_kernel(text).total
+    stats["finish"] = kernel_compile.finishing(text) if launch.name == "_qmv_kernel" else None
     consts = launch.constexprs()
     if launch.name == "_qmv_kernel" and launch.args["units_per_program"] == 1 and consts["GROUPS"] == consts["SUB"]:
         looped = dataclasses.replace(launch, args=dict(launch.args, units_per_program=2))

@@ -177,6 +177,33 @@ def main_loop(sass_text: str) -> LoopStats | None:
     return max(candidates, key=lambda s: (s.global_load_bytes_per_thread, s.total), default=None)
 
 
+def finishing(sass_text: str) -> tuple[int, int] | None:
+    """(instructions, of which inside loops) of a split-K decode kernel's finishing epilogue, or
+    None: the code after its first counter atomic (ATOMG.E.ADD) that a program runs only when it
+    is the last of a unit's slices, i.e. what the first conditional branch after the atomic
+    skips: up to a forward BRA's target, or to the kernel's end after an EXIT."""
+    ins = [(a, t) for a, t in instructions(sass_text) if not opcode(t).startswith("NOP")]
+    first = next((i for i, (_, t) in enumerate(ins) if opcode(t).startswith("ATOMG.E.ADD")), None)
+    if first is None:
+        return None
+    for i in range(first + 1, len(ins)):
+        addr, text = ins[i]
+        if not text.startswith("@"):
+            continue
+        if opcode(text) == "EXIT":
+            end = ins[-1][0] + 1
+        elif opcode(text) == "BRA" and int(_BRANCH.search(text).group(1), 16) > addr:
+            end = int(_BRANCH.search(text).group(1), 16)
+        else:
+            continue
+        body = [(a, t) for a, t in ins[i + 1:] if a < end]
+        inner = [s for s in loops(sass_text) if addr < s.start and s.end < end]
+        # a loop nested in another is part of the outer one's count
+        outer = [s for s in inner if not any(o is not s and o.start <= s.start and s.end <= o.end for o in inner)]
+        return len(body), sum(s.total for s in outer)
+    return None
+
+
 def whole_kernel(sass_text: str) -> LoopStats:
     ins = instructions(sass_text)
     body = [t for _, t in ins if not opcode(t).startswith("NOP")]

@@ -23,8 +23,8 @@ llama.cpp, so all see the same neighbours; the load average is printed per measu
 Memory roofline: every round also times a read of 1 GiB (torch's sum, the setting's threads
 and neighbours, best of 3); a decode step reads every weight once (the GGUF's tensors but the
 embedding table, which counts only where it is also the LM head), so read GB/s / those bytes
-bounds decode tokens/s. A 2-core VM's DRAM share is ~27 GB/s: the 3B-shaped file's 2-thread
-decode meets it, and no engine gets past it there.
+bounds decode tokens/s. On the 2-core VM both engines' 2-thread decode of the 3B-shaped file
+reaches 82-84% of it (bench/README.md, CPU): there the ratio cannot go far past 1.0x.
 """
 from __future__ import annotations
 

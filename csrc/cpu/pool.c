@@ -84,18 +84,17 @@ static int claim(int i, int from_back) {
     }
 }
 
-/* Runs the tasks of thread `self`'s share, then helps with the others'; returns how many. */
-static int run_tasks(int self) {
-    int ran = 0, n = atomic_load(&job_threads);
+/* Runs the tasks of thread `self`'s share, then helps with the others'. */
+static void run_tasks(int self) {
+    int n = atomic_load(&job_threads);
     for (int k = 0; k < n; k++) {
         int i = (self + k) % n;
-        for (int t; (t = claim(i, k > 0)) >= 0; ran++) {
+        for (int t; (t = claim(i, k > 0)) >= 0;) {
             job_fn(job_ctx, t);
             if (atomic_fetch_add(&job_done, 1) + 1 == job_tasks && atomic_load(&caller_sleeping))
                 futex(&job_done, FUTEX_WAKE_PRIVATE, 1);
         }
     }
-    return ran;
 }
 
 static void *worker(void *arg) {
@@ -166,7 +165,7 @@ void pool_run(int n_threads, int n_tasks, pool_task_fn fn, void *ctx) {
     atomic_store(&job_gen, atomic_load(&job_gen) + 1);
     if (atomic_load(&sleepers) > 0) futex(&job_gen, FUTEX_WAKE_PRIVATE, INT_MAX);
     uint64_t start = now_ns();
-    int ran = run_tasks(0);
+    run_tasks(0);
     uint64_t own_done = now_ns();
     /* Wait for tasks other threads hold: spin while they progress, sleep once the budget
      * passes with none finishing (the last one to finish wakes the caller). */

@@ -25,7 +25,8 @@ ASSUMPTIONS = [
     f"HBM at {H200_SPEC['bw_bytes_s'] / 1e12:.2f} TB/s achievable (a large copy; 4.8 TB/s is the peak), "
     "scaled by min(1, CTAs/132) for launches with fewer CTAs than SMs",
     f"{H200_SPEC['launch_s'] * 1e6:.1f} us per kernel, added in series (inside a CUDA graph; no overlap of "
-    "consecutive kernels)",
+    "consecutive kernels), also for the Triton kernels launched with programmatic dependent launch "
+    "(kernels/pdl.py): what that saves is for a GPU run to measure",
     "per kernel the slower of bandwidth and issue, never their sum; latency of a lone DRAM round trip "
     "is taken as covered by the launch gap",
     "matmul bytes: the weight tiles the launch reads + x + the split-K partials (written and read) + the "

@@ -12,6 +12,7 @@ import triton.language as tl
 
 from ..errors import KernelInputError, UnsupportedModelError
 from .fusions import counters
+from .pdl import launch_options, release_next, wait_for_inputs
 
 # ---------------------------------------------------------------------------
 # Triton kernels. Scores are scaled by scale * log2(e) so the softmax runs on exp2;
@@ -164,14 +165,16 @@ def _attn_decode_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, lens_ptr, bt_ptr, part_o_pt
                         stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
-                        MIN_BLOCKS: tl.constexpr):
+                        MIN_BLOCKS: tl.constexpr, PDL: tl.constexpr = False):
     """Flash-decoding: program (sequence, KV head, split) packs the GROUP query heads that read this
     KV head into one tile. Splits are sized by the sequence's own length (chunk =
     ceil(len / want_splits) rounded up to BLOCK_N, at least MIN_BLOCKS key blocks), so a short
     context wakes few of them: the others exit at once. Each live split stores a normalised partial output and its
     log2-sum-exp; the last live split to finish (a counter per sequence and KV head) merges
     them in split order and writes the output. A sequence with no key (seq_len 0: padding)
-    gets zeros; sequences with another query count are the prefill kernel's."""
+    gets zeros; sequences with another query count are the prefill kernel's. PDL: launched with
+    programmatic dependent launch (kernels/pdl.py)."""
+    wait_for_inputs(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -204,6 +207,7 @@ def _attn_decode_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, lens_ptr, bt_ptr, part_o_pt
                             stride_vb, stride_vh, stride_vs, d, BLOCK_SIZE)
             m_i, l_i, acc = _attend_block(q, k, v, m_i, l_i, acc, qk_scale, kv_ok[None, :],
                                           MASKED=True, DOT_F32=DOT_F32)
+        release_next(PDL)
         seen = l_i > 0.0
         part = (b.to(tl.int64) * n_heads + h) * n_splits + split
         tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], acc / tl.where(seen, l_i, 1.0)[:, None],
@@ -380,7 +384,7 @@ def attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             counters(q.device, B * n_kv), H, n_splits, want, qk_scale, q.stride(0), q.stride(1), out.stride(0),
             out.stride(1), block_tables.stride(0), *cache_strides,
             GROUP=group, HEAD_DIM=D, BLOCK_SIZE=bs, BLOCK_M=_decode_block_m(group), DOT_F32=dot_f32,
-            MIN_BLOCKS=_MIN_SPLIT_BLOCKS, **cfg)
+            MIN_BLOCKS=_MIN_SPLIT_BLOCKS, **cfg, **launch_options(q.device))
     if max_query_len >= 2:
         cfg = _prefill_config(D, q.dtype, arch)
         block_q = _prefill_block_q(cfg["BLOCK_M"], group)

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ..errors import KernelInputError
+from .pdl import launch_options, release_next, wait_for_inputs
 from .qdecode import BF16, F16, F32, chunks, round_to, scales
 from .qtiles import TiledTensor, tiled
 
@@ -30,7 +31,9 @@ def embedding_torch(token_ids: torch.Tensor, embed, dtype: torch.dtype, eps: flo
 
 @triton.jit
 def _embedding_kernel(ids_ptr, T, h_ptr, stride_h, inv_ptr, eps, planes, K,
-                      QTYPE: tl.constexpr, TOKENS: tl.constexpr):
+                      QTYPE: tl.constexpr, TOKENS: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
+    release_next(PDL)
     qw, qh, sc, sm, sd, s_qw, s_qh, s_sc, s_sm, s_sd = planes
     IS_FLOAT: tl.constexpr = (QTYPE == F32) or (QTYPE == F16) or (QTYPE == BF16)
     t = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
@@ -84,7 +87,7 @@ def embedding_triton(token_ids: torch.Tensor, embed, dtype: torch.dtype, eps: fl
         strides = [0 if p is None else p.stride(0) for p in embed.planes]
         _embedding_kernel[(triton.cdiv(T, TOKENS),)](token_ids.contiguous(), T, h, h.stride(0), inv, float(eps),
                                                     (*planes, *strides), K, QTYPE=int(embed.qtype), TOKENS=TOKENS,
-                                                    num_warps=1)
+                                                    num_warps=1, **launch_options(token_ids.device))
     return h, inv
 
 

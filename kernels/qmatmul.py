@@ -49,6 +49,7 @@ from .fusions import (
     rope_kv_rows,
     rope_pairs,
 )
+from .pdl import launch_options, release_next, wait_for_inputs
 from .qdecode import INTERPRETED, round_to
 from .qslices import products, store_part, streamed, streamed_unit, sum_parts, tile_rows, x_slice, zero_tiles
 from .qtiles import GROUP, Tiled, TiledTensor, segments, tiled
@@ -124,11 +125,12 @@ def _qmv_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, 
                 QTYPE_A: tl.constexpr, QTYPE_B: tl.constexpr, NORM: tl.constexpr, EPILOGUE: tl.constexpr,
                 UNIT_TILES: tl.constexpr, GROUPS: tl.constexpr, SUB: tl.constexpr, BATCH: tl.constexpr,
                 N_HEADS: tl.constexpr = 0, N_KV_HEADS: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 0,
-                BLOCK_SIZE: tl.constexpr = 0, USE_ROPE: tl.constexpr = False):
+                BLOCK_SIZE: tl.constexpr = 0, USE_ROPE: tl.constexpr = False, PDL: tl.constexpr = False):
     """Decode: program (K-slice, range of units) for every row of x (module docstring). Units are
     UNIT_TILES row tiles of part A, then of part B (SWIGLU: gate tile u with up tile u). A slice
     is GROUPS groups of 64 columns; x is loaded SUB groups at a time (SUB < GROUPS: one unit per
-    program)."""
+    program). PDL: launched with programmatic dependent launch (kernels/pdl.py)."""
+    wait_for_inputs(PDL)
     s = tl.program_id(0)
     first = tl.program_id(1) * units_per_program
     S = tl.num_programs(0)
@@ -162,6 +164,7 @@ def _qmv_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, 
         streamed_unit(first, s, (x_ptr, stride_xm, M, K, 0, norm), A, B, part_ptr, N_A, N_TOTAL, tiles_a,
                       g_begin, tl.minimum(g_begin + GROUPS, tl.cdiv(K, 64)), QTYPE_A, QTYPE_B, EPILOGUE,
                       UNIT_TILES, SUB, BATCH, DTYPE, NORM)
+    release_next(PDL)
     # Every thread's partial stores land before the counts say so; the last of the S slices
     # of a unit finishes it and re-arms its counter.
     tl.debug_barrier()
@@ -330,7 +333,7 @@ def launch(x: torch.Tensor, a: TiledTensor, b: TiledTensor | None, groups: int, 
         per_program = 1 if sub < groups else max(1, (S * units) // (2 * sm_count(x.device)))
         part = torch.empty((S, n_a + n_b, M), dtype=torch.float32, device=x.device)
         _qmv_kernel[(S, triton.cdiv(units, per_program))](x, x.stride(0), M, K, norm, part_a, part_b, part, count,
-                                                          units, per_program, epi, **kw)
+                                                          units, per_program, epi, **kw, **launch_options(x.device))
     else:
         part = torch.empty((1, n_a + n_b, M), dtype=torch.float32, device=x.device)
         _qmm_kernel[(units, row_blocks)](x, x.stride(0), M, K, norm, part_a, part_b, part, count, units, S, epi,

@@ -26,6 +26,7 @@ import torch
 import triton
 
 from smollm3_triton.kernels import attention as attention_mod
+from smollm3_triton.kernels import pdl as pdl_mod
 from smollm3_triton.kernels import rms_norm as rms_mod
 
 # Triton's wheels ship ptxas (and, for newer PTX, ptxas-blackwell); the PTX it emits for
@@ -118,7 +119,8 @@ def attention_variants(arch):
             dict(q_ptr=t, k_ptr=t, v_ptr=t, part_o_ptr="fp32", part_lse_ptr="fp32", o_ptr=t, count_ptr="i32",
                  **BATCH_PTRS),
             dict(GROUP=group, HEAD_DIM=d, BLOCK_SIZE=bs, BLOCK_M=rows, BLOCK_N=cfg["BLOCK_N"],
-                 DOT_F32=dtype == torch.float32, MIN_BLOCKS=attention_mod._MIN_SPLIT_BLOCKS),
+                 DOT_F32=dtype == torch.float32, MIN_BLOCKS=attention_mod._MIN_SPLIT_BLOCKS,
+                 PDL=arch >= pdl_mod.PDL_ARCH),
             dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
     return out
 
@@ -151,6 +153,8 @@ def compile_all() -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.runtime.jit import JITFunction
 
+    from tests.helpers import kernel_compile
+
     assert isinstance(attention_mod._attn_prefill_kernel, JITFunction), "kernels were decorated for the interpreter"
     modules = {"attention": attention_mod, "rms_norm": rms_mod}
     results = {}
@@ -160,7 +164,8 @@ def compile_all() -> dict:
             compiled = triton.compile(variant.source(fn), target=GPUTarget("cuda", arch, 32), options=variant.options)
             assert compiled.asm["cubin"], "no cubin"
             regs, spills = ptxas_usage(compiled.asm["ptx"], Path(tempfile.mkdtemp()))
-            results[f"sm{arch}-{variant.key}"] = dict(regs=regs, spills=spills, shared=compiled.metadata.shared)
+            results[f"sm{arch}-{variant.key}"] = dict(regs=regs, spills=spills, shared=compiled.metadata.shared,
+                                                      pdl_wait_first=kernel_compile.pdl_wait_first(compiled.asm["ptx"]))
         except Exception as e:                       # reported by the test of that case
             results[f"sm{arch}-{variant.key}"] = dict(error=f"{type(e).__name__}: {e}")
     return results
@@ -200,6 +205,9 @@ def test_compiles(compiled, variant, arch):
           f"stages={variant.options.get('num_stages', '-')} regs={usage['regs']:3d} "
           f"spill_bytes={usage['spills']} shared={usage['shared']}")
     assert usage["spills"] == 0, f"{variant.label} spills {usage['spills']} bytes on sm_{arch}"
+    # Decode attention is launched with programmatic dependent launch on sm_90 (kernels/pdl.py):
+    # it must wait for the kernel before it ahead of any global memory access.
+    assert usage["pdl_wait_first"] is (True if variant.constexprs.get("PDL") else None), usage["pdl_wait_first"]
     assert usage["shared"] <= MAX_SHARED[arch], \
         f"{variant.label} needs {usage['shared']} B shared memory, sm_{arch} has {MAX_SHARED[arch]}"
 

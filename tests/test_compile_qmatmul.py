@@ -62,7 +62,8 @@ def _one(job: tuple[int, int]) -> dict:
         k = kernel_compile.compile_launch(launch, arch)
         stats = kernel_compile.ptxas_stats(k.asm["ptx"], arch)
         return dict(label=label, kernel=launch.name, arch=arch, shared=k.metadata.shared,
-                    cubin=len(k.asm.get("cubin", b"")), **stats)
+                    cubin=len(k.asm.get("cubin", b"")), pdl=launch.launch_pdl,
+                    pdl_wait_first=kernel_compile.pdl_wait_first(k.asm["ptx"]), **stats)
     except Exception as e:                      # reported by the test
         return dict(label=label, kernel=launch.name, arch=arch, error=f"{type(e).__name__}: {e}"[:2000])
 
@@ -130,6 +131,14 @@ def test_every_variant_compiles(which):
         assert r["shared"] <= MAX_SHARED[r["arch"]], f"{r['label']} sm_{r['arch']} needs {r['shared']} B shared"
         if r["kernel"] in NO_SPILL_KERNELS and not _spill_allowed(r, result["triton"]):
             assert r["spill_stores"] == 0, f"{r['label']} sm_{r['arch']} spills {r['spill_stores']} bytes"
+        # A kernel launched with programmatic dependent launch waits for the previous one before
+        # it touches memory (on sm_90; sm_80 has no griddepcontrol and gets the ordinary kernel).
+        if r["pdl"] and r["arch"] >= 90:
+            assert r["pdl_wait_first"] is True, f"{r['label']} sm_90: a PDL launch that does not wait first"
+        else:
+            assert r["pdl_wait_first"] is None, f"{r['label']} sm_{r['arch']}: griddepcontrol without a PDL launch"
+    # Every decode-step kernel (the split-K matmul, the embedding) is launched with PDL on an H200.
+    assert {r["kernel"] for r in rows if r["pdl"]} == {"_qmv_kernel", "_embedding_kernel"}
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:

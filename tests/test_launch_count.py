@@ -42,3 +42,25 @@ def test_a_decode_step_launches_at_most_200_kernels(model, batch):
     # Five per layer: QKV (+RoPE, KV write), attention, o (+residual), gate/up (+SwiGLU), down (+residual).
     assert names.count("_attn_decode_kernel") == model.config.n_layers
     assert len(names) == 5 * model.config.n_layers + 2       # + the embedding and the LM head
+    # On an H200 every one of them is launched with programmatic dependent launch, its kernel
+    # built to wait for the previous one (kernels/pdl.py; the wait's place: the compile tests).
+    assert all(launch.launch_pdl and launch.args["PDL"] for launch in tr.launches)
+
+
+def test_a_gpu_before_sm90_launches_without_pdl(model):
+    step = decode_trace.decode_batch(model, 1, context=100)
+    a100 = decode_trace.DeviceProfile("A100", 108, 80)
+    tr = decode_trace.trace(lambda: model.forward(step), a100)
+    assert tr.launches and not any(launch.launch_pdl or launch.args["PDL"] for launch in tr.launches)
+
+
+@pytest.mark.parametrize("arch,env,on", [(80, None, False), (90, None, True), (100, None, True), (120, None, False),
+                                         (90, "0", False), (None, None, False)])
+def test_pdl_is_picked_by_the_gpu_and_smollm3_pdl(monkeypatch, arch, env, on):
+    from smollm3_triton.kernels import pdl
+    monkeypatch.setattr(pdl, "device_arch", lambda device: arch)
+    if env is None:
+        monkeypatch.delenv("SMOLLM3_PDL", raising=False)
+    else:
+        monkeypatch.setenv("SMOLLM3_PDL", env)
+    assert pdl.launch_options(torch.device("cpu")) == (dict(PDL=True, launch_pdl=True) if on else dict(PDL=False))

@@ -45,6 +45,7 @@ class Launch:
     args: dict
     num_warps: int
     num_stages: int
+    launch_pdl: bool = False
 
     @property
     def name(self) -> str:
@@ -114,8 +115,9 @@ H200 = DeviceProfile("H200", 132, 90)
 
 @contextlib.contextmanager
 def _device_profile(profile: DeviceProfile):
-    from smollm3_triton.kernels import attention, qmatmul
-    patches = [(attention, "_arch_and_sms", lambda device: (profile.arch, profile.sm_count))]
+    from smollm3_triton.kernels import attention, pdl, qmatmul
+    patches = [(attention, "_arch_and_sms", lambda device: (profile.arch, profile.sm_count)),
+               (pdl, "device_arch", lambda device: profile.arch)]
     if hasattr(qmatmul, "_sm_count"):       # the matmul before issue 22
         patches.append((qmatmul, "_sm_count", lambda device: profile.sm_count))
     if hasattr(qmatmul, "sm_count"):
@@ -141,12 +143,12 @@ def trace(fn, profile: DeviceProfile = H200) -> Trace:
     real_run = kernel_class.run
 
     def record(self, *args, grid, warmup, **kwargs):
-        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
         bound = inspect.signature(self.fn).bind(*args, **kwargs)
         bound.apply_defaults()
         params = dict(bound.arguments)
         out.launches.append(Launch(self, _grid(grid, params), params, options.get("num_warps", 4),
-                                   options.get("num_stages", 3)))
+                                   options.get("num_stages", 3), options.get("launch_pdl", False)))
 
     if getattr(real_run, "__name__", "") == "record":
         raise RuntimeError("trace() does not nest")

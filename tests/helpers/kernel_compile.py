@@ -70,7 +70,24 @@ def compile_kernel(fn, sig: dict, consts: dict, attrs: dict, arch: int, num_warp
 
 def compile_launch(launch, arch: int):
     sig, consts, attrs = specialize(launch.fn, launch.args)
+    if arch < 90 and consts.get("PDL"):
+        consts["PDL"] = False       # what the launcher picks on a GPU before sm_90 (kernels/pdl.py)
     return compile_kernel(launch.fn, sig, consts, attrs, arch, launch.num_warps, launch.num_stages)
+
+
+_GLOBAL_ACCESS = re.compile(r"\b(?:ld|st|atom|red)\.global|\bcp\.async")
+
+
+def pdl_wait_first(ptx: str) -> bool | None:
+    """None when the kernel has no griddepcontrol.wait (no programmatic dependent launch);
+    else whether the wait comes before the kernel's first global memory access, which a
+    kernel launched with PDL must keep (kernels/pdl.py)."""
+    body = ptx[ptx.index(".entry"):]
+    wait = body.find("griddepcontrol.wait")
+    if wait < 0:
+        return None
+    first = _GLOBAL_ACCESS.search(body)
+    return first is None or wait < first.start()
 
 
 def _tool(name: str, arch: int) -> str:

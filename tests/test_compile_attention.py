@@ -4,7 +4,9 @@ resolves and on triton 3.6 (SMOLLM3_TRITON36, as tests/test_compile_qmatmul.py).
 KV write are the QKV matmul's epilogue now (compiled there).
 
 Each compile prints registers per thread, spill bytes (ptxas -v) and shared memory; the
-test fails on spills or on shared memory past the architecture's per-block limit.
+test fails on spills or on shared memory past the architecture's per-block limit, or when
+decode attention built for programmatic dependent launch (sm_90) touches global memory
+before its griddepcontrol.wait (kernels/pdl.py).
 Run with -s to see the table.
 
 The compiles run in one subprocess started with TRITON_INTERPRET=0: @triton.jit picks

@@ -13,6 +13,10 @@ in KNOWN_SPILLS: with triton 3.9 the 64-row decode
 kernel on sm_90, gate+up on sm_80 (36-2000 bytes) and Q5_K at M = 1 on sm_80 (8 bytes; 3.6
 none), with 3.6 BF16 weights' prefill tile on sm_90 (8 bytes).
 
+A variant launched with programmatic dependent launch (the decode matmul and the embedding on
+an H200) must execute griddepcontrol.wait before any global memory access in its PTX; sm_80
+builds and the prefill kernel carry no griddepcontrol (kernels/pdl.py).
+
 Triton 3.6 lives in its own directory (`pip install --no-deps --target DIR triton==3.6.0`),
 named by SMOLLM3_TRITON36 and put first on the child's PYTHONPATH; .ci/run installs it.
 Run with -s to see the tables.

@@ -4,13 +4,12 @@ grouped heads, padding).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from ..errors import KernelInputError, UnsupportedModelError
+from . import gpu
 from .fusions import counters
 from .pdl import launch_options, release_next, wait_for_inputs
 
@@ -324,19 +323,6 @@ def _decode_block_m(group: int) -> int:
     return max(16, triton.next_power_of_2(group))
 
 
-@functools.lru_cache(maxsize=None)
-def _device_info(device_index: int) -> tuple[int, int]:
-    """(compute capability as 80/90/..., SM count)."""
-    props = torch.cuda.get_device_properties(device_index)
-    return props.major * 10 + props.minor, props.multi_processor_count
-
-
-def _arch_and_sms(device: torch.device) -> tuple[int | None, int | None]:
-    if device.type != "cuda":
-        return None, None
-    return _device_info(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def decode_splits(n_kv_heads: int, capacity: int, block_n: int, sm_count: int | None) -> tuple[int, int]:
     """(want, grid): a sequence of length L is cut into ceil(L / chunk) live splits, chunk =
     ceil(L / want) rounded up to block_n, want sized to fill the GPU about twice over with the
@@ -366,7 +352,7 @@ def attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out.zero_()
     query_start, seq_lens = query_start.contiguous(), seq_lens.contiguous()
     qk_scale = float(scale) * _LOG2E
-    arch, sm_count = _arch_and_sms(q.device)
+    arch, sm_count = gpu.arch_and_sms(q.device)
     # fp32 operands for fp32 tensors and under the interpreter (no GPU: arch None); read from
     # the arch, not the device, so bench.static_report compiles what the GPU would run.
     dot_f32 = q.dtype == torch.float32 or arch is None

@@ -14,7 +14,6 @@ the GPU has it).
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -22,28 +21,17 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from . import gpu
+
 PDL_ARCH = 90      # griddepcontrol exists from sm_90 on
 # Consumer Blackwell (sm_120) has been reported to fail CUDA-graph capture of launches with
 # the PDL attribute (sglang PR 18596); Hopper and data-center Blackwell capture them.
 PDL_ARCH_END = 120
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> int:
-    props = torch.cuda.get_device_properties(index)
-    return props.major * 10 + props.minor
-
-
-def device_arch(device: torch.device) -> int | None:
-    """The CUDA device's compute capability as 80/90/...; None off CUDA."""
-    if device.type != "cuda":
-        return None
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def launch_options(device: torch.device) -> dict:
     """The PDL constexpr and launch option for a decode kernel on `device`."""
-    arch = device_arch(device)
+    arch = gpu.arch_and_sms(device)[0]
     if arch is None or not PDL_ARCH <= arch < PDL_ARCH_END or os.environ.get("SMOLLM3_PDL", "1") == "0":
         return dict(PDL=False)
     return dict(PDL=True, launch_pdl=True)

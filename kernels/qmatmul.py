@@ -29,7 +29,6 @@ one part, which picks its decoding path (both compiled in).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -38,6 +37,7 @@ import triton.language as tl
 
 from ..errors import KernelInputError
 from ..gguf.tensors import Weight
+from . import gpu
 from .fusions import (
     RESIDUAL,
     ROPE_KV,
@@ -236,17 +236,11 @@ def _qmm_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, 
 
 # ----------------------------------------------------------------------------- launch
 
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def sm_count(device: torch.device) -> int:
     """SMs the slices are sized for; without a GPU an H200's 132, so the CPU computes the same
     slices (the same sums) as that GPU."""
-    if device.type != "cuda":
-        return 132
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = gpu.arch_and_sms(device)[1]
+    return 132 if sms is None else sms
 
 
 def x_chunk_groups(k: int, groups: int) -> int:

@@ -57,8 +57,8 @@ def test_a_gpu_before_sm90_launches_without_pdl(model):
 @pytest.mark.parametrize("arch,env,on", [(80, None, False), (90, None, True), (100, None, True), (120, None, False),
                                          (90, "0", False), (None, None, False)])
 def test_pdl_is_picked_by_the_gpu_and_smollm3_pdl(monkeypatch, arch, env, on):
-    from smollm3_triton.kernels import pdl
-    monkeypatch.setattr(pdl, "device_arch", lambda device: arch)
+    from smollm3_triton.kernels import gpu, pdl
+    monkeypatch.setattr(gpu, "arch_and_sms", lambda device: (arch, 132))
     if env is None:
         monkeypatch.delenv("SMOLLM3_PDL", raising=False)
     else:

@@ -115,13 +115,15 @@ H200 = DeviceProfile("H200", 132, 90)
 
 @contextlib.contextmanager
 def _device_profile(profile: DeviceProfile):
-    from smollm3_triton.kernels import attention, pdl, qmatmul
-    patches = [(attention, "_arch_and_sms", lambda device: (profile.arch, profile.sm_count)),
-               (pdl, "device_arch", lambda device: profile.arch)]
-    if hasattr(qmatmul, "_sm_count"):       # the matmul before issue 22
-        patches.append((qmatmul, "_sm_count", lambda device: profile.sm_count))
-    if hasattr(qmatmul, "sm_count"):
-        patches.append((qmatmul, "sm_count", lambda device: profile.sm_count))
+    from smollm3_triton.kernels import attention, qmatmul
+    patches = []
+    try:
+        from smollm3_triton.kernels import gpu
+        patches.append((gpu, "arch_and_sms", lambda device: (profile.arch, profile.sm_count)))
+    except ImportError:                     # kernels before their shared lookup (exports of older commits)
+        patches.append((attention, "_arch_and_sms", lambda device: (profile.arch, profile.sm_count)))
+        patches.append((qmatmul, "_sm_count" if hasattr(qmatmul, "_sm_count") else "sm_count",
+                        lambda device: profile.sm_count))
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
     try:
         for mod, name, fn in patches:

@@ -69,9 +69,11 @@ def compile_kernel(fn, sig: dict, consts: dict, attrs: dict, arch: int, num_warp
 
 
 def compile_launch(launch, arch: int):
+    from smollm3_triton.kernels.pdl import PDL_ARCH
+
     sig, consts, attrs = specialize(launch.fn, launch.args)
-    if arch < 90 and consts.get("PDL"):
-        consts["PDL"] = False       # what the launcher picks on a GPU before sm_90 (kernels/pdl.py)
+    if arch < PDL_ARCH and consts.get("PDL"):
+        consts["PDL"] = False       # what the launcher picks on a GPU without griddepcontrol
     return compile_kernel(launch.fn, sig, consts, attrs, arch, launch.num_warps, launch.num_stages)
 
 

@@ -3,9 +3,9 @@
 Per kernel:  time = launch gap + max(bandwidth time, issue time)
 - bandwidth time = bytes it moves / (achievable HBM bandwidth x min(1, CTAs / SMs)):
   fewer CTAs than SMs leave SMs without loads in flight.
-- issue time = warp-instructions it executes / (4 per cycle x clock x min(CTAs, SMs)):
-  warp-instructions = CTAs x warps x (loop trips x loop instructions + the rest of the
-  kernel once), from the SASS.
+- issue time = the busiest SM's warp-instructions / (4 per cycle x clock): it runs
+  ceil(CTAs / SMs) CTAs, each warps x (loop trips x loop instructions + the rest of the
+  kernel once) from the SASS, with the trips of the longest CTA.
 - launch gap: a fixed cost per kernel even inside a CUDA graph.
 A torch op (a kernel on a GPU) costs the launch gap plus its bytes (2 x what it writes)
 at the bandwidth. The step is the sum: nothing overlaps. All of it is a model; a GPU run
@@ -35,6 +35,8 @@ ASSUMPTIONS = [
     "issue: loop instructions x trips from the SASS of the sm_90 cubin (static count: predicated-off "
     "instructions are counted as issued; a program's code outside the loop counted once per program); "
     "attention: only the splits the live context wakes",
+    "issue is the busiest SM's: ceil(CTAs / 132) CTAs of the longest kind (a decode matmul's programs "
+    "looping over the most units), as if all CTAs started together (wave quantization)",
     "a split-K matmul's finishing epilogue (the SASS its counter atomic's branch skips) counted once per "
     "unit, for the one program that finishes it, each loop inside it as S iterations (an upper bound: the "
     "slice loop is unrolled, the inverse-RMS loop runs once per launch); spread evenly over the SMs like "
@@ -58,8 +60,9 @@ def _type_names(launch) -> str:
     return "/".join(dict.fromkeys(type_name(int(t)) for t in codes))
 
 
-def _matmul(launch) -> tuple[int, int, float]:
-    """(weight bytes, other bytes moved, loop trips per CTA) of a matmul launch (kernels/qmatmul.py)."""
+def _matmul(launch) -> tuple[int, int, float, float]:
+    """(weight bytes, other bytes moved, loop trips per CTA on average, loop trips of the longest CTA)
+    of a matmul launch (kernels/qmatmul.py)."""
     a = launch.args
     A, B = a["A"], a["B"]
     rows_a, rows_b = A[10], B[10]
@@ -76,13 +79,14 @@ def _matmul(launch) -> tuple[int, int, float]:
         if c["GROUPS"] == c["SUB"]:
             # the loop over units, the slice's x loaded once: units / programs per slice on average
             trips = tiles * a["units"] / triton.cdiv(a["units"], a["units_per_program"])
+            return weights, other, trips, tiles * min(a["units"], a["units_per_program"])
         else:
             # the loop over the slice's x chunks (one unit per program, all its tiles in each
             # iteration), averaged over the slices
             trips = groups_k / (triton.cdiv(groups_k, c["GROUPS"]) * c["SUB"])
     else:
         trips = triton.cdiv(groups_k, c["GROUPS"] if c["GROUPS"] == c["SUB"] else c["SUB"])
-    return weights, other, trips
+    return weights, other, trips, trips
 
 
 def _attention(launch, model, context: int) -> tuple[int, int, int]:
@@ -119,7 +123,7 @@ def estimate_launch(launch, stats: dict, model, context: int) -> dict:
     weight_bytes, bpi, trips = 0, None, 1
     loop = stats.get("loop")
     if launch.name in ("_qmv_kernel", "_qmm_kernel"):
-        weight_bytes, other, trips = _matmul(launch)
+        weight_bytes, other, trips, most_trips = _matmul(launch)
         moved = weight_bytes + other
     elif launch.name == "_attn_decode_kernel":
         moved, ctas, trips = _attention(launch, model, context)
@@ -130,22 +134,26 @@ def estimate_launch(launch, stats: dict, model, context: int) -> dict:
     else:
         moved = _distinct_bytes(v for v in launch.args.values())
     if loop:
-        per_warp = trips * loop["instructions"] + stats["kernel_instructions"] - loop["instructions"]
+        rest = stats["kernel_instructions"] - loop["instructions"]
+        per_warp = trips * loop["instructions"] + rest
+        longest = (most_trips if weight_bytes else trips) * loop["instructions"] + rest
         if weight_bytes:
             bpi = weight_bytes / (ctas * launch.num_warps * trips * loop["instructions"])
     else:
-        per_warp = stats["kernel_instructions"]
+        per_warp = longest = stats["kernel_instructions"]
         if weight_bytes:
             bpi = weight_bytes / (ctas * launch.num_warps * per_warp)
-    warp_instr = ctas * launch.num_warps * per_warp
+    busiest = triton.cdiv(ctas, spec["sms"]) * launch.num_warps * longest
     if stats.get("finish"):
         # The finishing epilogue runs once per unit (in the last of its S slices' programs),
-        # not in every program; each loop inside it counted as S iterations (an upper bound).
+        # not in every program; each loop inside it counted as S iterations (an upper bound),
+        # spread over the SMs.
         finish, in_loops = stats["finish"]
         slices = launch.grid[0]
-        warp_instr += launch.num_warps * (launch.args["units"] * (finish + in_loops * (slices - 1)) - ctas * finish)
+        busiest += launch.num_warps * ((launch.args["units"] * (finish + in_loops * (slices - 1)) - ctas * finish)
+                                       / min(ctas, spec["sms"]))
     bw_s = moved / (spec["bw_bytes_s"] * min(1.0, ctas / spec["sms"]))
-    issue_s = warp_instr / (spec["issue_per_cycle"] * spec["clock_hz"] * min(ctas, spec["sms"]))
+    issue_s = busiest / (spec["issue_per_cycle"] * spec["clock_hz"])
     return dict(bytes=moved, bw_s=bw_s, issue_s=issue_s, launch_s=spec["launch_s"],
                 time_s=spec["launch_s"] + max(bw_s, issue_s), bytes_per_warp_instr=bpi, types=_type_names(launch),
                 weight_bytes=weight_bytes, live_ctas=ctas)

@@ -267,6 +267,23 @@ def slice_groups(k: int, units: int, sms: int) -> int:
     return 1
 
 
+def units_per_program(slices: int, units: int, sms: int) -> int:
+    """Units a decode program of a held slice loops over (its x loaded once for all of them).
+    A launch lasts as long as its busiest SM, which runs ceil(programs / sms) programs of up to
+    that many units each, plus each program's own code (x, partial stores, counters: about one
+    unit's loop in the SASS). The count that minimises this while every SM still gets two
+    programs; on a tie the most units (fewer programs). The result does not depend on it."""
+    best, best_cost = 1, None
+    for per in range(1, units + 1):
+        programs = slices * triton.cdiv(units, per)
+        if programs < 2 * sms:
+            break
+        cost = triton.cdiv(programs, sms) * (per + 1)
+        if best_cost is None or cost <= best_cost:
+            best, best_cost = per, cost
+    return best
+
+
 def _plane_args(p: TiledTensor) -> list:
     """Five plane pointers and five row strides; an absent plane is stood in for by qw (never read)."""
     planes = [p.qw if t is None else t for t in p.planes]
@@ -321,10 +338,8 @@ def launch(x: torch.Tensor, a: TiledTensor, b: TiledTensor | None, groups: int, 
               BATCH=batch,
               num_warps=4, num_stages=2 if decode else 1, **(consts or {}))
     if decode:
-        # Units per program: as many as still leave two programs per SM (each program loads its
-        # slice of x and runs the counters' code once, whatever its unit count); one where a
-        # slice is streamed. The result does not depend on it.
-        per_program = 1 if sub < groups else max(1, (S * units) // (2 * sm_count(x.device)))
+        # One unit per program where a slice is streamed.
+        per_program = 1 if sub < groups else units_per_program(S, units, sm_count(x.device))
         part = torch.empty((S, n_a + n_b, M), dtype=torch.float32, device=x.device)
         _qmv_kernel[(S, triton.cdiv(units, per_program))](x, x.stride(0), M, K, norm, part_a, part_b, part, count,
                                                           units, per_program, epi, **kw, **launch_options(x.device))

@@ -108,6 +108,22 @@ def test_slices_partial_last_and_many():
     check(run(x, prepare_tiles(w)), x, oracle_matrix(w), "K 2048, 32 slices")
 
 
+def test_units_per_program_balance_the_busiest_sm():
+    """SmolLM3-3B on 132 SMs, worked by hand: gate+up's 8 slices x 172 units. 5 units a program
+    (the old rule, (8 x 172) // 264) make 280 programs, so some SM runs 3 x 5 = 15 units (+3
+    programs' own code); 4 make 344, the busiest SM 3 x 4 = 12 (+3): cost 3 x 5 = 15 against
+    3 x 6 = 18, and 3 (464 programs: 4 x 4 = 16), 2 (688: 6 x 3 = 18) or 1 (1,376: 11 x 2 = 22)
+    cost more. down's 43
+    slices x 32 units: the same 4 (344 programs). QKV (16 x 24) and o (16 x 32) keep one unit:
+    two would leave fewer than two programs per SM (192, 256 < 264)."""
+    assert qm.units_per_program(8, 172, 132) == 4
+    assert qm.units_per_program(43, 32, 132) == 4
+    assert qm.units_per_program(16, 24, 132) == 1
+    assert qm.units_per_program(16, 32, 132) == 1
+    # Fewer (slice, unit) pairs than two per SM: one unit each, every program still busy.
+    assert qm.units_per_program(4, 10, 132) == 1
+
+
 @pytest.mark.parametrize("qtype, k, dtype", [(GGMLType.Q4_K, 1024, torch.float32),
                                              (GGMLType.Q6_K, 1024, torch.bfloat16),
                                              (GGMLType.Q8_0, 576, torch.bfloat16)], ids=lambda v: getattr(v, "name", v))
@@ -139,8 +155,8 @@ def test_streamed_slices(qtype, k, dtype, monkeypatch):
                          ids=lambda v: getattr(v, "name", str(v)[6:]))
 def test_programs_of_several_units(qtype, dtype, monkeypatch):
     """Decode programs that loop over several 64-row units of one K-slice (SmolLM3-3B's gate+up
-    and down on 132 SMs take 5 each), made here by sizing for a 2-SM GPU: 3 units x 8 slices of
-    4 groups, 2 programs per SM -> each program takes all 3 units. Against the oracle at 1 and
+    and down on 132 SMs take 4 each), made here by sizing for a 2-SM GPU: 3 units x 8 slices of
+    4 groups -> one program per slice takes all 3 units (8 programs, 4 per SM). Against the oracle at 1 and
     64 rows, and a row bitwise the same alone and in batches of 5 and 64."""
     monkeypatch.setattr(qm, "sm_count", lambda device: 2)
     assert qm.slice_groups(2048, 3, 2) == 4

@@ -143,9 +143,9 @@ def test_streamed_slices(monkeypatch):
 
 
 def test_programs_of_several_units(monkeypatch):
-    """Gate+up programs looping over several units of one K-slice (SmolLM3-3B's take 5 on 132
-    SMs), sized here for a 2-SM GPU: 3 gate/up tile pairs x 8 slices of 4 groups -> every
-    program takes all 3. Against the oracle at 1 and 16 rows, row 2 bitwise the same in both."""
+    """Gate+up programs looping over several units of one K-slice (SmolLM3-3B's take 4 on 132
+    SMs), sized here for a 2-SM GPU: 3 gate/up tile pairs x 8 slices of 4 groups -> one
+    program per slice takes all 3. Against the oracle at 1 and 16 rows, row 2 bitwise the same in both."""
     from smollm3_triton.kernels import qmatmul, swiglu
     for module in (qmatmul, swiglu):
         monkeypatch.setattr(module, "sm_count", lambda device: 2)

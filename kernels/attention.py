@@ -370,7 +370,7 @@ def attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             counters(q.device, B * n_kv), H, n_splits, want, qk_scale, q.stride(0), q.stride(1), out.stride(0),
             out.stride(1), block_tables.stride(0), *cache_strides,
             GROUP=group, HEAD_DIM=D, BLOCK_SIZE=bs, BLOCK_M=_decode_block_m(group), DOT_F32=dot_f32,
-            MIN_BLOCKS=_MIN_SPLIT_BLOCKS, **cfg, **launch_options(q.device))
+            MIN_BLOCKS=_MIN_SPLIT_BLOCKS, **cfg, **launch_options(q.device), **gpu.FP_FUSION)
     if max_query_len >= 2:
         cfg = _prefill_config(D, q.dtype, arch)
         block_q = _prefill_block_q(cfg["BLOCK_M"], group)
@@ -380,5 +380,5 @@ def attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         _attn_prefill_kernel[grid](
             q, k_cache, v_cache, out, query_start, seq_lens, block_tables, B, qk_scale,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *cache_strides,
-            GROUP=group, HEAD_DIM=D, BLOCK_SIZE=bs, BLOCK_Q=block_q, DOT_F32=dot_f32, **cfg)
+            GROUP=group, HEAD_DIM=D, BLOCK_SIZE=bs, BLOCK_Q=block_q, DOT_F32=dot_f32, **cfg, **gpu.FP_FUSION)
     return out

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ..errors import KernelInputError
+from . import gpu
 from .pdl import launch_options, release_next, wait_for_inputs
 from .qdecode import BF16, F16, F32, chunks, round_to, scales
 from .qtiles import TiledTensor, tiled
@@ -87,7 +88,7 @@ def embedding_triton(token_ids: torch.Tensor, embed, dtype: torch.dtype, eps: fl
         strides = [0 if p is None else p.stride(0) for p in embed.planes]
         _embedding_kernel[(triton.cdiv(T, TOKENS),)](token_ids.contiguous(), T, h, h.stride(0), inv, float(eps),
                                                     (*planes, *strides), K, QTYPE=int(embed.qtype), TOKENS=TOKENS,
-                                                    num_warps=1, **launch_options(token_ids.device))
+                                                    num_warps=1, **launch_options(token_ids.device), **gpu.FP_FUSION)
     return h, inv
 
 

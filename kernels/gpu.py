@@ -1,11 +1,16 @@
 """What the launchers ask of the GPU a tensor lives on: its compute capability and SM count.
 One lookup for every kernel module, which tests/helpers/decode_trace.py answers for an H200
-when it records a step on a machine without one."""
+when it records a step on a machine without one. And the compile option every launch passes."""
 from __future__ import annotations
 
 import functools
 
 import torch
+
+# The kernels' fp32 arithmetic is written for fused multiply-adds (a dot product times its
+# scale added to an accumulator is one FFMA; bench/README.md counts them). Triton 3.9 warns
+# that its default turns fusion off from 3.10 on; every launch asks for it instead.
+FP_FUSION = dict(enable_fp_fusion=True)
 
 
 @functools.lru_cache(maxsize=None)

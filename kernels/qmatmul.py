@@ -342,11 +342,12 @@ def launch(x: torch.Tensor, a: TiledTensor, b: TiledTensor | None, groups: int, 
         per_program = 1 if sub < groups else units_per_program(S, units, sm_count(x.device))
         part = torch.empty((S, n_a + n_b, M), dtype=torch.float32, device=x.device)
         _qmv_kernel[(S, triton.cdiv(units, per_program))](x, x.stride(0), M, K, norm, part_a, part_b, part, count,
-                                                          units, per_program, epi, **kw, **launch_options(x.device))
+                                                          units, per_program, epi, **kw, **launch_options(x.device),
+                                                          **gpu.FP_FUSION)
     else:
         part = torch.empty((1, n_a + n_b, M), dtype=torch.float32, device=x.device)
         _qmm_kernel[(units, row_blocks)](x, x.stride(0), M, K, norm, part_a, part_b, part, count, units, S, epi,
-                                         **kw)
+                                         **kw, **gpu.FP_FUSION)
 
 
 def two_parts(w: Tiled, unit_tiles: int = 1) -> list[tuple[int, TiledTensor, TiledTensor | None]]:

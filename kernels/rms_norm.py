@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..errors import KernelInputError
+from . import gpu
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -58,5 +59,5 @@ def rms_stats_triton(h: torch.Tensor, eps: float) -> torch.Tensor:
     if rows:
         block_n = triton.next_power_of_2(N)
         _rms_stats_kernel[(rows,)](h, inv, N, eps, h.stride(0), BLOCK_N=block_n,
-                                   num_warps=max(1, min(16, block_n // 256)))
+                                   num_warps=max(1, min(16, block_n // 256)), **gpu.FP_FUSION)
     return inv

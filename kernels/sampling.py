@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..errors import KernelInputError
+from . import gpu
 from .sampling_reference import (CAP, HISTORY_MAX_COUNT, MASK32, MIX_MULTIPLIER, SATURATED, SamplingState,
                                  allowed_tokens, check_inputs, exponential_noise, filtered_probs, mix32,
                                  penalized_logits, sample_torch)
@@ -299,5 +300,5 @@ def sample_triton(logits: torch.Tensor, logits_rows: torch.Tensor, rows: torch.T
             logits, logits.stride(0), logits_rows, rows, out, st.vocab, st.bitmask.shape[1],
             st.temperature, st.top_k, st.top_p, st.min_p, st.penalties, st.penalized, st.keys, st.steps,
             st.history, st.masked, st.bitmask, st.last_token, st.scratch, st.scratch.stride(0),
-            CAP=cap, BLOCK=BLOCK_V, NB=_NB, num_warps=8)
+            CAP=cap, BLOCK=BLOCK_V, NB=_NB, num_warps=8, **gpu.FP_FUSION)
     return out

@@ -45,6 +45,8 @@ def test_a_decode_step_launches_at_most_200_kernels(model, batch):
     # On an H200 every one of them is launched with programmatic dependent launch, its kernel
     # built to wait for the previous one (kernels/pdl.py; the wait's place: the compile tests).
     assert all(launch.launch_pdl and launch.args["PDL"] for launch in tr.launches)
+    # Each asks for fused multiply-adds rather than triton's default (off from triton 3.10 on).
+    assert all(launch.enable_fp_fusion is True for launch in tr.launches)
 
 
 def test_a_gpu_before_sm90_launches_without_pdl(model):

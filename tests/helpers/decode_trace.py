@@ -46,6 +46,7 @@ class Launch:
     num_warps: int
     num_stages: int
     launch_pdl: bool = False
+    enable_fp_fusion: bool | None = None     # None: triton's default
 
     @property
     def name(self) -> str:
@@ -145,12 +146,14 @@ def trace(fn, profile: DeviceProfile = H200) -> Trace:
     real_run = kernel_class.run
 
     def record(self, *args, grid, warmup, **kwargs):
-        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_pdl", "enable_fp_fusion")
+                   if k in kwargs}
         bound = inspect.signature(self.fn).bind(*args, **kwargs)
         bound.apply_defaults()
         params = dict(bound.arguments)
         out.launches.append(Launch(self, _grid(grid, params), params, options.get("num_warps", 4),
-                                   options.get("num_stages", 3), options.get("launch_pdl", False)))
+                                   options.get("num_stages", 3), options.get("launch_pdl", False),
+                                   options.get("enable_fp_fusion")))
 
     if getattr(real_run, "__name__", "") == "record":
         raise RuntimeError("trace() does not nest")

@@ -59,13 +59,17 @@ def specialize(fn, args: dict) -> tuple[dict, dict, dict]:
     return sig, consts, attrs
 
 
-def compile_kernel(fn, sig: dict, consts: dict, attrs: dict, arch: int, num_warps: int, num_stages: int):
+def compile_kernel(fn, sig: dict, consts: dict, attrs: dict, arch: int, num_warps: int, num_stages: int,
+                   enable_fp_fusion: bool | None = None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if enable_fp_fusion is not None:
+        options["enable_fp_fusion"] = enable_fp_fusion
     return triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options=options)
 
 
 def compile_launch(launch, arch: int):
@@ -74,7 +78,8 @@ def compile_launch(launch, arch: int):
     sig, consts, attrs = specialize(launch.fn, launch.args)
     if arch < PDL_ARCH and consts.get("PDL"):
         consts["PDL"] = False       # what the launcher picks on a GPU without griddepcontrol
-    return compile_kernel(launch.fn, sig, consts, attrs, arch, launch.num_warps, launch.num_stages)
+    return compile_kernel(launch.fn, sig, consts, attrs, arch, launch.num_warps, launch.num_stages,
+                          launch.enable_fp_fusion)
 
 
 _GLOBAL_ACCESS = re.compile(r"\b(?:ld|st|atom|red)\.global|\bcp\.async")

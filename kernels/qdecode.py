@@ -261,26 +261,16 @@ def dot(a, b, acc):
 
 
 @triton.jit
-def sub_sums(sums_ptr, j):
-    """The two sub-blocks' sums [rows of x tile] that x_sub_sums (kernels/qslices.py) stored for
-    entry j."""
-    at = sums_ptr + 16 * j + tl.arange(0, 8)
-    return tl.load(at), tl.load(at + 8)
-
-
-@triton.jit
 def tile_products(accs, xs, qw_ptr, qh_ptr, sc_ptr, sm_ptr, sd_ptr, s_qw, s_qh, s_sc, s_sm, s_sd,
                   n, n_ok, g0, K, QTYPE: tl.constexpr, GROUPS: tl.constexpr, BATCH: tl.constexpr,
-                  DTYPE: tl.constexpr, sums):
+                  DTYPE: tl.constexpr):
     """accs + W[rows n, groups g0 .. g0 + GROUPS - 1] @ x.T: fp32 [rows n, 8] tiles, one per 8-row
     batch tile b < BATCH of x (xs[b * GROUPS + i]: the 4 chunks of group i for batch tile b, from
     x_chunk), each group's products added in group order. Each group's weights are decoded
     once for all batch tiles; each 8-row tile takes the same instructions in the same order,
     so a row's result does not depend on BATCH or on the other rows. Both matmul kernels
     compute every K-slice with this, a slice's groups in one call or in consecutive calls
-    (the same additions in the same order). `sums` (BATCH > 1 only): None, or where
-    `x_sub_sums` stored the sub-blocks' sums of these x tiles (the same bits as the dots with
-    ones it stands for)."""
+    (the same additions in the same order)."""
     IS_FLOAT: tl.constexpr = (QTYPE == F32) or (QTYPE == F16) or (QTYPE == BF16)
     HAS_BIAS: tl.constexpr = (QTYPE == Q4_K) or (QTYPE == Q5_K) or (QTYPE == Q4_1) or (QTYPE == Q5_1)
     for i in tl.static_range(GROUPS):
@@ -314,19 +304,11 @@ def tile_products(accs, xs, qw_ptr, qh_ptr, sc_ptr, sm_ptr, sd_ptr, s_qw, s_qh, 
                 acc += dot(c1, x1, dot(c0, x0, None)) * mul0[:, None]
                 acc += dot(c3, x3, dot(c2, x2, None)) * mul2[:, None]
                 if HAS_BIAS:
-                    if sums is not None:
-                        # Redone per weight tile, the dots with ones (4 MMAs per 8 rows and
-                        # group) kept triton 3.9's ptxas spilling at 64 rows: their results,
-                        # stored once per program, read back.
-                        sum_a, sum_b = sub_sums(sums, b * GROUPS + i)
-                        acc += sum_a[None, :] * bias_a[:, None]
-                        acc += sum_b[None, :] * bias_b[:, None]
-                    else:
-                        # Each sub-block's sum of x, as a dot with ones: it lands in the
-                        # accumulator's layout (a broadcast of a reduction would be converted
-                        # through shared memory every group).
-                        acc += dot(ones, x1, dot(ones, x0, None)) * bias_a[:, None]
-                        acc += dot(ones, x3, dot(ones, x2, None)) * bias_b[:, None]
+                    # Each sub-block's sum of x, as a dot with ones: it lands in the
+                    # accumulator's layout (a broadcast of a reduction would be converted
+                    # through shared memory every group).
+                    acc += dot(ones, x1, dot(ones, x0, None)) * bias_a[:, None]
+                    acc += dot(ones, x3, dot(ones, x2, None)) * bias_b[:, None]
             updated = updated + (acc,)
         accs = updated
     return accs

@@ -36,7 +36,6 @@ import triton
 import triton.language as tl
 
 from ..errors import KernelInputError
-from ..gguf.constants import GGMLType
 from ..gguf.tensors import Weight
 from . import gpu
 from .fusions import (
@@ -52,8 +51,7 @@ from .fusions import (
 )
 from .pdl import launch_options, release_next, wait_for_inputs
 from .qdecode import INTERPRETED, round_to
-from .qslices import (products, store_part, streamed, streamed_unit, sum_parts, tile_rows, x_slice, x_sub_sums,
-                      zero_tiles)
+from .qslices import products, store_part, streamed, streamed_unit, sum_parts, tile_rows, x_slice, zero_tiles
 from .qtiles import GROUP, Tiled, TiledTensor, segments, tiled
 
 # CPU BLAS runs a few rows through other kernels (other summation orders) than many;
@@ -76,8 +74,6 @@ DECODE_ROWS = 64       # up to this many rows of x: the split-K decode kernel
 BLOCK_N = 64           # weight rows per tile
 PREFILL_BATCH = 2      # 8-row tiles of x per prefill program
 PAIRED_STREAM_ROWS = 32     # past it, two tiles of 64 rows of x would spill (80 B at 64 rows, sm_90)
-# Types whose sub-blocks carry a bias (a min), applied to each sub-block's sum of x.
-SUB_BLOCK_BIAS = (GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q4_1, GGMLType.Q5_1)
 
 
 @triton.jit
@@ -125,7 +121,7 @@ def _finish_unit(u, part_ptr, S, N_A, N_TOTAL, tiles_a, M, row0, count_ptr, unit
 
 
 @triton.jit
-def _qmv_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, units_per_program, epi, sums_ptr,
+def _qmv_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, units_per_program, epi,
                 QTYPE_A: tl.constexpr, QTYPE_B: tl.constexpr, NORM: tl.constexpr, EPILOGUE: tl.constexpr,
                 UNIT_TILES: tl.constexpr, GROUPS: tl.constexpr, SUB: tl.constexpr, BATCH: tl.constexpr,
                 N_HEADS: tl.constexpr = 0, N_KV_HEADS: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 0,
@@ -133,8 +129,7 @@ def _qmv_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, 
     """Decode: program (K-slice, range of units) for every row of x (module docstring). Units are
     UNIT_TILES row tiles of part A, then of part B (SWIGLU: gate tile u with up tile u). A slice
     is GROUPS groups of 64 columns; x is loaded SUB groups at a time (SUB < GROUPS: one unit per
-    program). sums_ptr: None, or scratch for each program's sub-block sums of x (x_sub_sums), made
-    once for all its tiles. PDL: launched with programmatic dependent launch (kernels/pdl.py)."""
+    program). PDL: launched with programmatic dependent launch (kernels/pdl.py)."""
     wait_for_inputs(PDL)
     s = tl.program_id(0)
     first = tl.program_id(1) * units_per_program
@@ -149,27 +144,19 @@ def _qmv_kernel(x_ptr, stride_xm, M, K, norm, A, B, part_ptr, count_ptr, units, 
     g_begin = s * GROUPS
     if GROUPS == SUB:
         # The slice's x, loaded once for all the program's units.
-        sums = sums_ptr
-        if sums_ptr is not None:
-            sums = sums_ptr + (s * tl.num_programs(1) + tl.program_id(1)) * (BATCH * GROUPS * 16)
-            # From x loaded for them alone: dots on the held x would make triton 3.6 keep it in
-            # registers for the tile loop too (2,348 bytes spilled at 64 rows of gate+up).
-            x_sub_sums(sums, x_ptr, stride_xm, M, K, 0, g_begin, NORM, norm, GROUPS, BATCH, DTYPE)
-            tl.debug_barrier()
         xs = x_slice(x_ptr, stride_xm, M, K, 0, g_begin, NORM, norm, GROUPS, BATCH, DTYPE)
         # One loop per part, so each loop decodes one type (and is software-pipelined).
         for t in range(first * UNIT_TILES, tl.minimum(last * UNIT_TILES, tiles_a)):
             n, ok = tile_rows(A, t)
-            accs = products(zero_tiles(BATCH), xs, A, t, g_begin, K, QTYPE_A, GROUPS, BATCH, DTYPE, sums)
+            accs = products(zero_tiles(BATCH), xs, A, t, g_begin, K, QTYPE_A, GROUPS, BATCH, DTYPE)
             store_part(part_ptr, accs, s, n, ok, N_TOTAL, 0, M, BATCH)
             if EPILOGUE == SWIGLU:
-                accs = products(zero_tiles(BATCH), xs, B, t, g_begin, K, QTYPE_B, GROUPS, BATCH, DTYPE, sums)
+                accs = products(zero_tiles(BATCH), xs, B, t, g_begin, K, QTYPE_B, GROUPS, BATCH, DTYPE)
                 store_part(part_ptr, accs, s, N_A + n, ok, N_TOTAL, 0, M, BATCH)
         if (QTYPE_B is not None) and (EPILOGUE != SWIGLU):
             for t in range(tl.maximum(first * UNIT_TILES, tiles_a), last * UNIT_TILES):
                 n, ok = tile_rows(B, t - tiles_a)
-                accs = products(zero_tiles(BATCH), xs, B, t - tiles_a, g_begin, K, QTYPE_B, GROUPS, BATCH, DTYPE,
-                                sums)
+                accs = products(zero_tiles(BATCH), xs, B, t - tiles_a, g_begin, K, QTYPE_B, GROUPS, BATCH, DTYPE)
                 store_part(part_ptr, accs, s, N_A + n, ok, N_TOTAL, 0, M, BATCH)
     else:
         # A slice of several x chunks (SUB groups each): one unit per program, its slice
@@ -200,7 +187,7 @@ def _slices_summed(xs_args, part, t, S, QTYPE: tl.constexpr, GROUPS: tl.constexp
     for s in range(0, S):
         if GROUPS == SUB:
             xs = x_slice(x_ptr, stride_xm, M, K, row0, s * GROUPS, NORM, norm, GROUPS, BATCH, DTYPE)
-            accs = products(zero_tiles(BATCH), xs, part, t, s * GROUPS, K, QTYPE, GROUPS, BATCH, DTYPE, None)
+            accs = products(zero_tiles(BATCH), xs, part, t, s * GROUPS, K, QTYPE, GROUPS, BATCH, DTYPE)
         else:
             accs = streamed(zero_tiles(BATCH), xs_args, part, t, s * GROUPS,
                                  tl.minimum(s * GROUPS + GROUPS, tl.cdiv(K, 64)), QTYPE, SUB, BATCH, DTYPE, NORM)
@@ -353,15 +340,10 @@ def launch(x: torch.Tensor, a: TiledTensor, b: TiledTensor | None, groups: int, 
     if decode:
         # One unit per program where a slice is streamed.
         per_program = 1 if sub < groups else units_per_program(S, units, sm_count(x.device))
-        programs = S * triton.cdiv(units, per_program)
         part = torch.empty((S, n_a + n_b, M), dtype=torch.float32, device=x.device)
-        biased = any(p is not None and p.qtype in SUB_BLOCK_BIAS for p in (a, b))
-        sums = None
-        if sub == groups and batch > 1 and biased:
-            # Each program's sub-block sums of x, made once for all its tiles (x_sub_sums).
-            sums = torch.empty(programs * batch * groups * 16, dtype=torch.float32, device=x.device)
-        _qmv_kernel[(S, programs // S)](x, x.stride(0), M, K, norm, part_a, part_b, part, count, units, per_program,
-                                        epi, sums, **kw, **launch_options(x.device), **gpu.FP_FUSION)
+        _qmv_kernel[(S, triton.cdiv(units, per_program))](x, x.stride(0), M, K, norm, part_a, part_b, part, count,
+                                                          units, per_program, epi, **kw, **launch_options(x.device),
+                                                          **gpu.FP_FUSION)
     else:
         part = torch.empty((1, n_a + n_b, M), dtype=torch.float32, device=x.device)
         _qmm_kernel[(units, row_blocks)](x, x.stride(0), M, K, norm, part_a, part_b, part, count, units, S, epi,

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .fusions import SWIGLU, x_chunk
-from .qdecode import dot, tile_products
+from .qdecode import tile_products
 
 
 @triton.jit
@@ -34,28 +34,6 @@ def x_slice(x_ptr, stride_xm, M, K, row0, g0, NORM: tl.constexpr, norm, GROUPS: 
 
 
 @triton.jit
-def x_sub_sums(sums_ptr, x_ptr, stride_xm, M, K, row0, g0, NORM: tl.constexpr, norm, GROUPS: tl.constexpr,
-               BATCH: tl.constexpr, DTYPE: tl.constexpr):
-    """sums[j, sub-block, row] for j = b * GROUPS + i: each 32-column sub-block's sum of x tile b
-    (8 rows) over group i, by the dots with ones tile_products would make (the same bits), for
-    `sub_sums` to read back; the caller puts a CTA barrier between the two. A loop, not
-    unrolled: one group of one tile of x live at a time (all of them spilled on triton 3.6)."""
-    # 16 rows of ones, not a weight tile's 64: each row of an MMA's result is computed alike.
-    ones = tl.full([16, 16], 1.0, DTYPE)
-    first = (tl.arange(0, 16) == 0)[:, None]
-    at = sums_ptr + tl.arange(0, 8)[None, :] + 0 * tl.arange(0, 16)[:, None]
-    for j in range(0, BATCH * GROUPS):
-        m = row0 + (j // GROUPS) * 8 + tl.arange(0, 8)
-        k0 = (g0 + j % GROUPS) * 64
-        x0 = x_chunk(x_ptr, stride_xm, m, m < M, k0, K, NORM, norm, DTYPE)
-        x1 = x_chunk(x_ptr, stride_xm, m, m < M, k0 + 16, K, NORM, norm, DTYPE)
-        x2 = x_chunk(x_ptr, stride_xm, m, m < M, k0 + 32, K, NORM, norm, DTYPE)
-        x3 = x_chunk(x_ptr, stride_xm, m, m < M, k0 + 48, K, NORM, norm, DTYPE)
-        tl.store(at + 16 * j, dot(ones, x1, dot(ones, x0, None)), mask=first)
-        tl.store(at + 16 * j + 8, dot(ones, x3, dot(ones, x2, None)), mask=first)
-
-
-@triton.jit
 def zero_tiles(BATCH: tl.constexpr):
     accs = ()
     for b in tl.static_range(BATCH):
@@ -72,13 +50,13 @@ def tile_rows(part, t):
 
 @triton.jit
 def products(accs, xs, part, t, g0, K, QTYPE: tl.constexpr, GROUPS: tl.constexpr, BATCH: tl.constexpr,
-             DTYPE: tl.constexpr, sums):
+             DTYPE: tl.constexpr):
     """accs + tile t of a part (planes tuple: 5 pointers, 5 row strides, rows) times x over groups
-    g0 .. g0 + GROUPS - 1 (sums: see tile_products)."""
+    g0 .. g0 + GROUPS - 1."""
     qw, qh, sc, sm, sd, s_qw, s_qh, s_sc, s_sm, s_sd, rows = part
     n, ok = tile_rows(part, t)
     return tile_products(accs, xs, qw, qh, sc, sm, sd, s_qw, s_qh, s_sc, s_sm, s_sd, n, ok, g0, K, QTYPE, GROUPS,
-                         BATCH, DTYPE, sums)
+                         BATCH, DTYPE)
 
 
 @triton.jit
@@ -89,7 +67,7 @@ def streamed(accs, x_args, part, t, g_begin, g_end, QTYPE: tl.constexpr, SUB: tl
     x_ptr, stride_xm, M, K, row0, norm = x_args
     for g in range(g_begin, g_end, SUB):
         xs = x_slice(x_ptr, stride_xm, M, K, row0, g, NORM, norm, SUB, BATCH, DTYPE)
-        accs = products(accs, xs, part, t, g, K, QTYPE, SUB, BATCH, DTYPE, None)
+        accs = products(accs, xs, part, t, g, K, QTYPE, SUB, BATCH, DTYPE)
     return accs
 
 
@@ -126,8 +104,8 @@ def streamed_unit(u, s, x_args, A, B, part_ptr, N_A, N_TOTAL, tiles_a, g_begin, 
         up = zero_tiles(BATCH)
         for g in range(g_begin, g_end, SUB):
             xs = x_slice(x_ptr, stride_xm, M, K, row0, g, NORM, norm, SUB, BATCH, DTYPE)
-            gate = products(gate, xs, A, u, g, K, QTYPE_A, SUB, BATCH, DTYPE, None)
-            up = products(up, xs, B, u, g, K, QTYPE_B, SUB, BATCH, DTYPE, None)
+            gate = products(gate, xs, A, u, g, K, QTYPE_A, SUB, BATCH, DTYPE)
+            up = products(up, xs, B, u, g, K, QTYPE_B, SUB, BATCH, DTYPE)
         store_part(part_ptr, gate, s, n, ok, N_TOTAL, 0, M, BATCH)
         store_part(part_ptr, up, s, N_A + n, ok, N_TOTAL, 0, M, BATCH)
     else:
@@ -154,7 +132,7 @@ def _streamed_tiles(x_args, part, t0, col0, s, part_ptr, N_TOTAL, g_begin, g_end
         xs = x_slice(x_ptr, stride_xm, M, K, row0, g, NORM, norm, SUB, BATCH, DTYPE)
         updated = ()
         for j in tl.static_range(TILES):
-            updated = updated + (products(accs[j], xs, part, t0 + j, g, K, QTYPE, SUB, BATCH, DTYPE, None),)
+            updated = updated + (products(accs[j], xs, part, t0 + j, g, K, QTYPE, SUB, BATCH, DTYPE),)
         accs = updated
     for j in tl.static_range(TILES):
         n, ok = tile_rows(part, t0 + j)

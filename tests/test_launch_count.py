@@ -66,21 +66,3 @@ def test_pdl_is_picked_by_the_gpu_and_smollm3_pdl(monkeypatch, arch, env, on):
     else:
         monkeypatch.setenv("SMOLLM3_PDL", env)
     assert pdl.launch_options(torch.device("cpu")) == (dict(PDL=True, launch_pdl=True) if on else dict(PDL=False))
-
-
-def test_wide_decode_matmuls_read_the_sums_of_x_made_once(model):
-    """At 16 or more rows of x, a held-slice decode matmul of a type with sub-block biases
-    (Q4_K here) gets scratch for its sub-block sums of x, made once per program instead of
-    by dots with ones per weight tile (kernels/qslices.py x_sub_sums; the same bits, which
-    tests/test_qmatmul.py's batch tests check); one 8-row tile of x and Q6_K do not."""
-    from smollm3_triton.kernels.qmatmul import SUB_BLOCK_BIAS
-    for batch, wide in ((1, False), (64, True)):
-        step = decode_trace.decode_batch(model, batch, context=100)
-        tr = decode_trace.trace(lambda: model.forward(step))
-        held = [launch for launch in tr.launches if launch.name == "_qmv_kernel"
-                and launch.args["GROUPS"] == launch.args["SUB"]]
-        biased = [{launch.args["QTYPE_A"], launch.args["QTYPE_B"]} & {int(t) for t in SUB_BLOCK_BIAS} != set()
-                  for launch in held]
-        assert any(biased) and not all(biased)      # Q6_K-only launches (some downs) are among them
-        for launch, bias in zip(held, biased):
-            assert (launch.args["sums_ptr"] is not None) == (wide and bias), launch.constexprs()

@@ -33,8 +33,8 @@ ASSUMPTIONS = [
     "output; attention: the live context's K and V rows and the live splits' partials; the embedding: its rows; "
     "torch ops: twice the bytes they write",
     "issue: loop instructions x trips from the SASS of the sm_90 cubin (static count: predicated-off "
-    "instructions are counted as issued; a program's code outside the loop counted once per program); "
-    "attention: only the splits the live context wakes",
+    "instructions are counted as issued; a program's code outside its tile loops counted once per program; "
+    "a two-part weight's program runs its own part's loop); attention: only the splits the live context wakes",
     "issue is the busiest SM's: ceil(CTAs / 132) CTAs of the longest kind (a decode matmul's programs "
     "looping over the most units), as if all CTAs started together (wave quantization)",
     "a split-K matmul's finishing epilogue (the SASS its counter atomic's branch skips) counted once per "
@@ -134,9 +134,18 @@ def estimate_launch(launch, stats: dict, model, context: int) -> dict:
     else:
         moved = _distinct_bytes(v for v in launch.args.values())
     if loop:
-        rest = stats["kernel_instructions"] - loop["instructions"]
-        per_warp = trips * loop["instructions"] + rest
-        longest = (most_trips if weight_bytes else trips) * loop["instructions"] + rest
+        # The program's own code: the kernel less the loops counted with their trips (less the
+        # loop's size where this compile unrolled its single trip).
+        rest = stats["kernel_instructions"] - (stats.get("tile_loops_here") or loop["instructions"])
+        per_trip = longest_trip = loop["instructions"]
+        parts = stats.get("part_loops") or []
+        if len(parts) == 2:
+            # A two-part weight: a program runs its own part's loop; tiles weigh the average.
+            tiles = [triton.cdiv(launch.args[p][10], 64) for p in ("A", "B")]
+            per_trip = (tiles[0] * parts[0] + tiles[1] * parts[1]) / sum(tiles)
+            longest_trip = max(parts)
+        per_warp = trips * per_trip + rest
+        longest = (most_trips if weight_bytes else trips) * longest_trip + rest
         if weight_bytes:
             bpi = weight_bytes / (ctas * launch.num_warps * trips * loop["instructions"])
     else:

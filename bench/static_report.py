@@ -53,11 +53,19 @@ def compile_stats(launch, arch: int) -> dict:
     stats["kernel_instructions"] = kernel_compile.whole_kernel(text).total
     stats["finish"] = kernel_compile.finishing(text) if launch.name == "_qmv_kernel" else None
     consts = launch.constexprs()
+    # A two-part weight (QKV of a Q4_K_M file) has a tile loop per part; a program runs its own.
+    two_part = launch.name == "_qmv_kernel" and consts["QTYPE_B"] is not None and consts["EPILOGUE"] != 1
+    # The loops of this compile the estimate counts with their trips, to take out of the code a
+    # program runs once (none where this compile unrolled a single trip).
+    here = kernel_compile.tile_loops(text) if two_part else [s for s in [kernel_compile.main_loop(text)] if s]
+    stats["tile_loops_here"] = sum(s.total for s in here)
     if launch.name == "_qmv_kernel" and launch.args["units_per_program"] == 1 and consts["GROUPS"] == consts["SUB"]:
         looped = dataclasses.replace(launch, args=dict(launch.args, units_per_program=2))
         text = kernel_compile.sass(kernel_compile.compile_launch(looped, arch).asm["cubin"], arch)
     loop = kernel_compile.main_loop(text)
     stats["loop"] = loop.summary() if loop else None
+    # a two-part weight's loops, one per part, in code order (part A's first)
+    stats["part_loops"] = [s.total for s in kernel_compile.tile_loops(text)] if two_part else []
     stats["seconds"] = round(time.perf_counter() - start, 1)
     return stats
 

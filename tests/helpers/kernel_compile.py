@@ -201,6 +201,15 @@ def main_loop(sass_text: str) -> LoopStats | None:
     return max(candidates, key=lambda s: (s.global_load_bytes_per_thread, s.total), default=None)
 
 
+def tile_loops(sass_text: str) -> list[LoopStats]:
+    """The loops holding tensor-core instructions that no other such loop contains, in code order:
+    a matmul's loop over weight tiles (one per part of a two-part weight) or over x chunks."""
+    with_mma = [s for s in loops(sass_text) if s.summary()["mma"]]
+    return sorted((s for s in with_mma
+                   if not any(o is not s and o.start <= s.start and s.end <= o.end for o in with_mma)),
+                  key=lambda s: s.start)
+
+
 def finishing(sass_text: str) -> tuple[int, int] | None:
     """(instructions, of which inside loops) of a split-K decode kernel's finishing epilogue, or
     None: the code after its first counter atomic (ATOMG.E.ADD) that a program runs only when it

@@ -113,9 +113,8 @@ def test_units_per_program_balance_the_busiest_sm():
     (the old rule, (8 x 172) // 264) make 280 programs, so some SM runs 3 x 5 = 15 units (+3
     programs' own code); 4 make 344, the busiest SM 3 x 4 = 12 (+3): cost 3 x 5 = 15 against
     3 x 6 = 18, and 3 (464 programs: 4 x 4 = 16), 2 (688: 6 x 3 = 18) or 1 (1,376: 11 x 2 = 22)
-    cost more. down's 43
-    slices x 32 units: the same 4 (344 programs). QKV (16 x 24) and o (16 x 32) keep one unit:
-    two would leave fewer than two programs per SM (192, 256 < 264)."""
+    cost more. down's 43 slices x 32 units: the same 4 (344 programs). QKV (16 x 24) and o
+    (16 x 32) keep one unit: two would leave fewer than two programs per SM (192, 256 < 264)."""
     assert qm.units_per_program(8, 172, 132) == 4
     assert qm.units_per_program(43, 32, 132) == 4
     assert qm.units_per_program(16, 24, 132) == 1
@@ -156,8 +155,8 @@ def test_streamed_slices(qtype, k, dtype, monkeypatch):
 def test_programs_of_several_units(qtype, dtype, monkeypatch):
     """Decode programs that loop over several 64-row units of one K-slice (SmolLM3-3B's gate+up
     and down on 132 SMs take 4 each), made here by sizing for a 2-SM GPU: 3 units x 8 slices of
-    4 groups -> one program per slice takes all 3 units (8 programs, 4 per SM). Against the oracle at 1 and
-    64 rows, and a row bitwise the same alone and in batches of 5 and 64."""
+    4 groups -> one program per slice takes all 3 units (8 programs, 4 per SM). Against the
+    oracle at 1 and 64 rows, and a row bitwise the same alone and in batches of 5 and 64."""
     monkeypatch.setattr(qm, "sm_count", lambda device: 2)
     assert qm.slice_groups(2048, 3, 2) == 4
     grids = RecordGrids(qm._qmv_kernel)
